@@ -1,0 +1,56 @@
+# Two entry points for a fresh Debian 12 machine: `make demo` and `make test`.
+# Each installs what is missing (Debian packages, a virtual environment) and then runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := mosquitto mosquitto-clients
+
+.PHONY: demo test lint typecheck pytest bench system venv omero clean
+
+demo: system venv
+	$(PY) -m devtools.demo
+
+test: system venv omero lint typecheck pytest
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: venv
+	$(PY) -m mypy
+
+pytest: venv
+	$(PY) -m pytest
+
+bench: system venv
+	$(PY) benchmarks/throughput.py
+
+# Mosquitto comes from Debian; the project only ships its configuration (mosquitto/).
+system:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@# The packaged broker starts as a system service; tilebridge runs its own on a free port.
+	@command -v mosquitto >/dev/null || { echo "mosquitto not found" >&2; exit 1; }
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# omero-py needs zeroc-ice 3.6.5, built once from source and cached outside the repository.
+omero: venv
+	@$(PY) -c "import omero, Ice" 2>/dev/null || { \
+	  bash scripts/build_zeroc_ice.sh $(PY) && \
+	  $(PY) -m pip install -q --find-links "$${TILEBRIDGE_WHEEL_CACHE:-$$HOME/.cache/tilebridge/wheels}" \
+	    'zeroc-ice==3.6.5' -e '.[omero]'; }
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,151 @@
+"""The contract every storage backend must pass (see tilebridge_storage/base.py).
+
+A backend's test module subclasses `StorageContract` and writes two helpers: `make_backend`
+and `read_back`. Modelled on zarr-python's `zarr.testing.store.StoreTests`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pytest
+
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+from tilebridge_storage.base import StorageBackend, StoredImage
+from tests.storage.manifests import make_manifest, make_tiles
+
+Tiles = dict[TileKey, np.ndarray[Any, Any]]
+
+
+class StorageContract:
+    """Subclass and implement `make_backend` and `read_back`."""
+
+    device = "scope-1"
+
+    def make_backend(self, tmp_path: Path) -> StorageBackend:
+        raise NotImplementedError
+
+    def read_back(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles
+    ) -> None:
+        """Read what `stored` names with an independent reader; assert it holds `tiles`."""
+        raise NotImplementedError
+
+    def manifest(self, **overrides: Any) -> OpenManifest:
+        """The image the contract writes; a backend may override (e.g. a bigger canvas)."""
+        return make_manifest(**overrides)
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> StorageBackend:
+        backend = self.make_backend(tmp_path)
+        yield backend  # type: ignore[misc]
+        backend.close()
+
+    def test_tiles_in_any_order_are_stored_intact(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        keys = list(tiles)
+        random.Random(7).shuffle(keys)
+        for key in keys:
+            writer.write_tile(key, tiles[key])
+        stored = writer.finish()
+        assert stored.backend == backend.name
+        self.read_back(backend, stored, manifest, tiles)
+
+    def test_big_endian_input_is_stored_as_values(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels.astype(pixels.dtype.newbyteorder(">")))
+        self.read_back(backend, writer.finish(), manifest, tiles)
+
+    def test_duplicate_tile_changes_nothing(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels)
+            writer.write_tile(key, pixels.copy())
+        self.read_back(backend, writer.finish(), manifest, tiles)
+
+    def test_finish_twice_returns_the_same_and_changes_nothing(
+        self, backend: StorageBackend
+    ) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels)
+        first = writer.finish()
+        second = writer.finish()
+        assert first == second
+        self.read_back(backend, second, manifest, tiles)
+
+    def test_write_after_finish_is_refused(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels)
+        writer.finish()
+        key = next(iter(tiles))
+        with pytest.raises(PermanentError):
+            writer.write_tile(key, tiles[key])
+
+    def test_finish_with_missing_tiles_names_them(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        missing = list(tiles)[-1]
+        for key, pixels in tiles.items():
+            if key != missing:
+                writer.write_tile(key, pixels)
+        with pytest.raises(PermanentError, match="missing 1 tiles"):
+            writer.finish()
+        writer.abort()
+
+    def test_foreign_key_and_wrong_shape_are_refused(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        good = next(iter(tiles))
+        with pytest.raises(PermanentError):
+            writer.write_tile(TileKey(len(manifest.positions), 0, 0, 0), tiles[good])
+        with pytest.raises(PermanentError):
+            writer.write_tile(good, tiles[good][:-1])
+        with pytest.raises(PermanentError):
+            writer.write_tile(good, tiles[good].astype(np.float64))
+        writer.abort()
+
+    def test_new_attempt_replaces_an_aborted_one(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        first = backend.open_image(self.device, manifest)
+        for key in list(tiles)[:2]:
+            first.write_tile(key, np.zeros_like(tiles[key]))
+        first.abort()
+        first.abort()
+        second = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            second.write_tile(key, pixels)
+        self.read_back(backend, second.finish(), manifest, tiles)
+
+    def test_two_images_do_not_mix(self, backend: StorageBackend) -> None:
+        one, two = self.manifest(), self.manifest(image_id=uuid4(), image_name="second")
+        tiles_one, tiles_two = make_tiles(one, seed=1), make_tiles(two, seed=2)
+        w1, w2 = backend.open_image(self.device, one), backend.open_image(self.device, two)
+        for key in tiles_one:
+            w1.write_tile(key, tiles_one[key])
+            w2.write_tile(key, tiles_two[key])
+        s1, s2 = w1.finish(), w2.finish()
+        assert s1.location != s2.location
+        self.read_back(backend, s1, one, tiles_one)
+        self.read_back(backend, s2, two, tiles_two)

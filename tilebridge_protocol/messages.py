@@ -1,0 +1,291 @@
+"""JSON messages of protocol v1: the `open` and `close` manifests and the acks.
+
+Every model is frozen and rejects unknown fields, so a typo on one side is an error on the
+other, not a silently ignored value. `decode()` checks the version before anything else, so a
+message of a future version is refused with `unsupported_version`, never misread.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
+
+import numpy as np
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from tilebridge_protocol.errors import ProtocolError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.reasons import ReasonCode
+
+PROTOCOL_VERSION = 1
+
+MAX_JSON_BYTES = 4 * 1024 * 1024
+"""Largest JSON message either side accepts (a close manifest of ~50k tiles fits)."""
+
+# Names end up in OMERO and in archive paths: no separators, no leading dot, no control chars.
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.,()+=@-]*$"),
+]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+
+
+class PixelType(StrEnum):
+    """Pixel types every backend (OMERO included) can store. Little-endian on the wire."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+    UINT16 = "uint16"
+    INT16 = "int16"
+    UINT32 = "uint32"
+    INT32 = "int32"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        """The little-endian numpy dtype used on the wire and in staging."""
+        return np.dtype(self.value).newbyteorder("<")
+
+
+class Layout(StrEnum):
+    MOSAIC = "mosaic"
+    """One image: tiles placed on a canvas by stage position."""
+    PER_TILE = "per_tile"
+    """One image per stage position, its position recorded."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = PROTOCOL_VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class StagePosition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(ge=0)
+    x_um: float = Field(allow_inf_nan=False)
+    y_um: float = Field(allow_inf_nan=False)
+    z_um: float = Field(default=0.0, allow_inf_nan=False)
+
+
+class PixelSize(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    x_um: float = Field(gt=0, allow_inf_nan=False)
+    y_um: float = Field(gt=0, allow_inf_nan=False)
+    z_um: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+class OpenManifest(_Message):
+    """Announces an image. Sent before its tiles and again whenever the ingest asks for it.
+
+    `image_id` is chosen by the device once and never changes on retries. The image has
+    `len(positions) * size_z * size_c * size_t` tiles of `tile_height x tile_width` pixels.
+    """
+
+    image_id: UUID
+    experiment: Name
+    project: Name
+    dataset: Name
+    image_name: Name
+    layout: Layout = Layout.MOSAIC
+    tile_width: int = Field(ge=1, le=65536)
+    tile_height: int = Field(ge=1, le=65536)
+    size_z: int = Field(default=1, ge=1, le=10000)
+    size_c: int = Field(default=1, ge=1, le=64)
+    size_t: int = Field(default=1, ge=1, le=100000)
+    dtype: PixelType
+    positions: tuple[StagePosition, ...] = Field(min_length=1, max_length=100000)
+    pixel_size: PixelSize
+    channels: tuple[Name, ...] = ()
+    acquired_at: AwareDatetime
+    key_values: dict[Name, Text] = Field(default_factory=dict, max_length=256)
+    tags: tuple[Name, ...] = Field(default=(), max_length=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpenManifest:
+        indices = [p.index for p in self.positions]
+        if sorted(indices) != list(range(len(indices))):
+            raise ValueError("positions must carry the indices 0..n-1 exactly once")
+        if self.channels and len(self.channels) != self.size_c:
+            raise ValueError(f"{len(self.channels)} channel names for size_c={self.size_c}")
+        return self
+
+    @property
+    def tile_bytes(self) -> int:
+        return self.tile_width * self.tile_height * self.dtype.numpy.itemsize
+
+    @property
+    def tile_count(self) -> int:
+        return len(self.positions) * self.size_z * self.size_c * self.size_t
+
+    def tile_keys(self) -> list[TileKey]:
+        """Every tile of the image, in acquisition order (position, then t, c, z)."""
+        return [
+            TileKey(p.index, z, c, t)
+            for p in self.positions
+            for t in range(self.size_t)
+            for c in range(self.size_c)
+            for z in range(self.size_z)
+        ]
+
+    def has_tile(self, key: TileKey) -> bool:
+        return (
+            0 <= key.index < len(self.positions)
+            and 0 <= key.z < self.size_z
+            and 0 <= key.c < self.size_c
+            and 0 <= key.t < self.size_t
+        )
+
+    def channel_name(self, c: int) -> str:
+        return self.channels[c] if self.channels else f"C{c}"
+
+
+class TileDigest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tile: TileKey
+    digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    """xxh3_128 of the tile's raw little-endian bytes, hex."""
+
+
+class CloseManifest(_Message):
+    """Says the device sent every tile of the image; lists each tile's digest."""
+
+    image_id: UUID
+    tile_count: int = Field(ge=1)
+    digests: tuple[TileDigest, ...]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CloseManifest:
+        if len(self.digests) != self.tile_count:
+            raise ValueError(f"{len(self.digests)} digests for tile_count={self.tile_count}")
+        if len({d.tile for d in self.digests}) != len(self.digests):
+            raise ValueError("a tile is listed twice")
+        return self
+
+
+class TileState(StrEnum):
+    COMMITTED = "committed"
+    """The tile is durably staged on the server: the device may forget it."""
+    RETRANSMIT = "retransmit"
+    """Send the whole tile again (bad checksum, lost partial state)."""
+    REJECTED = "rejected"
+    """The tile will never be accepted as sent; `reason` says why."""
+
+
+class ManifestState(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+class ImageState(StrEnum):
+    COMPLETE = "complete"
+    """Every tile is stored in every configured backend; the device may forget the image."""
+    FAILED = "failed"
+    """A backend refused the image for good; the data stays staged on the server."""
+
+
+class TileAck(_Message):
+    kind: Literal["tile"] = "tile"
+    image_id: UUID
+    tile: TileKey
+    state: TileState
+    reason: ReasonCode | None = None
+    detail: Text | None = None
+
+
+class OpenAck(_Message):
+    kind: Literal["open"] = "open"
+    image_id: UUID
+    state: ManifestState
+    reason: ReasonCode | None = None
+    detail: Text | None = None
+
+
+class ImageAck(_Message):
+    kind: Literal["image"] = "image"
+    image_id: UUID
+    state: ImageState
+    locations: dict[str, str] = Field(default_factory=dict)
+    """Backend name -> where the image is (a path, or e.g. `omero:Image:42 dataset:7`)."""
+    reason: ReasonCode | None = None
+    detail: Text | None = None
+
+
+class ErrorAck(_Message):
+    """Refusal of a message that names no image or tile the device could match."""
+
+    kind: Literal["error"] = "error"
+    reason: ReasonCode
+    detail: Text
+    topic: Text
+
+
+Ack = Annotated[TileAck | OpenAck | ImageAck | ErrorAck, Field(discriminator="kind")]
+_ACK = TypeAdapter[TileAck | OpenAck | ImageAck | ErrorAck](Ack)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _load_json(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_JSON_BYTES:
+        raise ProtocolError(ReasonCode.OVERSIZE, f"{len(payload)} bytes > {MAX_JSON_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(ReasonCode.MALFORMED, f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ReasonCode.MALFORMED, "not a JSON object")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(ReasonCode.UNSUPPORTED_VERSION, f"protocol version {version!r}")
+    return data
+
+
+def _validate(model: type[M] | TypeAdapter[Any], data: dict[str, Any], what: str) -> Any:
+    try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(data)
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        reason = ReasonCode.INVALID_MANIFEST if what != "ack" else ReasonCode.MALFORMED
+        raise ProtocolError(reason, f"{what}: {errors}") from None
+
+
+def decode_open(payload: bytes) -> OpenManifest:
+    return _validate(OpenManifest, _load_json(payload), "open")  # type: ignore[no-any-return]
+
+
+def decode_close(payload: bytes) -> CloseManifest:
+    return _validate(CloseManifest, _load_json(payload), "close")  # type: ignore[no-any-return]
+
+
+def decode_ack(payload: bytes) -> TileAck | OpenAck | ImageAck | ErrorAck:
+    return _validate(_ACK, _load_json(payload), "ack")  # type: ignore[no-any-return]
+
+
+def utcnow() -> datetime:
+    from datetime import UTC
+
+    return datetime.now(UTC)

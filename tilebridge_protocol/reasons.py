@@ -1,0 +1,34 @@
+"""Reason codes: why a message was refused or a tile must be sent again."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ReasonCode(StrEnum):
+    MALFORMED = "malformed"
+    """The message cannot be parsed (bad JSON, bad magic, truncated header, invalid fields)."""
+    UNSUPPORTED_VERSION = "unsupported_version"
+    """The protocol version is not one this side speaks."""
+    OVERSIZE = "oversize"
+    """The message or the tile is larger than the receiver's limit."""
+    BAD_CHECKSUM = "bad_checksum"
+    """A chunk's checksum does not match its bytes: send the tile again."""
+    DIGEST_MISMATCH = "digest_mismatch"
+    """All chunks arrived but the whole tile's digest does not match: send the tile again."""
+    UNKNOWN_IMAGE = "unknown_image"
+    """No `open` manifest is known for this image: send `open` again, then the tile."""
+    CONFLICT = "conflict"
+    """The message contradicts what was already received for the same image or tile."""
+    OUT_OF_RANGE = "out_of_range"
+    """The tile key or chunk geometry lies outside what the manifest declares."""
+    INVALID_MANIFEST = "invalid_manifest"
+    """A manifest field breaks a rule (dims, dtype, names, positions, limits)."""
+    QUOTA_EXCEEDED = "quota_exceeded"
+    """The device or image exceeds a size limit set by the server's policy."""
+    NOT_PERMITTED = "not_permitted"
+    """The server's policy does not let this device write there."""
+    STORAGE_FAILED = "storage_failed"
+    """The storage backend refused the image permanently; the data stays staged."""
+    LOST_STATE = "lost_state"
+    """The receiver lost a partial tile (e.g. it restarted): send the tile again."""

@@ -1,0 +1,86 @@
+"""Retained status messages for monitoring: one per device, per ingest instance, per image."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tilebridge_protocol.messages import PROTOCOL_VERSION
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = PROTOCOL_VERSION
+    at: datetime
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Liveness(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class DeviceStatus(_Status):
+    """Published by the edge agent on `dev/<device>/status`; the last will says offline."""
+
+    device: str
+    state: Liveness
+    buffered_tiles: int = 0
+    buffered_bytes: int = 0
+    oldest_pending_age_s: float | None = None
+    inflight_tiles: int = 0
+    images_pending: int = 0
+    committed_tiles: int = 0
+    retransmits: int = 0
+    rejected_tiles: int = 0
+    throughput_bytes_per_s: float = 0.0
+    disk_free_bytes: int | None = None
+    current_experiment: str | None = None
+    broker_connected: bool = False
+    last_error: str | None = None
+
+
+class IngestStatus(_Status):
+    """Published by an ingest instance on `ingest/<instance>/status`; the last will says offline."""
+
+    instance: str
+    state: Liveness
+    broker_connected: bool = False
+    images_in_progress: int = 0
+    staging_bytes: int = 0
+    tiles_committed: int = 0
+    chunks_rejected: int = 0
+    backends: dict[str, str] = Field(default_factory=dict)
+    """Backend name -> "ok" or the last error."""
+    last_error: str | None = None
+
+
+class ImagePhase(StrEnum):
+    RECEIVING = "receiving"
+    STORING = "storing"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+class ImageStatus(_Status):
+    """Published by the ingest on `image/<device>/<image_id>/status`."""
+
+    device: str
+    image_id: UUID
+    experiment: str
+    image_name: str
+    phase: ImagePhase
+    tiles_total: int
+    tiles_received: int
+    tiles_committed: int
+    tiles_stored: int
+    locations: dict[str, str] = Field(default_factory=dict)
+    error: str | None = None

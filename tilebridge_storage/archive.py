@@ -1,0 +1,112 @@
+"""The local archive: the embedded default storage of the ingest.
+
+One OME-TIFF (BigTIFF) per image under a data directory, readable by tifffile, Fiji /
+Bio-Formats and QuPath: every stage position is one OME series of shape (T, C, Z, Y, X) with
+its stage position on each plane, so tiles are kept exactly as acquired (nothing stitched,
+nothing lost) whatever the layout. The file is written at `finish()` from the tiles handed in
+(on the server these are memory maps of staged tiles, so nothing is held in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.files import atomic_write, image_path, remove
+
+SUFFIX = ".ome.tif"
+
+
+class ArchiveBackend(StorageBackend):
+    """docstring inherited"""
+
+    name = "archive"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
+        return _ArchiveWriter(device, manifest, image_path(self.root, device, manifest, SUFFIX))
+
+
+class _ArchiveWriter(ImageWriter):
+    def __init__(self, device: str, manifest: OpenManifest, path: Path) -> None:
+        super().__init__(device, manifest)
+        self.path = path
+        self.tiles: dict[TileKey, np.ndarray[Any, Any]] = {}
+        self.stored: StoredImage | None = None
+
+    def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
+        if self.stored is not None:
+            raise PermanentError(f"image {self.manifest.image_id} is already finished")
+        self.check_tile(key, pixels)
+        self.tiles[key] = pixels
+
+    def finish(self) -> StoredImage:
+        if self.stored is not None:
+            return self.stored
+        self.require_complete(self.tiles)
+        atomic_write(self.path, self._write_file)
+        self.stored = StoredImage(ArchiveBackend.name, str(self.path))
+        self.tiles.clear()
+        return self.stored
+
+
+    def abort(self) -> None:
+        self.tiles.clear()
+        if self.stored is None:
+            remove(self.path.with_name(f".{self.path.name}.partial"))
+
+    def _write_file(self, tmp: Path) -> None:
+        m = self.manifest
+        shape = (m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width)
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            for position in m.positions:
+                tif.write(
+                    self._planes(position.index),
+                    shape=shape,
+                    dtype=m.dtype.numpy,
+                    photometric="minisblack",
+                    metadata=_series_metadata(m, position.index),
+                )
+
+    def _planes(self, index: int) -> Iterator[np.ndarray[Any, Any]]:
+        m = self.manifest
+        for t in range(m.size_t):
+            for c in range(m.size_c):
+                for z in range(m.size_z):
+                    yield np.asarray(self.tiles[TileKey(index, z, c, t)], dtype=m.dtype.numpy)
+
+
+def _series_metadata(m: OpenManifest, index: int) -> dict[str, Any]:
+    pos = m.positions[index]
+    planes = m.size_t * m.size_c * m.size_z
+    meta: dict[str, Any] = {
+        "axes": "TCZYX",
+        "Name": f"{m.image_name} position {index}",
+        "PhysicalSizeX": m.pixel_size.x_um,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": m.pixel_size.y_um,
+        "PhysicalSizeYUnit": "µm",
+        "Channel": {"Name": [m.channel_name(c) for c in range(m.size_c)]},
+        "Plane": {
+            "PositionX": [pos.x_um] * planes,
+            "PositionXUnit": ["µm"] * planes,
+            "PositionY": [pos.y_um] * planes,
+            "PositionYUnit": ["µm"] * planes,
+            "PositionZ": [pos.z_um] * planes,
+            "PositionZUnit": ["µm"] * planes,
+        },
+    }
+    if m.pixel_size.z_um is not None:
+        meta["PhysicalSizeZ"] = m.pixel_size.z_um
+        meta["PhysicalSizeZUnit"] = "µm"
+    return meta

@@ -1,0 +1,109 @@
+"""The storage interface: where the tiles of an image end up.
+
+Every backend (local archive, OME-TIFF per tile, OME-Zarr mosaic, stitched TIFF, OMERO) is a
+`StorageBackend` that opens one `ImageWriter` per image. The contract below is what the
+ingest and the edge rely on; `tests/storage/contract.py` checks it for every backend.
+
+Lifecycle of one image::
+
+    writer = backend.open_image(device, manifest)   # once per attempt
+    writer.write_tile(key, pixels)                  # every key of the manifest, any order
+    stored = writer.finish()                        # all tiles written -> durable result
+    # or writer.abort() to discard a partial attempt
+
+Promises every backend keeps:
+
+* `open_image` never fails because an earlier attempt of the same `image_id` crashed half
+  way: a new attempt replaces whatever partial output the old one left.
+* `write_tile` takes the keys of `manifest.tile_keys()` in any order. `pixels` is a 2-D array
+  `(tile_height, tile_width)` of the manifest's dtype (any byte order). The caller keeps it
+  valid and unchanged until `finish()` or `abort()` returns, so a backend that must write in
+  its own order (OMERO pyramids, the archive) may keep a reference instead of a copy; the
+  server passes read-only memory maps of staged tiles, which cost no memory.
+  Writing a key again with identical pixels changes nothing. A key outside the manifest, or
+  pixels of the wrong shape or dtype, raise `PermanentError` and change nothing.
+* `finish()` requires every tile; with tiles missing it raises `PermanentError` naming them.
+  Its result is durable when it returns (files fsynced / the server confirmed). Calling it
+  again returns an equal `StoredImage` and changes nothing. After it, `write_tile` raises.
+* `abort()` removes partial output; it is safe to call at any time, more than once.
+* Faults say whether to retry: `TransientError` (unreachable, disk full, timeout: the caller
+  keeps its data and tries again later) or `PermanentError` (permission, invalid target).
+* Writers of different images may be used from different threads; one writer is used by
+  one thread at a time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """Where a finished image lives."""
+
+    backend: str
+    location: str
+    """A path, or a backend URI such as `omero:Image:42`."""
+    ids: dict[str, int] = field(default_factory=dict)
+    """Backend object ids, e.g. {"image": 42, "dataset": 7} for OMERO."""
+
+
+class ImageWriter(ABC):
+    """Writes one image. See the module docstring for the contract."""
+
+    def __init__(self, device: str, manifest: OpenManifest) -> None:
+        self.device = device
+        self.manifest = manifest
+
+    @abstractmethod
+    def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None: ...
+
+    @abstractmethod
+    def finish(self) -> StoredImage: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def check_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
+        """Raise PermanentError unless `key` and `pixels` fit the manifest."""
+        m = self.manifest
+        if not m.has_tile(key):
+            raise PermanentError(f"tile {tuple(key)} is not part of image {m.image_id}")
+        if pixels.shape != (m.tile_height, m.tile_width):
+            raise PermanentError(
+                f"tile {tuple(key)} has shape {pixels.shape}, "
+                f"expected {(m.tile_height, m.tile_width)}"
+            )
+        if pixels.dtype.newbyteorder("=") != m.dtype.numpy.newbyteorder("="):
+            raise PermanentError(f"tile {tuple(key)} has dtype {pixels.dtype}, expected {m.dtype}")
+
+    def missing(self, written: set[TileKey] | dict[TileKey, Any]) -> list[TileKey]:
+        return [k for k in self.manifest.tile_keys() if k not in written]
+
+    def require_complete(self, written: set[TileKey] | dict[TileKey, Any]) -> None:
+        missing = self.missing(written)
+        if missing:
+            shown = ", ".join(str(tuple(k)) for k in missing[:5])
+            raise PermanentError(
+                f"image {self.manifest.image_id} is missing {len(missing)} tiles ({shown})"
+            )
+
+
+class StorageBackend(ABC):
+    """A kind of storage; opens one writer per image."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections; writers already finished stay valid."""
