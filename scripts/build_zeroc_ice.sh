@@ -59,9 +59,8 @@ patch("src/Util.cpp", "PyFrameObject *f = PyThreadState_GET()->frame;",
       "PyFrameObject *f = PyEval_GetFrame(); // was PyThreadState_GET()->frame (gone in 3.11)")
 EOF
 
-# setup.py uses distutils' build_ext, which ignores MAKEFLAGS; its own parallel option does the same job.
-JOBS="$(nproc 2>/dev/null || echo 2)"
-printf '\n[build_ext]\nparallel = %s\n' "$JOBS" >> "$SRC/setup.cfg"
+# No -j: setup.py compiles its one extension (IcePy) through distutils, which ignores
+# MAKEFLAGS and parallelises only across extensions, so the ~7-8 minutes are serial.
 
 # A throw-away build venv with pinned tools keeps the build independent of whatever setuptools
 # the target interpreter has (setup.py imports distutils, and the legacy build needs `wheel`).

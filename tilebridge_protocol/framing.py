@@ -115,7 +115,9 @@ def encode_tile(
         yield encode_chunk(header, payload)
 
 
-def decode_chunk(message: bytes, max_chunk_bytes: int = MAX_CHUNK_SIZE) -> tuple[ChunkHeader, bytes]:
+def decode_chunk(
+    message: bytes, max_chunk_bytes: int = MAX_CHUNK_SIZE
+) -> tuple[ChunkHeader, bytes]:
     """Parse and verify one chunk message; return its header and the *raw* (decoded) bytes.
 
     Raises ProtocolError with the reason to send back: malformed, unsupported_version,

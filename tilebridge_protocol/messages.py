@@ -234,6 +234,8 @@ class ErrorAck(_Message):
     """Refusal of a message that names no image or tile the device could match."""
 
     kind: Literal["error"] = "error"
+    image_id: UUID | None = None
+    """The image the refused message seemed to be about, when that could be read."""
     reason: ReasonCode
     detail: Text
     topic: Text

@@ -59,7 +59,6 @@ class _ArchiveWriter(ImageWriter):
         self.tiles.clear()
         return self.stored
 
-
     def abort(self) -> None:
         self.tiles.clear()
         if self.stored is None:

@@ -14,11 +14,11 @@ from uuid import uuid4
 import numpy as np
 import pytest
 
+from tests.storage.manifests import make_manifest, make_tiles
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import StorageBackend, StoredImage
-from tests.storage.manifests import make_manifest, make_tiles
 
 Tiles = dict[TileKey, np.ndarray[Any, Any]]
 

@@ -1,0 +1,147 @@
+"""The edge agent: the disk buffer, the publisher and the status reporter, wired once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+
+from edge_agent.buffer import DiskBuffer
+from edge_agent.publisher import Publisher
+from edge_agent.settings import AgentSettings
+from tilebridge_protocol.broker import MqttConnection
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import CloseManifest, ImageAck, OpenManifest, utcnow
+from tilebridge_protocol.status import DeviceStatus, Liveness
+from tilebridge_protocol.topics import DeviceTopic, device_topic
+
+log = logging.getLogger(__name__)
+
+
+class EdgeAgent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.device = settings.device_id
+        self.buffer = DiskBuffer(settings.spool_dir, settings.min_free_bytes)
+        self.status_topic = device_topic(self.device, DeviceTopic.STATUS)
+        offline = DeviceStatus(at=utcnow(), device=self.device, state=Liveness.OFFLINE)
+        self.connection = MqttConnection(
+            settings.broker,
+            client_id=f"tb-edge-{self.device}",
+            name="edge-mqtt",
+            on_connected=self._connected,
+            on_message=lambda msg: self.publisher.on_message(msg),
+            on_published=lambda mid: self.publisher.on_published(mid),
+            will=(self.status_topic, offline.to_bytes()),
+        )
+        self.publisher = Publisher(settings, self.buffer, self.connection, self._image_done)
+        self.current_experiment: str | None = None
+        self.last_error: str | None = None
+        self._done: dict[UUID, ImageAck] = {}
+        self._done_cond = threading.Condition()
+        self._stop = threading.Event()
+        self._status_thread = threading.Thread(target=self._report, name="edge-status", daemon=True)
+        self._last_committed = (time.monotonic(), 0)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> EdgeAgent:
+        self.publisher.start()
+        self.connection.start()
+        self._status_thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.publisher.stop()
+        offline = self.status(Liveness.OFFLINE)
+        self.connection.stop(final=(self.status_topic, offline.to_bytes()))
+        self.buffer.close()
+
+    def __enter__(self) -> EdgeAgent:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- acquisition ------------------------------------------------------------------------
+
+    def open_image(self, manifest: OpenManifest) -> bool:
+        self.current_experiment = manifest.experiment
+        return self.buffer.add_open(manifest)
+
+    def write_tile(self, image_id: UUID, key: TileKey, pixels: np.ndarray[Any, Any]) -> bool:
+        """Make one frame durable and queue it; returns without waiting on the network."""
+        manifest = self.buffer.manifest(image_id)
+        data = np.ascontiguousarray(pixels, dtype=manifest.dtype.numpy)
+        return self.buffer.add_tile(image_id, key, memoryview(data).cast("B"))
+
+    def finalize(self, image_id: UUID) -> CloseManifest:
+        return self.buffer.add_close(image_id)
+
+    def wait_done(self, image_ids: list[UUID], timeout: float) -> dict[UUID, ImageAck]:
+        """Block until the server acked every image as complete or failed (or timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._done_cond:
+            while not all(i in self._done for i in image_ids):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._done_cond.wait(min(remaining, 0.5))
+            return {i: self._done[i] for i in image_ids if i in self._done}
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self, state: Liveness = Liveness.ONLINE) -> DeviceStatus:
+        stats = self.buffer.stats()
+        inflight_tiles, _ = self.publisher.inflight
+        now = time.monotonic()
+        committed = self.publisher.counters.committed_bytes
+        then, before = self._last_committed
+        rate = (committed - before) / (now - then) if now > then else 0.0
+        self._last_committed = (now, committed)
+        c = self.publisher.counters
+        return DeviceStatus(
+            at=utcnow(),
+            device=self.device,
+            state=state,
+            buffered_tiles=stats.tiles,
+            buffered_bytes=stats.bytes,
+            oldest_pending_age_s=stats.oldest_pending_age_s,
+            inflight_tiles=inflight_tiles,
+            images_pending=stats.images,
+            committed_tiles=c.committed_tiles,
+            retransmits=c.retransmits,
+            rejected_tiles=c.rejected_tiles,
+            throughput_bytes_per_s=rate,
+            disk_free_bytes=stats.disk_free_bytes,
+            current_experiment=self.current_experiment,
+            broker_connected=self.connection.connected.is_set(),
+            last_error=self.publisher.last_error or self.connection.last_error or self.last_error,
+        )
+
+    def _connected(self, client: Any) -> None:
+        self.publisher.subscribe(client)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        if self.connection.connected.is_set():
+            self.connection.publish(self.status_topic, self.status().to_bytes(), retain=True)
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.settings.status_interval_s):
+            try:
+                self._publish_status()
+                self.buffer.compact()
+            except Exception:  # status must never take the agent down
+                log.exception("status report")
+
+    def _image_done(self, ack: ImageAck) -> None:
+        with self._done_cond:
+            self._done[ack.image_id] = ack
+            self._done_cond.notify_all()
+        self._publish_status()

@@ -1,0 +1,56 @@
+"""Edge agent settings: one typed model, read once at start-up, unknown keys refused.
+
+Sources, first one winning: a JSON config file given with `--config`, environment variables
+`TILEBRIDGE_EDGE_*` (nested with `__`, e.g. `TILEBRIDGE_EDGE_BROKER__HOST`), the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_protocol.framing import DEFAULT_CHUNK_SIZE, Codec
+from tilebridge_protocol.topics import check_device_id
+
+MiB = 1024 * 1024
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TILEBRIDGE_EDGE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    device_id: str = "scope-1"
+    """This microscope's identity; also its MQTT username."""
+    broker: BrokerSettings = BrokerSettings()
+    spool_dir: Path = Path("/var/lib/tilebridge-edge/spool")
+    """The durable disk buffer. Put it on the disk that should absorb a long outage."""
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, le=4 * MiB)
+    codec: Codec = Codec.RAW
+    inflight_bytes: int = Field(default=64 * MiB, ge=MiB)
+    """Tile bytes published but not yet committed by the server; bounds memory and the
+    broker's queue for the ingest."""
+    commit_timeout_s: float = Field(default=30.0, gt=0)
+    """Re-publish a tile that got no `committed` ack this long after it was sent."""
+    max_commit_timeout_s: float = Field(default=600.0, gt=0)
+    status_interval_s: float = Field(default=5.0, gt=0)
+    min_free_bytes: int = Field(default=512 * MiB, ge=0)
+    """`write_frame` refuses a frame (TransientError) rather than fill the disk below this."""
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        return check_device_id(value)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values = json.loads(config_file.read_text())
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,59 @@
+"""`server-ingest`: runs next to OMERO, turns device messages into stored images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from server_ingest.service import IngestService
+from server_ingest.settings import IngestSettings
+from tilebridge_protocol.errors import TilebridgeError
+
+console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="server-ingest", description=__doc__)
+    parser.add_argument(
+        "--config", type=Path, help="JSON settings file (see deploy/ingest.example.json)"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the ingest until stopped (the systemd service)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(threadName)s %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    try:
+        settings = IngestSettings.load(args.config)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        return 2
+    return run(settings)
+
+
+def run(settings: IngestSettings) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        service = IngestService(settings)
+    except TilebridgeError as exc:
+        console.print(f"[red]cannot start:[/red] {exc}")
+        return 2
+    with service:
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

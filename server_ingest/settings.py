@@ -1,0 +1,80 @@
+"""Ingest settings: one typed model, read once at start-up, unknown keys refused.
+
+Sources, first one winning: a JSON config file given with `--config`, environment variables
+`TILEBRIDGE_INGEST_*` (nested with `__`), the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_protocol.topics import check_device_id
+
+MiB = 1024 * 1024
+
+
+class Limits(BaseModel):
+    """What one image and one device may ask of this server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_chunk_bytes: int = Field(default=8 * MiB, ge=4096)
+    max_tile_bytes: int = Field(default=512 * MiB, ge=1)
+    max_tiles_per_image: int = Field(default=100_000, ge=1)
+    max_image_bytes: int = Field(default=1024 * 1024 * MiB, ge=1)
+    max_partial_tiles_per_device: int = Field(default=512, ge=1)
+    """Tiles being reassembled at once per device; more is refused until some complete."""
+    max_staged_bytes_per_device: int = Field(default=2048 * 1024 * MiB, ge=1)
+
+
+class IngestSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TILEBRIDGE_INGEST_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    instance: str = "ingest-1"
+    broker: BrokerSettings = BrokerSettings()
+    data_dir: Path = Path("/var/lib/tilebridge-ingest")
+    """Holds `staging/`, `ledger.sqlite` and (by default) `archive/`."""
+    archive_dir: Path | None = None
+    """Where the local archive writes; defaults to `data_dir/archive`."""
+    backends: tuple[str, ...] = ("archive",)
+    keep_staged: bool = False
+    """Keep staged tiles after every backend stored the image (for audits or re-exports)."""
+    limits: Limits = Limits()
+    status_interval_s: float = Field(default=5.0, gt=0)
+    image_status_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    """Retained status of a finished image expires from the broker after this long."""
+    store_retry_s: float = Field(default=5.0, gt=0)
+    store_retry_max_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, value: str) -> str:
+        return check_device_id(value)
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.data_dir / "staging"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite"
+
+    @property
+    def archive_root(self) -> Path:
+        return self.archive_dir or self.data_dir / "archive"
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> IngestSettings:
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values = json.loads(config_file.read_text())
+        values.update(overrides)
+        return cls(**values)
