@@ -48,9 +48,8 @@ $(VENV)/.installed: pyproject.toml
 # omero-py needs zeroc-ice 3.6.5, built once from source and cached outside the repository.
 omero: venv
 	@$(PY) -c "import omero, Ice" 2>/dev/null || { \
-	  bash scripts/build_zeroc_ice.sh $(PY) && \
-	  $(PY) -m pip install -q --find-links "$${TILEBRIDGE_WHEEL_CACHE:-$$HOME/.cache/tilebridge/wheels}" \
-	    'zeroc-ice==3.6.5' -e '.[omero]'; }
+	  wheel="$$(bash scripts/build_zeroc_ice.sh $(PY) | tail -n 1)" && \
+	  $(PY) -m pip install -q "$$wheel" -e '.[omero]'; }
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the agent until stopped (the systemd service)")
+    status = commands.add_parser("status", help="show the running agent's progress (HTTP API)")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--url", help="the agent's HTTP API (default: from the settings)")
     sim = commands.add_parser("simulate", help="acquire a synthetic tile scan through the agent")
     sim.add_argument("--columns", type=int, default=4)
     sim.add_argument("--rows", type=int, default=4)
@@ -59,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]invalid configuration:[/red] {exc}")
         return 2
     if args.command == "run":
-        return run(settings)
+        try:
+            return run(settings)
+        except TilebridgeError as exc:
+            console.print(f"[red]cannot run:[/red] {exc}")
+            return 2
+    if args.command == "status":
+        from edge_agent.client import show_status
+
+        return show_status(settings, watch=args.watch, url=args.url)
     scan = SyntheticScan(
         columns=args.columns, rows=args.rows, tile_size=args.tile_size, channels=args.channels,
         z_planes=args.z_planes, seed=args.seed, image_id=args.image_id,
@@ -71,7 +82,11 @@ def run(settings: AgentSettings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with EdgeAgent(settings):
+    with EdgeAgent(settings) as agent:
+        if settings.http_port is not None:
+            from edge_agent.http import serve_http
+
+            serve_http(agent, settings, stop)
         stop.wait()
     return 0
 

@@ -11,6 +11,7 @@ from uuid import UUID
 import numpy as np
 
 from edge_agent.buffer import DiskBuffer
+from edge_agent.metrics import serve_metrics
 from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
 from tilebridge_protocol.broker import MqttConnection
@@ -50,6 +51,7 @@ class EdgeAgent:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> EdgeAgent:
+        serve_metrics(self, self._stop)
         self.publisher.start()
         self.connection.start()
         self._status_thread.start()

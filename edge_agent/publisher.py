@@ -21,6 +21,7 @@ from uuid import UUID
 import paho.mqtt.client as mqtt
 
 from edge_agent.buffer import DiskBuffer, Item
+from edge_agent.ratelimit import throttle
 from edge_agent.settings import AgentSettings
 from tilebridge_protocol.broker import MqttConnection
 from tilebridge_protocol.errors import ProtocolError
@@ -202,6 +203,7 @@ class Publisher:
                 return
             topic = device_topic(device, DeviceTopic(item.kind))
         for message in messages:
+            throttle(self, self.settings.bandwidth_limit_bytes_per_s, len(message), self._stop)
             info = self.connection.publish(topic, message)
             with self._lock:
                 if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tilebridge_protocol.broker import BrokerSettings
@@ -41,6 +41,17 @@ class AgentSettings(BaseSettings):
     status_interval_s: float = Field(default=5.0, gt=0)
     min_free_bytes: int = Field(default=512 * MiB, ge=0)
     """`write_frame` refuses a frame (TransientError) rather than fill the disk below this."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve Prometheus metrics on this port (all interfaces); None: no metrics endpoint."""
+    bandwidth_limit_bytes_per_s: int | None = Field(default=None, gt=0)
+    """Cap on bytes published per second (after compression); None: no cap."""
+    http_host: str = "127.0.0.1"
+    """The local HTTP API (edge_agent.http); anything but loopback requires a token."""
+    http_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve the local HTTP API on this port; None: no HTTP API."""
+    http_token: SecretStr | None = None
+    http_token_file: Path | None = None
+    """Read the HTTP API token from this file (preferred over `http_token` in config files)."""
 
     @field_validator("device_id")
     @classmethod

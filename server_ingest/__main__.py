@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
+from server_ingest import admin
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import TilebridgeError
@@ -27,12 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the ingest until stopped (the systemd service)")
+    admin.add_parser(commands)
+    commands.add_parser(
+        "dashboard", help="serve the monitoring dashboard (--config: deploy/dashboard.example.json)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(threadName)s %(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    if args.command == "device":
+        return admin.main(args)
+    if args.command == "dashboard":
+        from server_ingest.dashboard.server import main as dashboard
+
+        return dashboard(args.config)
     try:
         settings = IngestSettings.load(args.config)
     except (ValueError, OSError) as exc:

@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 from server_ingest.assembler import Added, TileAssembly
@@ -38,7 +39,7 @@ from tilebridge_protocol.messages import (
     decode_open,
 )
 from tilebridge_protocol.reasons import ReasonCode
-from tilebridge_protocol.topics import DeviceTopic, parse_device_topic
+from tilebridge_protocol.topics import DeviceTopic, device_topic, parse_device_topic
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Ingest:
                         ReasonCode.MALFORMED, f"{kind.value} is not sent to the ingest"
                     )
         except ProtocolError as exc:
+            exc.detail = _clip(exc.detail)
             self._note_rejection(exc.reason, f"{kind.value} from {device}: {exc.detail}")
             self.outbox.ack(device, ErrorAck(reason=exc.reason, detail=exc.detail, topic=topic))
         except TransientError as exc:
@@ -122,9 +124,10 @@ class Ingest:
 
     def _open(self, device: str, payload: bytes) -> None:
         try:
-            manifest = decode_open(payload)
+            manifest = _decoded(decode_open, payload)
             self._check_limits(manifest)
         except ProtocolError as exc:
+            exc.detail = _clip(exc.detail)
             image_id = _peek_image_id(payload)
             if image_id is None:
                 raise
@@ -176,6 +179,12 @@ class Ingest:
             raise ProtocolError(
                 ReasonCode.QUOTA_EXCEEDED,
                 f"image of {m.tile_count * m.tile_bytes} bytes > {lim.max_image_bytes}",
+            )
+        if m.tile_count * m.tile_bytes > lim.max_staged_bytes_per_device:
+            raise ProtocolError(
+                ReasonCode.QUOTA_EXCEEDED,
+                f"image of {m.tile_count * m.tile_bytes} bytes > the device's staging quota "
+                f"{lim.max_staged_bytes_per_device}",
             )
 
     # -- chunks -----------------------------------------------------------------------------
@@ -254,6 +263,16 @@ class Ingest:
         if fresh:
             if self._partials(device) >= self.limits.max_partial_tiles_per_device:
                 raise TransientError(f"{device} has too many tiles in reassembly")
+            staged, quota = self._staged_bytes(device), self.limits.max_staged_bytes_per_device
+            if staged + header.tile_bytes > quota:
+                # Not acknowledged: the device keeps the tile and sends it again after its
+                # commit timeout, when stored images may have freed some of its quota.
+                detail = f"{device} has {staged} bytes staged, quota {quota}: tile not staged"
+                self._note_rejection(ReasonCode.QUOTA_EXCEEDED, detail)
+                topic = device_topic(device, DeviceTopic.CHUNK)
+                self.outbox.ack(device, ErrorAck(image_id=image_id, topic=topic, detail=detail,
+                                                 reason=ReasonCode.QUOTA_EXCEEDED))  # fmt: skip
+                return
             assembly = TileAssembly.start(header)
             assembly.add(header)
             self._assemblies[slot] = assembly
@@ -275,6 +294,17 @@ class Ingest:
         self._maybe_store(record)
         self._publish_progress(record)
 
+    def _staged_bytes(self, device: str) -> int:
+        """Bytes `device` holds in staging: tiles of images not yet stored, and reassemblies."""
+        total = sum(a.tile_bytes for (i, _), a in self._assemblies.items()
+                    if self._device_of(i) == device)  # fmt: skip
+        for record in list(self._records.values()):
+            if record.device == device and record.manifest is not None and record.phase in (
+                Phase.RECEIVING, Phase.STORING, Phase.FAILED
+            ):  # fmt: skip
+                total += len(self._staged_tiles(record.image_id)) * record.manifest.tile_bytes
+        return total
+
     def _partials(self, device: str) -> int:
         return sum(1 for (image_id, _) in self._assemblies if self._device_of(image_id) == device)
 
@@ -285,7 +315,7 @@ class Ingest:
     # -- close ------------------------------------------------------------------------------
 
     def _close(self, device: str, payload: bytes) -> None:
-        close = decode_close(payload)
+        close = _decoded(decode_close, payload)
         record = self._record(close.image_id)
         topic = f"dev/{device}/close"
         if record is None or record.manifest is None:
@@ -430,9 +460,10 @@ class Ingest:
                 if code in ReasonCode._value2member_map_
                 else ReasonCode.STORAGE_FAILED
             )
+        detail = _clip(record.error) if reason and record.error else None
         self.outbox.ack(record.device, ImageAck(image_id=record.image_id, state=state,
                                                 locations=record.locations, reason=reason,
-                                                detail=record.error if reason else None))  # fmt: skip
+                                                detail=detail))  # fmt: skip
 
     def _publish_progress(self, record: ImageRecord, force: bool = False) -> None:
         progress = self._progress.setdefault(record.image_id, ImageProgress())
@@ -449,6 +480,7 @@ class Ingest:
         self.outbox.image_changed(record, progress)
 
     def _note_rejection(self, reason: ReasonCode, detail: str) -> None:
+        detail = _clip(detail)
         self.stats.rejections[reason.value] += 1
         self.stats.last_error = detail
         log.warning("refused %s", detail)
@@ -463,5 +495,23 @@ class Ingest:
 def _peek_image_id(payload: bytes) -> UUID | None:
     try:
         return UUID(str(json.loads(payload)["image_id"]))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         return None
+
+
+M = TypeVar("M")
+
+MAX_DETAIL = 900
+"""Reasons quote the input; keep them (with any prefix) within an ack's 1024-char `detail`."""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL else f"{text[: MAX_DETAIL - 3]}..."
+
+
+def _decoded(decode: Callable[[bytes], M], payload: bytes) -> M:
+    """`decode`, with JSON nested too deeply for Python's parser refused as malformed."""
+    try:
+        return decode(payload)
+    except RecursionError:
+        raise ProtocolError(ReasonCode.MALFORMED, "JSON nested too deeply") from None

@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 from server_ingest.backends import build_backends
 from server_ingest.ingest import Ack, ImageProgress, Ingest
 from server_ingest.ledger import ImageRecord, Ledger, Phase
+from server_ingest.metrics import serve_metrics
 from server_ingest.settings import IngestSettings
 from server_ingest.staging import Staging
 from server_ingest.storer import Storer
@@ -57,6 +58,7 @@ class IngestService:
         )
 
     def start(self) -> IngestService:
+        serve_metrics(self, self._stop)
         self.storer.start()
         resumed = self.ingest.recover()
         if resumed:

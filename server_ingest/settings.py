@@ -53,6 +53,8 @@ class IngestSettings(BaseSettings):
     """Retained status of a finished image expires from the broker after this long."""
     store_retry_s: float = Field(default=5.0, gt=0)
     store_retry_max_s: float = Field(default=300.0, gt=0)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve Prometheus metrics on this port (all interfaces); None: no metrics endpoint."""
 
     @field_validator("instance")
     @classmethod

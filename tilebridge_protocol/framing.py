@@ -162,7 +162,7 @@ def peek_identity(message: bytes) -> tuple[UUID, TileKey] | None:
     if len(message) < HEADER_SIZE or message[:2] != MAGIC or message[2] != PROTOCOL_VERSION:
         return None
     fields = HEADER.unpack_from(message)
-    return UUID(bytes=fields[4]), TileKey(fields[5], fields[6], fields[7], fields[8])
+    return UUID(bytes=fields[3]), TileKey(fields[4], fields[5], fields[6], fields[7])
 
 
 def _decode_payload(codec: Codec, payload: memoryview, raw_length: int) -> bytes:

@@ -27,6 +27,22 @@ class Liveness(StrEnum):
     OFFLINE = "offline"
 
 
+class BackendProgress(BaseModel):
+    """One storage target of the device's current experiment (see edge_agent.omewriter)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_id: UUID
+    state: Literal["writing", "finished", "failed"]
+    frames_total: int
+    frames_written: int
+    """Frames this target holds; for the server stream, frames it acknowledged."""
+    frames_lost: int = 0
+    """Frames handed over that this target will never hold (it failed)."""
+    error: str | None = None
+    location: str | None = None
+
+
 class DeviceStatus(_Status):
     """Published by the edge agent on `dev/<device>/status`; the last will says offline."""
 
@@ -45,6 +61,8 @@ class DeviceStatus(_Status):
     current_experiment: str | None = None
     broker_connected: bool = False
     last_error: str | None = None
+    backends: dict[str, BackendProgress] = Field(default_factory=dict)
+    """Per storage target (ome_tiff, ome_zarr, stitched_tiff, omero) of the current experiment."""
 
 
 class IngestStatus(_Status):

@@ -1,6 +1,7 @@
 """Where each tile of a mosaic goes on the canvas, and which tile shows where tiles overlap.
 
-Pure geometry (no I/O), shared by the mosaic backends (OME-Zarr, stitched TIFF, OMERO).
+Pure logic with no I/O of its own, shared by the mosaic backends (OME-Zarr, stitched TIFF,
+OMERO): the layout, the ownership rule, band queries, and 2x2-mean pyramid helpers.
 
 Placement: a stage position names the top-left corner of its tile. The canvas origin is the
 smallest stage x and y; tile `i` starts at pixel `round((x_um - min_x) / pixel_size.x_um)`
@@ -13,8 +14,9 @@ end. Each tile owns a few disjoint rectangles (`Piece`s):
 * Grid scans (the distinct tile offsets form a full rectilinear grid: every column x row
   has a tile, as in raster and snake scans): a pixel belongs to the covering tile whose
   centre is nearest (pixel centres, Euclidean), ties to the lower tile index. On a full grid
-  the nearest centre is the nearest column and the nearest row, so this is exact and each
-  tile owns one rectangle, plus at most a one-pixel seam where an odd overlap ties.
+  the nearest centre is the nearest column and the nearest row, so this is exact with
+  rectangles: one per tile in raster and snake scans (an odd overlap leaves a one-pixel tie
+  seam that goes to the lower index; unusual index orders may split a tile in a few).
 * Anything else (irregular positions, a grid with holes, stage jitter that moves a tile
   off the grid by a pixel): the lower tile index wins, i.e. each tile owns its rectangle
   minus the rectangles of lower-indexed tiles, as if painted in reverse index order. Exact
@@ -32,7 +34,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.messages import Layout, OpenManifest
 
 
 class Rect(NamedTuple):
@@ -102,6 +105,15 @@ class Mosaic:
         """Position indices whose pixels show in canvas rows `[y0, y1)`: once these tiles
         (of a plane) are present, the band can be written."""
         return sorted({piece.index for piece in self.band(y0, y1)})
+
+
+def require_mosaic(manifest: OpenManifest, backend: str) -> None:
+    # A per-tile image asks for its positions kept apart; stitching them would not be it.
+    if manifest.layout is not Layout.MOSAIC:
+        raise PermanentError(
+            f"image {manifest.image_id} has layout {manifest.layout.value}; "
+            f"the {backend} backend stores mosaics only"
+        )
 
 
 def plan(manifest: OpenManifest) -> Mosaic:
@@ -175,6 +187,20 @@ def downsample(block: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     if block.dtype.kind in "ui":
         np.rint(total, out=total)
     return total.astype(block.dtype)
+
+
+def downsample_level(source: Any, target: Any, block: int) -> None:
+    """Fill `target` (..., h, w) with the 2x2 mean of `source` (..., 2h or 2h - 1, ...), one
+    `block` x `block` piece of `target` at a time, so memory stays at four blocks whatever
+    the image size. Takes numpy arrays, memory maps and zarr arrays alike."""
+    *planes, height, width = target.shape
+    for plane in np.ndindex(*planes):
+        for y in range(0, height, block):
+            for x in range(0, width, block):
+                rows, columns = slice(2 * y, 2 * (y + block)), slice(2 * x, 2 * (x + block))
+                small = downsample(np.asarray(source[(*plane, rows, columns)]))
+                rows, columns = slice(y, y + small.shape[0]), slice(x, x + small.shape[1])
+                target[(*plane, rows, columns)] = small
 
 
 def _is_full_grid(offsets: list[tuple[int, int]]) -> bool:

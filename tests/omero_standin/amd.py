@@ -42,6 +42,29 @@ def as_ice_error(exc: BaseException) -> Ice.Exception:
     )
 
 
+def _gated(self: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    # A servant's gate() raises the session errors a real server gives before any work.
+    # (It runs here rather than in the ServantLocator: IcePy turns a user exception raised
+    # by locate() into ObjectNotExistException.)
+    gate = getattr(self, "gate", None)
+    if gate is not None:
+        gate()
+    return fn(self, *args)
+
+
+def _plain_twin(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def dispatch(self: Any, *args: Any) -> Any:
+        try:
+            return _gated(self, fn, args)
+        except Ice.Exception:
+            raise
+        except Exception as exc:
+            raise as_ice_error(exc) from exc
+
+    dispatch.__name__ = fn.__name__
+    return dispatch
+
+
 def _amd_twin(fn: Callable[..., Any]) -> Callable[..., None]:
     void = _returns_nothing(fn)
 
@@ -50,10 +73,10 @@ def _amd_twin(fn: Callable[..., Any]) -> Callable[..., None]:
         lock = getattr(self, "lock", None)
         try:
             if lock is None:
-                result = fn(self, *args)
+                result = _gated(self, fn, args)
             else:
                 with lock:
-                    result = fn(self, *args)
+                    result = _gated(self, fn, args)
         except Exception as exc:
             cb.ice_exception(as_ice_error(exc))
             return
@@ -96,8 +119,7 @@ def servant(cls: T) -> T:
             amd = name.endswith("_async")
             op = name[: -len("_async")] if amd else name
             if op in own and inspect.isfunction(own[op]):
-                if amd:
-                    setattr(cls, name, _amd_twin(own[op]))
+                setattr(cls, name, _amd_twin(own[op]) if amd else _plain_twin(own[op]))
             elif name not in own:
                 setattr(cls, name, _not_supported(op, amd))
     return cls

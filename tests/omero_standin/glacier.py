@@ -4,9 +4,9 @@ omero.client talks to OMERO only through ``OMERO.Glacier2/router``: it logs in w
 ``createSession`` and then sends every call to the router's client endpoints. The stand-in is
 its own router: ``getClientProxy`` names the stand-in's own endpoint, so routed calls arrive
 here with their real identities and the ServantLocator below dispatches them -- after doing
-what Glacier2 and the blitz session manager do: refuse connections without a session
-(Ice.ObjectNotExistException) and sessions that idled out (omero.SessionTimeoutException, then
-omero.RemovedSessionException).
+what Glacier2 does: refuse connections without a session (Ice.ObjectNotExistException).
+Sessions that idled out are refused by each servant's gate() (services/base.py) with
+omero.SessionTimeoutException, then omero.RemovedSessionException, as blitz does.
 """
 
 from __future__ import annotations
@@ -163,11 +163,6 @@ class SessionGate(Ice.ServantLocator):
         target = session.servants.get(current.id.name)
         if target is None:
             raise not_found
-        try:
-            session.omero.touch()
-        except Exception:
-            server.on_session_dead(session.omero)
-            raise
         return target
 
     def finished(self, current: Any, servant: Any, cookie: Any) -> None:

@@ -4,7 +4,7 @@ Supported (keywords case-insensitive, ``as`` optional before an alias):
 
     select A | select [distinct] A.path[, A.path ...] | select count([distinct] A[.path])
     from Class A
-    { [left [outer] | inner] join [fetch] A.field B }      field: a reference or a collection
+    { [left [outer] | inner] join [fetch] A.field [B] }    field: a reference or a collection
     [ where COND { and COND } ]
     [ order by A.path [asc|desc] {, ...} ]
 
@@ -145,7 +145,8 @@ class _Parser:
             if len(src) != 2:
                 raise _unsupported(self.query, "join paths must be alias.field")
             self.accept("as")
-            p.joins.append(Join(src[0], src[1], self.take("word"), fetch, outer))
+            alias = self.take("word") if self.peek()[0] == "word" else f"_join{len(p.joins)}"
+            p.joins.append(Join(src[0], src[1], alias, fetch, outer))
         if self.accept("where"):
             p.conds.append(self.cond())
             while self.accept("and"):

@@ -78,7 +78,7 @@ class ModelStore:
         self._next_id: dict[str, int] = {}
         for kind, values in ENUMERATIONS.items():
             for value in values:
-                obj = model_class(kind)()
+                obj = model_class(kind + "I")()
                 obj.setValue(omero.rtypes.rstring(value))
                 self.insert(obj)
 

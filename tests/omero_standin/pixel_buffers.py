@@ -44,7 +44,14 @@ class PixelBuffer:
             self.state, self.writer = PyramidState.WRITING, store
             return
         if self.state is PyramidState.WRITING:
-            raise misuse(f"pyramid of Pixels:{self.pixels_id} is being written by another store")
+            is_alive = getattr(self.writer, "is_alive", lambda: True)
+            if is_alive():
+                raise misuse(
+                    f"pyramid of Pixels:{self.pixels_id} is being written by another store"
+                )
+            # The writing store died with its session: that pass is lost.
+            self.state, self.writer = PyramidState.BROKEN, None
+            return self.begin_pass(store)
         raise misuse(
             f"pyramid of Pixels:{self.pixels_id} is {self.state.value} and read-only: a pyramid "
             "is written in one pass; delete the image and write it again"

@@ -41,11 +41,10 @@ class OmeroSession:
         if idle > self.idle_timeout_s:
             # The real server reports the timeout once, then forgets the session.
             self.closed = True
+            limit_ms = int(self.idle_timeout_s * 1000)
+            over_ms = int((idle - self.idle_timeout_s) * 1000)
             raise omero.SessionTimeoutException(
-                message=(
-                    f"Session ({self.uuid}) exceeded timeToIdle "
-                    f"({int(self.idle_timeout_s * 1000)} ms) by {int((idle - self.idle_timeout_s) * 1000)} ms"
-                )
+                message=f"Session ({self.uuid}) exceeded timeToIdle ({limit_ms} ms) by {over_ms} ms"
             )
         self.last_access = now
 

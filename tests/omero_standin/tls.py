@@ -11,8 +11,12 @@ import subprocess
 from pathlib import Path
 
 
-def make_self_signed(directory: Path) -> tuple[Path, Path]:
-    """Write cert.pem and key.pem into directory (uses the openssl command line tool)."""
+def make_self_signed(directory: Path) -> Path:
+    """Write server.pem (key, then certificate) into directory, using the openssl tool.
+
+    One PEM holding both is what IceSSL 3.6 reads from IceSSL.CertFile; its separate
+    IceSSL.KeyFile is deprecated.
+    """
     openssl = shutil.which("openssl")
     if openssl is None:
         raise RuntimeError("the OMERO stand-in needs the `openssl` command (Debian: openssl)")
@@ -25,4 +29,8 @@ def make_self_signed(directory: Path) -> tuple[Path, Path]:
         check=True,
         capture_output=True,
     )  # fmt: skip
-    return cert, key
+    both = directory / "server.pem"
+    both.write_text(key.read_text() + cert.read_text())
+    cert.unlink()
+    key.unlink()
+    return both

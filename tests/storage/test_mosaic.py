@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.storage.contract import Tiles
 from tests.storage.manifests import make_manifest
 from tilebridge_protocol.messages import OpenManifest, PixelSize, StagePosition
 from tilebridge_storage.mosaic import Rect, assemble, downsample, plan, pyramid_shapes
@@ -25,18 +26,21 @@ def manifest(
     )
 
 
+def plane_of(manifest: OpenManifest, tiles: Tiles, t: int, c: int, z: int) -> Any:
+    """The expected canvas of plane (t, c, z) of a contract image."""
+    plane = {k.index: v for k, v in tiles.items() if (k.t, k.c, k.z) == (t, c, z)}
+    return assemble(manifest, plane)
+
+
 def owned(m: OpenManifest) -> dict[int, list[tuple[Rect, Rect]]]:
     mosaic = plan(m)
-    return {
-        i: [(p.canvas, p.tile) for p in mosaic.pieces_of(i)] for i in range(len(m.positions))
-    }
+    return {i: [(p.canvas, p.tile) for p in mosaic.pieces_of(i)] for i in range(len(m.positions))}
 
 
 def labels(m: OpenManifest) -> np.ndarray[Any, Any]:
     """The canvas with each pixel showing (its tile index + 1)."""
     tiles = {
-        i: np.full((m.tile_height, m.tile_width), i + 1, np.uint16)
-        for i in range(len(m.positions))
+        i: np.full((m.tile_height, m.tile_width), i + 1, np.uint16) for i in range(len(m.positions))
     }
     return assemble(m, tiles)
 
@@ -109,8 +113,8 @@ def test_non_grid_positions_lower_index_wins() -> None:
     assert owned(m) == {
         0: [(Rect(0, 10, 0, 10), Rect(0, 10, 0, 10))],
         1: [
-            (Rect(10, 15, 8, 18), Rect(5, 10, 0, 10)),
             (Rect(5, 10, 10, 18), Rect(0, 5, 2, 10)),
+            (Rect(10, 15, 8, 18), Rect(5, 10, 0, 10)),
         ],
         2: [
             (Rect(0, 5, 16, 26), Rect(0, 5, 0, 10)),

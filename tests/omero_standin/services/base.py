@@ -22,6 +22,14 @@ class Service:
         # what makes the write rules checkable.
         self.lock = server.lock
 
+    def gate(self) -> None:
+        """Every call counts as activity; a dead session refuses it (see amd._gated)."""
+        try:
+            self.session.omero.touch()
+        except omero.SessionException:
+            self.server.on_session_dead(self.session.omero)
+            raise
+
     @property
     def user(self) -> Any:
         return self.session.omero.user

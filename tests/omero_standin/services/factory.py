@@ -76,7 +76,7 @@ class ServiceFactory(omero.api.ServiceFactory, Service):
         return self._proxy(name, current)
 
     def activeServices(self, current: Any = None) -> list[str]:
-        return [n for n in self.session.servants if n != "ServiceFactory"]
+        return [n for n, s in self.session.servants.items() if s is not self]
 
     def keepAlive(self, proxy: Any, current: Any = None) -> bool:
         # The gate already refreshed the session; the proxy's servant need only exist.

@@ -54,7 +54,11 @@ class IQuery(omero.api.IQuery, Service):
             return v if case or not isinstance(v, str) else v.lower()
 
         want = norm(value)
-        hits = [o for o in self.store.all_of(klass) if norm(unwrap(getattr(o, "_" + field, None))) == want]
+        hits = [
+            o
+            for o in self.store.all_of(klass)
+            if norm(unwrap(getattr(o, "_" + field, None))) == want
+        ]
         return sorted(hits, key=lambda o: o._id.val)
 
     def findByQuery(self, query: str, params: Any, current: Any = None) -> Any:

@@ -1,0 +1,444 @@
+"""`server-ingest device add|remove|list`: broker identities, one per microscope.
+
+Each device gets its own MQTT username (= its device id) and a random password; the broker's
+ACL (`mosquitto/acl`) pins every username to its own topic tree, so the credentials on one Pi
+open nothing but that microscope's uploads. The Pi never holds OMERO credentials.
+
+The password file is Mosquitto 2's own format, `name:$7$<iterations>$<salt>$<hash>` with
+PBKDF2-HMAC-SHA512, written here directly rather than with `mosquitto_passwd -b`, which would
+put the password on a command line that every local user can read in /proc. Files are
+replaced atomically and keep their owner and mode. Mosquitto reads the files only at start-up
+and on SIGHUP: after every change the broker is told to reload when its pid is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import grp
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_protocol.errors import ProtocolError
+from tilebridge_protocol.topics import check_device_id
+
+BROKER_DIR = Path("/etc/mosquitto/tilebridge")
+PASSWORD_FILE = BROKER_DIR / "passwd"
+ACL_FILE = BROKER_DIR / "acl"
+CERTS_DIR = BROKER_DIR / "certs"
+PID_FILE = Path("/run/mosquitto/mosquitto.pid")
+EDGE_DIR = Path("/etc/tilebridge-edge")
+MAKE_CERTS = Path(__file__).resolve().parents[1] / "scripts" / "make_certs.sh"
+
+# Generated passwords carry 256 bits of entropy, so the iteration count is not what protects
+# them; it only has to stay cheap for the broker, which hashes on every CONNECT.
+PBKDF2_ITERATIONS = 1000
+SALT_BYTES = 12
+PASSWORD_FILE_NAME = "mqtt-password"
+
+_HASH = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
+
+
+class AdminError(Exception):
+    """A refused admin command; the message says why."""
+
+
+class Role(StrEnum):
+    DEVICE = "device"
+    INGEST = "ingest"
+    MONITOR = "monitor"
+
+
+def role_of(name: str) -> Role:
+    """`ingest`, `ingest-*`, `monitor` and `monitor-*` are reserved; anything else is a device."""
+    for role in (Role.INGEST, Role.MONITOR):
+        if name == role.value or name.startswith(f"{role.value}-"):
+            return role
+    return Role.DEVICE
+
+
+def check_name(name: str, role: Role = Role.DEVICE) -> str:
+    try:
+        check_device_id(name)
+    except ProtocolError as exc:
+        raise AdminError(exc.detail) from None
+    if role_of(name) is not role:
+        if role is Role.DEVICE:
+            raise AdminError(f"{name!r} is reserved for the {role_of(name)} role, not a device")
+        raise AdminError(f"a {role} identity must be named {role} or {role}-<suffix>")
+    return name
+
+
+# -- password hashes --------------------------------------------------------------------------
+
+
+def hash_password(password: str, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A Mosquitto 2 password hash (`$7$`: PBKDF2-HMAC-SHA512, base64 salt and hash)."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    match = _HASH.fullmatch(encoded)
+    if match is None:
+        return False
+    iterations, salt, digest = match.groups()
+    computed = hashlib.pbkdf2_hmac(
+        "sha512", password.encode(), base64.b64decode(salt), int(iterations)
+    )
+    return hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+def new_password() -> str:
+    """256 random bits, URL-safe: no ':' or whitespace to break a file or a command line."""
+    return secrets.token_urlsafe(32)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """Username -> hash, in file order."""
+    entries: dict[str, str] = {}
+    if not path.exists():
+        return entries
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and ":" in line:
+            name, encoded = line.split(":", 1)
+            entries[name] = encoded
+    return entries
+
+
+def _replace(path: Path, text: str, new_mode: int = 0o640) -> None:
+    """Write `text` to `path` atomically, keeping the owner and mode of an existing file.
+
+    A new file is readable by the `mosquitto` group only (the broker drops root before it
+    reads its files), never by everyone.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, (st.st_mode & 0o7777) if st else new_mode)
+        if st is not None:
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        elif os.geteuid() == 0:
+            with contextlib.suppress(KeyError, PermissionError):
+                os.chown(tmp, 0, grp.getgrnam("mosquitto").gr_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_password_file(path: Path, entries: dict[str, str]) -> None:
+    _replace(path, "".join(f"{name}:{encoded}\n" for name, encoded in entries.items()))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One admin command at a time per password file."""
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def set_identity(path: Path, name: str, password: str) -> bool:
+    """Create or replace `name`'s password; True if it existed (a rotation)."""
+    with _locked(path):
+        entries = read_password_file(path)
+        existed = name in entries
+        entries[name] = hash_password(password)
+        write_password_file(path, entries)
+    return existed
+
+
+def remove_identity(path: Path, name: str) -> bool:
+    with _locked(path):
+        entries = read_password_file(path)
+        if entries.pop(name, None) is None:
+            return False
+        write_password_file(path, entries)
+    return True
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """A file only its owner can read (mode 600 from the start, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(secret + "\n")
+
+
+# -- ACL ----------------------------------------------------------------------------------------
+
+
+def _user_block(lines: list[str], name: str) -> tuple[int, int] | None:
+    """Line range of `user <name>` and its `topic` lines (up to the next user/pattern)."""
+    for i, line in enumerate(lines):
+        if line.split() == ["user", name]:
+            end = i + 1
+            while end < len(lines) and not lines[end].lstrip().startswith(("user ", "pattern ")):
+                end += 1
+            while end > i + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
+                end -= 1  # leave comments that belong to the next block
+            return i, end
+    return None
+
+
+def acl_add_user(text: str, name: str, role: Role) -> str:
+    """The ACL with a `user <name>` block copied from the `user <role>` template block.
+
+    Devices need no ACL entry (the `%u` patterns cover every username); an extra ingest or
+    monitor instance gets the same rights as `ingest` or `monitor`, its own tree denied.
+    """
+    if role is Role.DEVICE:
+        return text
+    lines = text.splitlines()
+    if _user_block(lines, name) is not None:
+        return text
+    template = _user_block(lines, role.value)
+    if template is None:
+        raise AdminError(f"the ACL has no 'user {role.value}' block to copy")
+    start, end = template
+    own = f"/dev/{role.value}/"
+    block = [f"user {name}"] + [
+        line.replace(own, f"/dev/{name}/") for line in lines[start + 1 : end] if line.strip()
+    ]
+    tail = "" if text.endswith("\n") or not text else "\n"
+    return f"{text}{tail}\n# added by `server-ingest device add {name} --role {role}`\n" + (
+        "\n".join(block) + "\n"
+    )
+
+
+def acl_remove_user(text: str, name: str) -> str:
+    """The ACL without `name`'s block (the `ingest` and `monitor` templates stay)."""
+    if name in (Role.INGEST.value, Role.MONITOR.value):
+        return text
+    lines = text.splitlines()
+    found = _user_block(lines, name)
+    if found is None:
+        return text
+    start, end = found
+    if start > 0 and lines[start - 1].startswith("# added by `server-ingest device add"):
+        start -= 1
+    kept = lines[:start] + lines[end:]
+    return "\n".join(kept).rstrip("\n") + "\n"
+
+
+# -- certificates and the broker ------------------------------------------------------------
+
+
+def issue_certificate(name: str, certs_dir: Path, rotate: bool, script: Path) -> tuple[Path, Path]:
+    """A client certificate (CN = name) from the lab CA via scripts/make_certs.sh."""
+    if not script.exists():
+        raise AdminError(f"{script} not found (use --make-certs)")
+    command = ["bash", str(script), "-o", str(certs_dir), *(["-f"] if rotate else []), name]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise AdminError(f"make_certs.sh failed: {result.stderr.strip()}")
+    return certs_dir / "devices" / f"{name}.crt", certs_dir / "devices" / f"{name}.key"
+
+
+def broker_pid(pid: int | None, pid_file: Path | None) -> int | None:
+    if pid is not None:
+        return pid
+    if pid_file is not None and pid_file.exists():
+        with contextlib.suppress(ValueError):
+            return int(pid_file.read_text().strip())
+    return None
+
+
+def reload_broker(pid: int | None) -> str:
+    """SIGHUP makes Mosquitto re-read the password and ACL files; it then disconnects clients
+    whose identity is gone. Returns what happened, for the admin."""
+    if pid is None:
+        return (
+            "Mosquitto reads these files only at start-up and on SIGHUP: run "
+            "`systemctl reload mosquitto` (or `kill -HUP <pid>`) for the change to take effect"
+        )
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return f"no process {pid}: reload Mosquitto yourself (SIGHUP)"
+    return f"sent SIGHUP to Mosquitto (pid {pid}): it reloads passwords and ACL now"
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+
+def edge_config(
+    name: str, host: str, port: int, tls: bool, edge_dir: Path, cert: bool
+) -> dict[str, Any]:
+    """AgentSettings for the Pi: no secret inside, only the path of the password file."""
+    broker: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "username": name,
+        "password_file": str(edge_dir / PASSWORD_FILE_NAME),
+        "tls": tls,
+    }
+    if tls:
+        broker["ca_file"] = str(edge_dir / "ca.crt")
+    if cert:
+        broker["cert_file"] = str(edge_dir / f"{name}.crt")
+        broker["key_file"] = str(edge_dir / f"{name}.key")
+    BrokerSettings.model_validate(broker)  # the snippet must load on the Pi as printed
+    return {"device_id": name, "broker": broker}
+
+
+def add(args: argparse.Namespace) -> int:
+    role = Role(args.role)
+    name = check_name(args.name, role)
+    tls = args.tls if args.tls is not None else role is Role.DEVICE
+    cert = args.cert or args.rotate_cert
+    if cert and not tls:
+        raise AdminError("--cert needs TLS")
+    port = args.port or (8883 if tls else 1883)
+    host = args.host or (socket.getfqdn() if role is Role.DEVICE else "127.0.0.1")
+    out: Path = args.out or Path("tilebridge-identities") / name
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+
+    password = new_password()
+    write_secret(out / PASSWORD_FILE_NAME, password)
+    rotated = set_identity(args.password_file, name, password)
+    if role is not Role.DEVICE:
+        with _locked(args.password_file):
+            _replace(args.acl, acl_add_user(_read(args.acl), name, role))
+    if tls and (args.certs_dir / "ca.crt").exists():
+        shutil.copyfile(args.certs_dir / "ca.crt", out / "ca.crt")
+    if cert:
+        crt, key = issue_certificate(name, args.certs_dir, args.rotate_cert, args.make_certs)
+        shutil.copyfile(crt, out / f"{name}.crt")
+        shutil.copyfile(key, out / f"{name}.key")
+        os.chmod(out / f"{name}.key", 0o600)
+
+    if role is Role.DEVICE:
+        snippet = edge_config(name, host, port, tls, args.edge_dir, cert)
+    else:
+        snippet = {"broker": edge_config(name, host, port, tls, args.edge_dir, False)["broker"]}
+    (out / "config.json").write_text(json.dumps(snippet, indent=2) + "\n")
+
+    say = _stderr
+    say(f"{'rotated' if rotated else 'created'} {role} identity {name!r} in {args.password_file}")
+    if not args.hide_password:
+        say(f"==== NEW MQTT PASSWORD for {name}: shown once, also in {out / PASSWORD_FILE_NAME}")
+        say(password)
+        say("==== END OF PASSWORD ====")
+    say(f"copy {out}/ to the client as {args.edge_dir}/ (keep {PASSWORD_FILE_NAME} mode 600)")
+    if rotated:
+        say("the old password stops working once the broker reloads")
+    say(reload_broker(broker_pid(args.pid, args.pid_file)))
+    print(json.dumps(snippet, indent=2))
+    return 0
+
+
+def remove(args: argparse.Namespace) -> int:
+    name = check_name(args.name, role_of(args.name))
+    if not remove_identity(args.password_file, name):
+        raise AdminError(f"no identity {name!r} in {args.password_file}")
+    if args.acl.exists():
+        with _locked(args.password_file):
+            _replace(args.acl, acl_remove_user(_read(args.acl), name))
+    _stderr(f"removed {name!r} from {args.password_file}")
+    cert = args.certs_dir / "devices" / f"{name}.crt"
+    if cert.exists():
+        _stderr(
+            f"{cert} stays valid for TLS, but the broker also requires the password, so {name} "
+            "cannot connect any more"
+        )
+    _stderr(reload_broker(broker_pid(args.pid, args.pid_file)))
+    return 0
+
+
+def list_identities(args: argparse.Namespace) -> int:
+    for name in sorted(read_password_file(args.password_file)):
+        cert = (args.certs_dir / "devices" / f"{name}.crt").exists()
+        print(f"{name}\t{role_of(name)}\t{'certificate' if cert else '-'}")
+    return 0
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def add_parser(commands: Any) -> None:
+    """The `device` subcommand of `server-ingest`."""
+    device = commands.add_parser("device", help="manage broker identities (one per microscope)")
+    actions = device.add_subparsers(dest="action", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--password-file", type=Path, default=PASSWORD_FILE)
+        p.add_argument("--acl", type=Path, default=ACL_FILE, help="the broker's acl_file")
+        p.add_argument("--certs-dir", type=Path, default=CERTS_DIR, help="lab CA and certs")
+        p.add_argument("--pid", type=int, help="Mosquitto's pid: send it SIGHUP to reload")
+        p.add_argument("--pid-file", type=Path, default=PID_FILE)
+
+    p_add = actions.add_parser("add", help="create an identity, or rotate its password")
+    p_add.add_argument("name", help="the device id (= MQTT username)")
+    common(p_add)
+    p_add.add_argument("--role", choices=[r.value for r in Role], default=Role.DEVICE.value)
+    p_add.add_argument("--out", type=Path, help="where to put the files for the client")
+    p_add.add_argument("--edge-dir", type=Path, default=EDGE_DIR, help="their place on the Pi")
+    p_add.add_argument("--host", help="broker host name as the client sees it")
+    p_add.add_argument("--port", type=int)
+    p_add.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None)
+    p_add.add_argument("--cert", action="store_true", help="issue a client certificate")
+    p_add.add_argument("--rotate-cert", action="store_true", help="issue a new one (new key)")
+    p_add.add_argument("--make-certs", type=Path, default=MAKE_CERTS)
+    p_add.add_argument("--hide-password", action="store_true", help="only write the file")
+
+    p_remove = actions.add_parser("remove", help="revoke an identity")
+    p_remove.add_argument("name")
+    common(p_remove)
+
+    p_list = actions.add_parser("list", help="list identities")
+    common(p_list)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "add":
+            return add(args)
+        if args.action == "remove":
+            return remove(args)
+        return list_identities(args)
+    except (AdminError, OSError) as exc:
+        _stderr(f"error: {exc}")
+        return 1

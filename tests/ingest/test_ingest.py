@@ -1,0 +1,209 @@
+"""The ingest's message handling against real staging, ledger and archive (no broker)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.ingest.harness import DEVICE, Harness, chunks, close_for, tiles_for
+from tests.storage.manifests import make_manifest
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import (
+    ErrorAck,
+    ImageState,
+    ManifestState,
+    OpenAck,
+    TileState,
+)
+from tilebridge_protocol.reasons import ReasonCode
+from tilebridge_protocol.topics import DeviceTopic
+from server_ingest.settings import Limits
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def _archive_tiles(path: str, manifest) -> dict[TileKey, np.ndarray]:  # type: ignore[no-untyped-def]
+    out = {}
+    with tifffile.TiffFile(path) as tif:
+        shape = (manifest.size_t, manifest.size_c, manifest.size_z, manifest.tile_height, manifest.tile_width)
+        for pos, series in zip(manifest.positions, tif.series, strict=True):
+            data = series.asarray().reshape(shape)
+            for t in range(manifest.size_t):
+                for c in range(manifest.size_c):
+                    for z in range(manifest.size_z):
+                        out[TileKey(pos.index, z, c, t)] = data[t, c, z]
+    return out
+
+
+def test_shuffled_duplicated_chunks_of_all_tiles_store_the_image_once(harness: Harness) -> None:
+    manifest = make_manifest()
+    tiles = tiles_for(manifest)
+    messages = [m for k, px in tiles.items() for m in chunks(manifest, k, px)]
+    messages += random.Random(0).sample(messages, len(messages) // 3)  # QoS 1 duplicates
+    random.Random(1).shuffle(messages)
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())  # close before open
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    for message in messages:
+        harness.send(DeviceTopic.CHUNK, message)
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    ack = harness.recorder.wait_image_ack(manifest.image_id)
+    assert ack.state is ImageState.COMPLETE
+    stored = _archive_tiles(ack.locations["archive"], manifest)
+    assert stored.keys() == tiles.keys()
+    for key, pixels in tiles.items():
+        np.testing.assert_array_equal(stored[key], pixels)
+    committed = {a.tile for a in harness.recorder.tile_acks(TileState.COMMITTED)}
+    assert committed == set(tiles)
+    assert harness.ledger.tile_count(manifest.image_id) == manifest.tile_count
+    assert not harness.staging.image_dir(DEVICE, manifest.image_id).exists()
+
+
+def test_chunks_before_open_ask_for_the_manifest(harness: Harness) -> None:
+    manifest = make_manifest()
+    key, pixels = next(iter(tiles_for(manifest).items()))
+    harness.send(DeviceTopic.CHUNK, chunks(manifest, key, pixels)[0])
+    (ack,) = harness.recorder.tile_acks()
+    assert (ack.state, ack.reason) == (TileState.RETRANSMIT, ReasonCode.UNKNOWN_IMAGE)
+
+
+def test_bad_checksum_asks_for_the_tile_again_and_the_resend_commits(harness: Harness) -> None:
+    manifest = make_manifest()
+    key, pixels = next(iter(tiles_for(manifest).items()))
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    messages = chunks(manifest, key, pixels)
+    broken = bytearray(messages[1])
+    broken[-3] ^= 0xFF
+    harness.send(DeviceTopic.CHUNK, bytes(broken))
+    (ack,) = harness.recorder.tile_acks()
+    assert (ack.state, ack.reason, ack.tile) == (TileState.RETRANSMIT, ReasonCode.BAD_CHECKSUM, key)
+    for message in messages:
+        harness.send(DeviceTopic.CHUNK, message)
+    assert [a.tile for a in harness.recorder.tile_acks(TileState.COMMITTED)] == [key]
+
+
+def test_a_resent_committed_tile_is_acked_again_not_stored_twice(tmp_path: Path) -> None:
+    manifest = make_manifest()
+    key, pixels = next(iter(tiles_for(manifest).items()))
+    first = Harness(tmp_path)
+    first.send(DeviceTopic.OPEN, manifest.to_bytes())
+    for message in chunks(manifest, key, pixels):
+        first.send(DeviceTopic.CHUNK, message)
+    first.close()
+    again = Harness(tmp_path)  # a restarted ingest over the same state
+    try:
+        for message in chunks(manifest, key, pixels, size=4096):  # even with another chunk size
+            again.send(DeviceTopic.CHUNK, message)
+        acks = again.recorder.tile_acks()
+        assert [(a.tile, a.state) for a in acks] == [(key, TileState.COMMITTED)]
+        assert again.ledger.tile_count(manifest.image_id) == 1
+    finally:
+        again.close()
+
+
+def test_same_tile_with_other_content_is_a_conflict(harness: Harness) -> None:
+    manifest = make_manifest()
+    key, pixels = next(iter(tiles_for(manifest).items()))
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    for message in chunks(manifest, key, pixels):
+        harness.send(DeviceTopic.CHUNK, message)
+    for message in chunks(manifest, key, pixels + 1):
+        harness.send(DeviceTopic.CHUNK, message)
+    last = harness.recorder.tile_acks()[-1]
+    assert (last.state, last.reason) == (TileState.REJECTED, ReasonCode.CONFLICT)
+
+
+def test_an_image_id_cannot_be_taken_over_by_another_device(harness: Harness) -> None:
+    manifest = make_manifest()
+    key, pixels = next(iter(tiles_for(manifest).items()))
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes(), device="intruder")
+    harness.send(DeviceTopic.CHUNK, chunks(manifest, key, pixels)[0], device="intruder")
+    intruder = [a for d, a in harness.recorder.acks if d == "intruder"]
+    assert isinstance(intruder[0], OpenAck) and intruder[0].state is ManifestState.REJECTED
+    assert intruder[1].state is TileState.REJECTED and intruder[1].reason is ReasonCode.CONFLICT  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "reason"),
+    [
+        (DeviceTopic.CHUNK, b"\x00garbage", ReasonCode.MALFORMED),
+        (DeviceTopic.CHUNK, b"TB\x07" + bytes(200), ReasonCode.UNSUPPORTED_VERSION),
+        (DeviceTopic.OPEN, b"{not json", ReasonCode.MALFORMED),
+        (DeviceTopic.OPEN, json.dumps({"v": 9}).encode(), ReasonCode.UNSUPPORTED_VERSION),
+        (DeviceTopic.CLOSE, json.dumps({"v": 1, "image_id": "x"}).encode(), ReasonCode.INVALID_MANIFEST),
+        (DeviceTopic.ACK, b"{}", ReasonCode.MALFORMED),
+    ],
+)
+def test_bad_messages_get_a_reason_code_and_the_ingest_goes_on(
+    harness: Harness, kind: DeviceTopic, payload: bytes, reason: ReasonCode
+) -> None:
+    harness.send(kind, payload)
+    device, ack = harness.recorder.acks[-1]
+    assert device == DEVICE
+    assert isinstance(ack, ErrorAck) and ack.reason is reason
+    assert harness.ingest.stats.rejections[reason.value] == 1
+    test_chunks_before_open_ask_for_the_manifest(harness)  # still answering
+
+
+def test_unknown_version_open_with_readable_id_is_rejected_by_id(harness: Harness) -> None:
+    manifest = make_manifest()
+    data = json.loads(manifest.to_bytes())
+    data["v"] = 2
+    harness.send(DeviceTopic.OPEN, json.dumps(data).encode())
+    (_, ack), = harness.recorder.acks
+    assert isinstance(ack, OpenAck)
+    assert (ack.image_id, ack.state, ack.reason) == (
+        manifest.image_id, ManifestState.REJECTED, ReasonCode.UNSUPPORTED_VERSION,
+    )
+
+
+def test_oversize_chunk_and_image_limits(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, Limits(max_chunk_bytes=4096, max_tiles_per_image=10))
+    try:
+        small = make_manifest(rows=1, columns=2)
+        harness.send(DeviceTopic.OPEN, small.to_bytes())
+        key, pixels = next(iter(tiles_for(small).items()))
+        harness.send(DeviceTopic.CHUNK, chunks(small, key, pixels, size=8192)[0])
+        big = make_manifest()  # 24 tiles > 10
+        harness.send(DeviceTopic.OPEN, big.to_bytes())
+        acks = [a for _, a in harness.recorder.acks]
+        assert acks[0].state is ManifestState.ACCEPTED  # type: ignore[union-attr]
+        assert (acks[1].state, acks[1].reason) == (TileState.REJECTED, ReasonCode.OVERSIZE)  # type: ignore[union-attr]
+        assert (acks[2].state, acks[2].reason) == (ManifestState.REJECTED, ReasonCode.QUOTA_EXCEEDED)  # type: ignore[union-attr]
+    finally:
+        harness.close()
+
+
+def test_restart_while_storing_finishes_the_image(tmp_path: Path) -> None:
+    manifest = make_manifest()
+    tiles = tiles_for(manifest)
+    first = Harness(tmp_path)
+    first.storer.stop()  # nothing gets stored: as if killed after the last commit
+    first.send(DeviceTopic.OPEN, manifest.to_bytes())
+    for key, pixels in tiles.items():
+        for message in chunks(manifest, key, pixels):
+            first.send(DeviceTopic.CHUNK, message)
+    first.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    first.ledger.close()
+    second = Harness(tmp_path)
+    try:
+        assert second.ingest.recover() == [manifest.image_id]
+        ack = second.recorder.wait_image_ack(manifest.image_id)
+        assert ack.state is ImageState.COMPLETE
+        stored = _archive_tiles(ack.locations["archive"], manifest)
+        for key, pixels in tiles.items():
+            np.testing.assert_array_equal(stored[key], pixels)
+    finally:
+        second.close()

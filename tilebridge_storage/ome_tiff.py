@@ -1,0 +1,225 @@
+"""OME-TIFF per stage position: the tiles as acquired, nothing stitched.
+
+Layout: `root/<device>/<experiment>/<image_name>_<id8>/` holds one OME-TIFF per position,
+`<image_name>_pos<index>.ome.tif`, with that position's planes (T, C, Z) as uncompressed
+pages in XYZCT order, and OME-XML (built with ome-types) naming pixel sizes with units,
+channel names, acquisition date, the stage position on every Plane and a StageLabel, and
+the manifest's key-values as a MapAnnotation. Fiji / Bio-Formats, QuPath and tifffile read
+each file alone.
+
+Memory: nothing is held. The first plane of a position creates its file with every page
+allocated (header, OME-XML, empty strips); each plane is written into its page the moment it
+arrives, so the caller may free the frame at once. A file is fsynced when its last plane
+lands. Uncompressed pages are what make writing in place, in any order, possible.
+
+Atomicity: files are written under `.<dir>.partial/`; `finish()` renames the whole directory
+into place, so a reader sees every position or none, and a new attempt or `abort()` simply
+removes the partial directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from ome_types import model as ome
+
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.files import (
+    disk_errors,
+    fsync_dir,
+    fsync_file,
+    image_path,
+    remove,
+)
+
+SUFFIX = ".ome.tif"
+MICROMETER = ome.UnitsLength.MICROMETER
+PIXEL_TYPES = {"float32": "float", "float64": "double"}
+CLASSIC_TIFF_LIMIT = 2**31
+"""Bytes above which a file is BigTIFF; below it, classic TIFF reaches the most readers."""
+
+
+class OmeTiffBackend(StorageBackend):
+    """docstring inherited"""
+
+    name = "ome_tiff"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
+        return _OmeTiffWriter(device, manifest, image_path(self.root, device, manifest, ""))
+
+
+@dataclass
+class _Position:
+    path: Path
+    offsets: list[int]
+    """File offset of each plane's pixels, by plane number (t, c, z order)."""
+    remaining: int
+
+
+class _OmeTiffWriter(ImageWriter):
+    def __init__(self, device: str, manifest: OpenManifest, path: Path) -> None:
+        super().__init__(device, manifest)
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.partial")
+        self.written: set[TileKey] = set()
+        self.open_positions: dict[int, _Position] = {}
+        self.started = False
+        self.renamed = False
+        self.stored: StoredImage | None = None
+
+    def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
+        if self.stored is not None:
+            raise PermanentError(f"image {self.manifest.image_id} is already finished")
+        self.check_tile(key, pixels)
+        if key in self.written:
+            return
+        m = self.manifest
+        data = np.ascontiguousarray(pixels, dtype=m.dtype.numpy)
+        with disk_errors(f"writing {self.path}"):
+            if not self.started:
+                # Whatever an earlier attempt left is replaced, never merged into.
+                remove(self.partial)
+                self.partial.mkdir(parents=True)
+                self.started = True
+            position = self.open_positions.get(key.index) or self._create(key.index)
+            plane = (key.t * m.size_c + key.c) * m.size_z + key.z
+            _pwrite_all(position.path, data.data.cast("B"), position.offsets[plane])
+            self.written.add(key)
+            position.remaining -= 1
+            if position.remaining == 0:
+                fsync_file(position.path)
+                del self.open_positions[key.index]
+
+    def finish(self) -> StoredImage:
+        if self.stored is not None:
+            return self.stored
+        self.require_complete(self.written)
+        with disk_errors(f"writing {self.path}"):
+            if not self.renamed:  # a retry after a failed parent fsync only fsyncs again
+                fsync_dir(self.partial)
+                remove(self.path)
+                os.replace(self.partial, self.path)
+                self.renamed = True
+            fsync_dir(self.path.parent)
+        self.stored = StoredImage(OmeTiffBackend.name, str(self.path))
+        return self.stored
+
+    def abort(self) -> None:
+        if self.stored is None:
+            remove(self.partial)
+            self.written.clear()
+            self.open_positions.clear()
+            self.started = False
+
+    def _create(self, index: int) -> _Position:
+        m = self.manifest
+        digits = len(str(len(m.positions) - 1))
+        path = self.partial / f"{m.image_name}_pos{index:0{digits}d}{SUFFIX}"
+        planes = m.size_t * m.size_c * m.size_z
+        with tifffile.TiffWriter(
+            path, bigtiff=planes * m.tile_bytes > CLASSIC_TIFF_LIMIT, ome=False
+        ) as tif:
+            tif.write(
+                None,
+                shape=(planes, m.tile_height, m.tile_width),
+                dtype=m.dtype.numpy,
+                photometric="minisblack",
+                rowsperstrip=m.tile_height,
+                description=ome_xml(m, index).encode(),
+                metadata=None,
+            )
+        with tifffile.TiffFile(path) as tif:
+            offsets = [page.dataoffsets[0] for page in tif.pages]
+        position = _Position(path, offsets, planes)
+        self.open_positions[index] = position
+        return position
+
+
+def _pwrite_all(path: Path, data: memoryview, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+    finally:
+        os.close(fd)
+
+
+def ome_xml(m: OpenManifest, index: int) -> str:
+    """OME-XML of one position's file: one Image, planes in XYZCT order."""
+    pos = m.positions[index]
+    at_stage = {
+        "position_x": pos.x_um,
+        "position_x_unit": MICROMETER,
+        "position_y": pos.y_um,
+        "position_y_unit": MICROMETER,
+        "position_z": pos.z_um,
+        "position_z_unit": MICROMETER,
+    }
+    pixels = ome.Pixels(
+        id="Pixels:0",
+        dimension_order="XYZCT",
+        type=PIXEL_TYPES.get(m.dtype.value, m.dtype.value),
+        size_x=m.tile_width,
+        size_y=m.tile_height,
+        size_z=m.size_z,
+        size_c=m.size_c,
+        size_t=m.size_t,
+        physical_size_x=m.pixel_size.x_um,
+        physical_size_x_unit=MICROMETER,
+        physical_size_y=m.pixel_size.y_um,
+        physical_size_y_unit=MICROMETER,
+        physical_size_z=m.pixel_size.z_um,
+        physical_size_z_unit=MICROMETER,
+        channels=[
+            ome.Channel(id=f"Channel:0:{c}", name=m.channel_name(c), samples_per_pixel=1)
+            for c in range(m.size_c)
+        ],
+        tiff_data_blocks=[ome.TiffData(plane_count=m.size_t * m.size_c * m.size_z)],
+        planes=[
+            ome.Plane(the_t=t, the_c=c, the_z=z, **at_stage)
+            for t in range(m.size_t)
+            for c in range(m.size_c)
+            for z in range(m.size_z)
+        ],
+    )
+    annotations = ome.StructuredAnnotations()
+    refs = []
+    if m.key_values:
+        annotations.map_annotations.append(
+            ome.MapAnnotation(
+                id="Annotation:0",
+                value=ome.Map(ms=[ome.Map.M(k=k, value=v) for k, v in m.key_values.items()]),
+            )
+        )
+        refs.append(ome.AnnotationRef(id="Annotation:0"))
+    image = ome.Image(
+        id="Image:0",
+        name=f"{m.image_name} position {index}",
+        acquisition_date=m.acquired_at,
+        stage_label=ome.StageLabel(
+            name=f"position {index}",
+            x=pos.x_um,
+            x_unit=MICROMETER,
+            y=pos.y_um,
+            y_unit=MICROMETER,
+            z=pos.z_um,
+            z_unit=MICROMETER,
+        ),
+        pixels=pixels,
+        annotation_refs=refs,
+    )
+    return ome.OME(
+        creator="tilebridge", images=[image], structured_annotations=annotations
+    ).to_xml()

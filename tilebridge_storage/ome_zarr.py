@@ -1,0 +1,215 @@
+"""OME-Zarr mosaic: one multiscale image per scan, zarr v3 / OME-NGFF 0.5.
+
+Layout: `root/<device>/<experiment>/<image_name>_<id8>.ome.zarr`, arrays `0`, `1`, ... of
+axes (t, c, z, y, x), scale in micrometres and translation = stage position of the canvas
+origin, chunks (1, 1, 1, chunk, chunk) (512 by default) so a browser viewer streams only
+what it shows; zstd-compressed (zarr's default). Channel names and display windows go in
+the transitional `omero` block, the manifest's identity and key-values under `tilebridge`.
+
+Tiles are painted into level 0 as they arrive, each over the canvas area it owns
+(`mosaic` module), so arrival order never changes the result and no tile is kept in
+memory. `finish()` builds each further level as the 2x2 mean of the previous one, chunk by
+chunk, until a level fits in one chunk, writes and validates the NGFF metadata
+(ome-zarr-models), fsyncs everything and renames the store into place.
+
+Atomicity: everything is written under `.<name>.ome.zarr.partial/`, which has no NGFF
+metadata until `finish()`; a reader therefore sees a whole, valid image or nothing. A new
+attempt or `abort()` removes the partial store. A `finish()` that failed (disk full) can be
+called again: levels are rebuilt from level 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from ome_zarr_models.v05.image import Image
+from zarr.storage import LocalStore
+
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.files import disk_errors, fsync_dir, fsync_file, image_path, remove
+from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
+
+SUFFIX = ".ome.zarr"
+AXES = ("t", "c", "z", "y", "x")
+COLORS = ("0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00")
+
+
+class OmeZarrBackend(StorageBackend):
+    """docstring inherited"""
+
+    name = "ome_zarr"
+
+    def __init__(self, root: Path, chunk: int = 512) -> None:
+        self.root = Path(root)
+        self.chunk = chunk
+
+    def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
+        require_mosaic(manifest, self.name)
+        path = image_path(self.root, device, manifest, SUFFIX)
+        return _OmeZarrWriter(device, manifest, path, self.chunk)
+
+
+class _OmeZarrWriter(ImageWriter):
+    def __init__(self, device: str, manifest: OpenManifest, path: Path, chunk: int) -> None:
+        super().__init__(device, manifest)
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.partial")
+        self.chunk = chunk
+        self.mosaic = plan(manifest)
+        self.written: set[TileKey] = set()
+        self.group: zarr.Group | None = None
+        self.level0: zarr.Array[Any] | None = None
+        self.renamed = False
+        self.stored: StoredImage | None = None
+
+    def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
+        if self.stored is not None:
+            raise PermanentError(f"image {self.manifest.image_id} is already finished")
+        self.check_tile(key, pixels)
+        if key in self.written:
+            return
+        data = np.asarray(pixels, dtype=self.manifest.dtype.numpy)
+        with disk_errors(f"writing {self.path}"):
+            if self.level0 is None:
+                self.level0 = self._new_level(self.mosaic.height, self.mosaic.width)
+            level0 = self.level0
+            for piece in self.mosaic.pieces_of(key.index):
+                level0[(key.t, key.c, key.z, *piece.canvas.slices)] = data[piece.tile.slices]
+        self.written.add(key)
+
+    def finish(self) -> StoredImage:
+        if self.stored is not None:
+            return self.stored
+        self.require_complete(self.written)
+        with disk_errors(f"writing {self.path}"):
+            # A retry after a failed parent fsync must not rebuild: the store has moved.
+            if not self.renamed:
+                self._build()
+                _publish(self.partial, self.path)
+                self.renamed = True
+            fsync_dir(self.path.parent)
+        self.group = self.level0 = None
+        self.stored = StoredImage(OmeZarrBackend.name, str(self.path))
+        return self.stored
+
+    def _build(self) -> None:
+        """Pyramid levels and NGFF metadata, validated."""
+        group = self._group()
+        assert self.level0 is not None, "every tile is written, so level 0 exists"
+        levels = [self.level0]
+        for level, (height, width) in enumerate(
+            pyramid_shapes(self.mosaic.height, self.mosaic.width, self.chunk)[1:], 1
+        ):
+            levels.append(self._new_level(height, width, level))
+            downsample_level(levels[-2], levels[-1], self.chunk)
+        group.update_attributes(self._attributes(levels))
+        try:
+            Image.from_zarr(group)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise PermanentError(f"invalid OME-Zarr metadata for {self.path}: {exc}") from exc
+
+    def abort(self) -> None:
+        if self.stored is None:
+            self.group = self.level0 = None
+            self.written.clear()
+            remove(self.partial)
+
+    def _group(self) -> zarr.Group:
+        if self.group is None:
+            # A fresh store: an earlier attempt's leftovers are replaced, never merged into.
+            remove(self.partial)
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self.group = zarr.create_group(store=LocalStore(self.partial), zarr_format=3)
+        return self.group
+
+    def _new_level(self, height: int, width: int, level: int = 0) -> zarr.Array[Any]:
+        m = self.manifest
+        return self._group().create_array(
+            name=str(level),
+            shape=(m.size_t, m.size_c, m.size_z, height, width),
+            chunks=(1, 1, 1, self.chunk, self.chunk),
+            dtype=m.dtype.numpy,
+            fill_value=0,
+            dimension_names=AXES,
+            overwrite=True,
+        )
+
+    def _attributes(self, levels: list[zarr.Array[Any]]) -> dict[str, Any]:
+        m, mosaic = self.manifest, self.mosaic
+        px, py, pz = m.pixel_size.x_um, m.pixel_size.y_um, m.pixel_size.z_um or 1.0
+        datasets = []
+        for level in range(len(levels)):
+            f = 2**level
+            # A level-k pixel is the mean of f x f level-0 pixels: its centre shifts by (f-1)/2.
+            datasets.append(
+                {
+                    "path": str(level),
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [1.0, 1.0, pz, py * f, px * f]},
+                        {
+                            "type": "translation",
+                            "translation": [
+                                0.0,
+                                0.0,
+                                0.0,
+                                mosaic.origin_y_um + (f - 1) * py / 2,
+                                mosaic.origin_x_um + (f - 1) * px / 2,
+                            ],
+                        },
+                    ],
+                }
+            )
+        space = {"type": "space", "unit": "micrometer"}
+        axes = [
+            {"name": "t", "type": "time"},
+            {"name": "c", "type": "channel"},
+            *({"name": name, **space} for name in ("z", "y", "x")),
+        ]
+        overview = np.asarray(levels[-1][:])
+        channels = []
+        for c in range(m.size_c):
+            # Display window from the overview; the range is the pixel type's, if it has one.
+            low, high = float(overview[:, c].min()), float(overview[:, c].max())
+            kind = np.iinfo(m.dtype.numpy) if m.dtype.numpy.kind in "ui" else None
+            full = (float(kind.min), float(kind.max)) if kind else (low, high)
+            channels.append(
+                {
+                    "label": m.channel_name(c),
+                    "color": "FFFFFF" if m.size_c == 1 else COLORS[c % len(COLORS)],
+                    "active": True,
+                    "window": {"min": full[0], "max": full[1], "start": low, "end": high},
+                }
+            )
+        return {
+            "ome": {
+                "version": "0.5",
+                "multiscales": [
+                    {"name": m.image_name, "axes": axes, "datasets": datasets, "type": "mean"}
+                ],
+                "omero": {"channels": channels, "rdefs": {"model": "color"}},
+            },
+            "tilebridge": {
+                "image_id": str(m.image_id),
+                "device": self.device,
+                "acquired_at": m.acquired_at.isoformat(),
+                "key_values": dict(m.key_values),
+            },
+        }
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """fsync the store bottom-up, then swap it in for any older version (the caller fsyncs
+    the parent)."""
+    for folder, _, files in os.walk(partial, topdown=False):
+        for name in files:
+            fsync_file(Path(folder, name))
+        fsync_dir(Path(folder))
+    remove(path)
+    os.replace(partial, path)

@@ -1,0 +1,161 @@
+"""Stitched TIFF: the whole mosaic as one tiled, pyramidal BigTIFF OME-TIFF.
+
+Layout: `root/<device>/<experiment>/<image_name>_<id8>.ome.tif`, axes TCZYX, 512 x 512
+zlib-compressed tiles, each plane followed by its sub-resolutions in SubIFDs (each half the
+previous, 2x2 mean, until one fits a tile): tifffile's documented pyramidal OME-TIFF, which
+Fiji / Bio-Formats, QuPath and OMERO open as a pyramid. OME-XML carries pixel sizes,
+channel names, acquisition date and the canvas origin's stage position on every plane.
+
+Memory stays bounded whatever the mosaic size: tiles are painted, as they arrive, over the
+area they own (`mosaic` module) into a disk-backed canvas (a memory map in
+`.<name>.staging/` next to the output), so no tile is kept. The map is allocated in full up
+front, so a full disk fails there with an error instead of a SIGBUS on a later page write.
+`finish()` downsamples level by level into further maps, block by block, then streams the
+levels tile by tile into the TIFF (atomic_write: written aside, fsynced, renamed), and
+removes the staging folder. A failed `finish()` keeps the canvas, so it can be called again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.files import atomic_write, disk_errors, image_path, remove
+from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
+
+SUFFIX = ".ome.tif"
+Canvas = np.memmap[Any, np.dtype[Any]]
+
+
+class StitchedTiffBackend(StorageBackend):
+    """docstring inherited"""
+
+    name = "stitched_tiff"
+
+    def __init__(self, root: Path, tile: int = 512) -> None:
+        if tile % 16:
+            raise ValueError(f"TIFF tiles are multiples of 16 pixels, not {tile}")
+        self.root = Path(root)
+        self.tile = tile
+
+    def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
+        require_mosaic(manifest, self.name)
+        path = image_path(self.root, device, manifest, SUFFIX)
+        return _StitchedTiffWriter(device, manifest, path, self.tile)
+
+
+class _StitchedTiffWriter(ImageWriter):
+    def __init__(self, device: str, manifest: OpenManifest, path: Path, tile: int) -> None:
+        super().__init__(device, manifest)
+        self.path = path
+        self.staging = path.with_name(f".{path.name}.staging")
+        self.tile = tile
+        self.mosaic = plan(manifest)
+        self.written: set[TileKey] = set()
+        self.canvas: Canvas | None = None
+        self.stored: StoredImage | None = None
+
+    def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
+        if self.stored is not None:
+            raise PermanentError(f"image {self.manifest.image_id} is already finished")
+        self.check_tile(key, pixels)
+        if key in self.written:
+            return
+        with disk_errors(f"writing {self.path}"):
+            if self.canvas is None:
+                # A fresh canvas: an earlier attempt's leftovers are replaced, never reused.
+                remove(self.staging)
+                self.staging.mkdir(parents=True)
+                self.canvas = self._allocate(0, self.mosaic.height, self.mosaic.width)
+            plane = self.canvas[key.t, key.c, key.z]
+            for piece in self.mosaic.pieces_of(key.index):
+                plane[piece.canvas.slices] = pixels[piece.tile.slices]
+        self.written.add(key)
+
+    def finish(self) -> StoredImage:
+        if self.stored is not None:
+            return self.stored
+        self.require_complete(self.written)
+        assert self.canvas is not None, "every tile is written, so the canvas exists"
+        with disk_errors(f"writing {self.path}"):
+            levels = [self.canvas]
+            shapes = pyramid_shapes(self.mosaic.height, self.mosaic.width, self.tile)
+            for level, (height, width) in enumerate(shapes[1:], 1):
+                levels.append(self._allocate(level, height, width))
+                downsample_level(levels[-2], levels[-1], self.tile)
+            atomic_write(self.path, lambda tmp: self._write_tiff(tmp, levels))
+        self.canvas = None
+        remove(self.staging)
+        self.stored = StoredImage(StitchedTiffBackend.name, str(self.path))
+        return self.stored
+
+    def abort(self) -> None:
+        if self.stored is None:
+            self.canvas = None
+            self.written.clear()
+            remove(self.staging)
+            remove(self.path.with_name(f".{self.path.name}.partial"))
+
+    def _allocate(self, level: int, height: int, width: int) -> Canvas:
+        m = self.manifest
+        shape = (m.size_t, m.size_c, m.size_z, height, width)
+        path = self.staging / f"level{level}.raw"
+        with path.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, int(np.prod(shape)) * m.dtype.numpy.itemsize)
+        return np.memmap(path, dtype=m.dtype.numpy, mode="r+", shape=shape)
+
+    def _write_tiff(self, tmp: Path, levels: list[Canvas]) -> None:
+        m = self.manifest
+        px, py = m.pixel_size.x_um, m.pixel_size.y_um
+        options: dict[str, Any] = {
+            "tile": (self.tile, self.tile),
+            "photometric": "minisblack",
+            "compression": "zlib",
+            "resolutionunit": "CENTIMETER",
+        }
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            for level, data in enumerate(levels):
+                f = 2**level
+                resolution = (1e4 / (px * f), 1e4 / (py * f))
+                if level == 0:
+                    tif.write(
+                        data,
+                        subifds=len(levels) - 1,
+                        resolution=resolution,
+                        metadata=self._metadata(),
+                        **options,
+                    )
+                else:
+                    tif.write(data, subfiletype=1, resolution=resolution, **options)
+
+    def _metadata(self) -> dict[str, Any]:
+        m, mosaic = self.manifest, self.mosaic
+        planes = m.size_t * m.size_c * m.size_z
+        meta: dict[str, Any] = {
+            "axes": "TCZYX",
+            "Name": m.image_name,
+            "AcquisitionDate": m.acquired_at.isoformat(),
+            "PhysicalSizeX": m.pixel_size.x_um,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": m.pixel_size.y_um,
+            "PhysicalSizeYUnit": "µm",
+            "Channel": {"Name": [m.channel_name(c) for c in range(m.size_c)]},
+            "Plane": {
+                "PositionX": [mosaic.origin_x_um] * planes,
+                "PositionXUnit": ["µm"] * planes,
+                "PositionY": [mosaic.origin_y_um] * planes,
+                "PositionYUnit": ["µm"] * planes,
+            },
+        }
+        if m.pixel_size.z_um is not None:
+            meta["PhysicalSizeZ"] = m.pixel_size.z_um
+            meta["PhysicalSizeZUnit"] = "µm"
+        return meta
