@@ -164,6 +164,13 @@ class Watcher:
                     return dict(json.loads(payload))
         return None
 
+    def latest_raw(self, topic: str) -> bytes | None:
+        with self._lock:
+            for seen, payload, _ in reversed(self.messages):
+                if seen == topic:
+                    return payload
+        return None
+
     def all(self, topic_part: str) -> list[dict[str, Any]]:
         with self._lock:
             return [json.loads(p) for t, p, _ in self.messages if topic_part in t and p]

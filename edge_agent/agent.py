@@ -80,7 +80,7 @@ class EdgeAgent:
         """Make one frame durable and queue it; returns without waiting on the network."""
         manifest = self.buffer.manifest(image_id)
         data = np.ascontiguousarray(pixels, dtype=manifest.dtype.numpy)
-        return self.buffer.add_tile(image_id, key, memoryview(data).cast("B"))
+        return self.buffer.add_tile(image_id, key, data.data.cast("B"))
 
     def finalize(self, image_id: UUID) -> CloseManifest:
         return self.buffer.add_close(image_id)

@@ -90,7 +90,7 @@ class DiskBuffer:
                 raise PermanentError(f"image {manifest.image_id} was opened with another manifest")
             return False
         self._check_space(64 * 1024)
-        atomic_write(path, lambda tmp: tmp.write_bytes(manifest.to_bytes()))
+        atomic_write(path, lambda tmp: _write(tmp, manifest.to_bytes()))
         self._put("open", manifest.image_id)
         return True
 
@@ -149,7 +149,7 @@ class DiskBuffer:
             digests=tuple(TileDigest(tile=k, digest=accepted[k]) for k in manifest.tile_keys()),
         )
         if not path.exists():
-            atomic_write(path, lambda tmp: tmp.write_bytes(close.to_bytes()))
+            atomic_write(path, lambda tmp: _write(tmp, close.to_bytes()))
             self._put("close", image_id)
         return close
 
@@ -171,6 +171,11 @@ class DiskBuffer:
         try:
             return decode_open(path.read_bytes())
         except FileNotFoundError:
+            refusal = self.refusal(image_id)
+            if refusal:
+                raise PermanentError(
+                    f"image {image_id} was refused by the server: {refusal}"
+                ) from None
             raise PermanentError(f"image {image_id} was never opened on this device") from None
 
     def message(self, item: Item) -> bytes:
@@ -228,6 +233,30 @@ class DiskBuffer:
         with open(target / "reasons.log", "a") as log:
             log.write(f"{time.time():.3f} {item.kind} {item.key and item.key.slug()} {reason}\n")
         self._queue.ack(id=item.pqid)
+
+    def set_aside_image(self, image_id: UUID, reason: str) -> int:
+        """The server refused the whole image: move it aside; its queue records are dropped
+        as the publisher meets them (their files are gone). Returns the tiles set aside."""
+        source = self._image_dir(image_id)
+        if not source.exists():
+            return 0
+        tiles = list(source.glob("tiles/*.tile"))
+        nbytes = sum(t.stat().st_size for t in tiles)
+        target = self.rejected_dir / str(image_id)
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target / "image")
+        with open(target / "reasons.log", "a") as log:
+            log.write(f"{time.time():.3f} image {reason}\n")
+        with self._lock:
+            self._accepted.pop(image_id, None)
+            self._tiles -= len(tiles)
+            self._bytes -= nbytes
+        return len(tiles)
+
+    def refusal(self, image_id: UUID) -> str | None:
+        """Why the server refused this image, if it did."""
+        log = self.rejected_dir / str(image_id) / "reasons.log"
+        return log.read_text().splitlines()[-1].split(" ", 2)[-1] if log.exists() else None
 
     def compact(self) -> None:
         """Drop acked queue rows (persist-queue keeps them until asked)."""
@@ -300,3 +329,7 @@ class DiskBuffer:
         except sqlite3.Error:
             return None
         return None if row is None or row[0] is None else max(0.0, time.time() - row[0])
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)

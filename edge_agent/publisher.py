@@ -105,7 +105,7 @@ class Publisher:
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
         if msg.topic.endswith(f"/{DeviceTopic.ACK.value}"):
             try:
-                self._acks.put(decode_ack(msg.payload))
+                self._acks.put(decode_ack(bytes(msg.payload)))
             except ProtocolError as exc:
                 self.last_error = f"unreadable ack: {exc}"
                 log.warning(self.last_error)
@@ -215,8 +215,8 @@ class Publisher:
                 flight.deadline = time.monotonic() + self._timeout(flight.attempts)
 
     def _timeout(self, attempts: int) -> float:
-        base = self.settings.commit_timeout_s * 2 ** max(0, attempts - 1)
-        return min(self.settings.max_commit_timeout_s, base)
+        base = self.settings.commit_timeout_s * 2.0 ** max(0, attempts - 1)
+        return float(min(self.settings.max_commit_timeout_s, base))
 
     def _resend_due(self) -> None:
         if not self.connection.connected.is_set():
@@ -296,10 +296,17 @@ class Publisher:
                 self._finish(key, flight)
                 self.buffer.done(flight.item)
         else:
-            self.last_error = f"image {ack.image_id} refused: {ack.reason}: {ack.detail}"
+            # Nothing of this image will ever be accepted: set all of it aside, stop sending.
+            reason = f"{ack.reason}: {ack.detail}"
+            with self._lock:
+                doomed = [(k, f) for k, f in self._flights.items() if k[1] == ack.image_id]
+            for doomed_key, doomed_flight in doomed:
+                self._finish(doomed_key, doomed_flight)
+                self.buffer.done_record(doomed_flight.item)
+            rejected = self.buffer.set_aside_image(ack.image_id, reason)
+            self.counters.rejected_tiles += rejected
+            self.last_error = f"image {ack.image_id} refused by the server: {reason}"
             log.error(self.last_error)
-            if flight is not None:
-                self._reject(key, flight, f"{ack.reason}: {ack.detail}")
 
     def _image_ack(self, ack: ImageAck) -> None:
         key: FlightKey = ("close", ack.image_id, None)

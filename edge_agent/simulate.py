@@ -16,7 +16,7 @@ from uuid import UUID, uuid5
 import numpy as np
 
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest, PixelSize, StagePosition
+from tilebridge_protocol.messages import OpenManifest, PixelSize, PixelType, StagePosition
 
 _NAMESPACE = UUID("6f1c1ae2-5d0c-4c53-9d59-7b0f62f0c1a4")
 
@@ -78,7 +78,7 @@ class SyntheticScan:
             tile_height=self.tile_size,
             size_z=self.z_planes,
             size_c=self.channels,
-            dtype="uint16",  # type: ignore[arg-type]
+            dtype=PixelType.UINT16,
             positions=tuple(positions),
             pixel_size=PixelSize(x_um=self.pixel_um, y_um=self.pixel_um, z_um=1.0),
             channels=tuple(["DAPI", "GFP", "mCherry", "Cy5"][c % 4] for c in range(self.channels)),
@@ -115,4 +115,5 @@ class SyntheticScan:
             image[ya:yb, xa:xb] += brightness * channel_gain * (nucleus + cytoplasm) / defocus
         rng = np.random.default_rng([self.seed, key.index, key.z, key.c, key.t])
         noisy = rng.poisson(np.clip(image, 0, None)).astype(np.float32)
-        return np.clip(noisy, 0, 65535).astype(np.uint16)
+        frame: np.ndarray[Any, Any] = np.clip(noisy, 0, 65535).astype(np.uint16)
+        return frame

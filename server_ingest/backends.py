@@ -16,7 +16,30 @@ def _archive(settings: IngestSettings) -> StorageBackend:
     return ArchiveBackend(settings.archive_root)
 
 
-FACTORIES: dict[str, Callable[[IngestSettings], StorageBackend]] = {"archive": _archive}
+def _local(kind: str) -> Callable[[IngestSettings], StorageBackend]:
+    """The edge's local formats, also usable on the server (under `archive_root/<kind>`)."""
+
+    def build(settings: IngestSettings) -> StorageBackend:
+        from tilebridge_storage.ome_tiff import OmeTiffBackend
+        from tilebridge_storage.ome_zarr import OmeZarrBackend
+        from tilebridge_storage.stitched_tiff import StitchedTiffBackend
+
+        classes: dict[str, type[StorageBackend]] = {
+            "ome_tiff": OmeTiffBackend,
+            "ome_zarr": OmeZarrBackend,
+            "stitched_tiff": StitchedTiffBackend,
+        }
+        return classes[kind](settings.archive_root / kind)  # type: ignore[call-arg]
+
+    return build
+
+
+FACTORIES: dict[str, Callable[[IngestSettings], StorageBackend]] = {
+    "archive": _archive,
+    "ome_tiff": _local("ome_tiff"),
+    "ome_zarr": _local("ome_zarr"),
+    "stitched_tiff": _local("stitched_tiff"),
+}
 
 
 def build_backends(settings: IngestSettings) -> list[StorageBackend]:

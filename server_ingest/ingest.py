@@ -55,7 +55,13 @@ class Outbox(Protocol):
 
 
 class Scheduler(Protocol):
-    def submit(self, image_id: UUID) -> None: ...
+    """The storer: feeds backends while tiles arrive (see storer.py)."""
+
+    def begin(self, image_id: UUID) -> None: ...
+
+    def tile_ready(self, image_id: UUID, key: TileKey) -> None: ...
+
+    def finish(self, image_id: UUID) -> None: ...
 
 
 @dataclass
@@ -139,13 +145,16 @@ class Ingest:
                                             reason=exc.reason, detail=exc.detail))  # fmt: skip
             return
         record = self._record(manifest.image_id)
-        if record is None:
+        if record is None or _refused_before(record, device):
+            # An image whose earlier open was unreadable gets a second chance with a valid one.
             self.ledger.add_image(device, manifest)
+            self._records.pop(manifest.image_id, None)
             record = self._record(manifest.image_id)
             assert record is not None
             log.info(
                 "image %s opened by %s: %s tiles", manifest.image_id, device, manifest.tile_count
             )
+            self.storer.begin(manifest.image_id)
         elif record.device != device or record.manifest != manifest:
             detail = "image id already used by another device or with another manifest"
             self._refuse_open(device, manifest.image_id, ReasonCode.CONFLICT, detail)
@@ -291,6 +300,7 @@ class Ingest:
         self._staged_tiles(image_id)[key] = assembly.digest
         self.stats.tiles_committed += 1
         self._tile_ack(device, image_id, key, TileState.COMMITTED)
+        self.storer.tile_ready(image_id, key)
         self._maybe_store(record)
         self._publish_progress(record)
 
@@ -366,7 +376,7 @@ class Ingest:
         self.ledger.set_phase(record.image_id, Phase.STORING)
         record.phase = Phase.STORING
         self._publish_progress(record, force=True)
-        self.storer.submit(record.image_id)
+        self.storer.finish(record.image_id)
 
     def stored(self, image_id: UUID, locations: dict[str, str]) -> None:
         """Called by the storer when every backend holds the image."""
@@ -417,10 +427,11 @@ class Ingest:
         with self._lock:
             for record in self.ledger.images(Phase.STORING):
                 self._records[record.image_id] = record
-                self.storer.submit(record.image_id)
+                self.storer.finish(record.image_id)
                 resumed.append(record.image_id)
             for record in self.ledger.images(Phase.RECEIVING):
                 self._records[record.image_id] = record
+                self.storer.begin(record.image_id)
                 self._maybe_store(record)
         return resumed
 
@@ -490,6 +501,10 @@ class Ingest:
             return sum(
                 1 for r in self._records.values() if r.phase in (Phase.RECEIVING, Phase.STORING)
             )
+
+
+def _refused_before(record: ImageRecord, device: str) -> bool:
+    return record.phase is Phase.REJECTED and record.manifest is None and record.device == device
 
 
 def _peek_image_id(payload: bytes) -> UUID | None:

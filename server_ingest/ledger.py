@@ -100,7 +100,9 @@ class Ledger:
         now = time.time()
         self._write(
             "INSERT INTO images (image_id, device, manifest, phase, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (image_id) DO UPDATE SET "
+            "manifest = excluded.manifest, phase = excluded.phase, error = NULL, "
+            "updated = excluded.updated WHERE images.manifest IS NULL",
             (str(manifest.image_id), device, manifest.model_dump_json(), Phase.RECEIVING, now, now),
         )
 

@@ -87,7 +87,7 @@ class IngestService:
         self._publish_status()
 
     def _message(self, msg: mqtt.MQTTMessage) -> None:
-        self.ingest.handle(msg.topic, msg.payload)
+        self.ingest.handle(msg.topic, bytes(msg.payload))
 
     # -- Outbox -----------------------------------------------------------------------------
 

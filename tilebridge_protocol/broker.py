@@ -64,14 +64,14 @@ def make_client(settings: BrokerSettings, client_id: str) -> mqtt.Client:
 
 
 def connect_properties() -> Properties:
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = SESSION_EXPIRY_S
     return props
 
 
 def expiring(seconds: int) -> Properties:
     """PUBLISH properties that make the broker drop a (retained) message after `seconds`."""
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.MessageExpiryInterval = seconds
     return props
 

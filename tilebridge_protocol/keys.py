@@ -11,7 +11,8 @@ class TileKey(NamedTuple):
     On the wire (JSON) it is the array `[index, z, c, t]`.
     """
 
-    index: int
+    # `index` shadows tuple.index(); the stage position index is what the protocol calls it.
+    index: int  # type: ignore[assignment]
     z: int = 0
     c: int = 0
     t: int = 0

@@ -70,7 +70,7 @@ class Layout(StrEnum):
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

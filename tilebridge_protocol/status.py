@@ -9,13 +9,12 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tilebridge_protocol.messages import PROTOCOL_VERSION
 
 
 class _Status(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     at: datetime
 
     def to_bytes(self) -> bytes:

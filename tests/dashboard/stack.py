@@ -21,7 +21,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
-from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_protocol.broker import BrokerSettings, MqttConnection
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,
     IMAGE_STATUS_FILTER,
@@ -88,8 +88,20 @@ def running_stack(
                 yield Stack(broker, ingest, agent, root)
             finally:
                 agent.stop()
+                release(agent.connection)
         finally:
             ingest.stop()
+            release(ingest.connection)
+
+
+def release(connection: MqttConnection) -> None:
+    """Close the wake-up socket pair paho opens for `loop()`.
+
+    `MqttConnection.stop()` leaves it to the garbage collector, which (the client sits in a
+    reference cycle) may finalize the sockets first: an unclosed-socket ResourceWarning that
+    pytest turns into an error in whichever test happens to be running.
+    """
+    connection.client._reset_sockets(sockpair_only=True)
 
 
 def scan(agent: EdgeAgent, scan: SyntheticScan, frame_delay: float = 0.0) -> UUID:

@@ -19,7 +19,7 @@ from devtools.broker import free_port
 from edge_agent.simulate import SyntheticScan
 from server_ingest.dashboard.server import DashboardServer
 from server_ingest.dashboard.settings import DashboardSettings
-from tests.dashboard.stack import DEVICE, running_stack, scan, wait_for
+from tests.dashboard.stack import DEVICE, release, running_stack, scan, wait_for
 from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import ImagePhase, ImageStatus
@@ -191,6 +191,7 @@ def test_dashboard_shows_a_live_scan_and_a_failure(tmp_path: Path, page: sync_ap
             wait_for(lambda: idle.inner_text().split()[-1] == "0", 30, "the ingest to be idle")
             assert f"Microscope {DEVICE} is offline" in alerts.inner_text()
             shoot(page, "dashboard-offline")
+        release(dashboard.monitor.connection)
 
     assert not problems, problems
 

@@ -49,8 +49,10 @@ def check_ome_tiff(folder: Path, m: OpenManifest, tiles: Tiles) -> None:
     assert len(files) == len(m.positions)
     for position, path in zip(m.positions, files, strict=True):
         with tifffile.TiffFile(path) as tif:
-            data = tif.series[0].asarray().reshape(
-                m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width
+            data = (
+                tif.series[0]
+                .asarray()
+                .reshape(m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width)
             )
             ome = from_xml(tif.ome_metadata or "")
         image = ome.images[0]
@@ -97,8 +99,10 @@ def check_archive(path: Path, m: OpenManifest, tiles: Tiles) -> None:
     with tifffile.TiffFile(path) as tif:
         assert len(tif.series) == len(m.positions)
         for position in m.positions:
-            data = tif.series[position.index].asarray().reshape(
-                m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width
+            data = (
+                tif.series[position.index]
+                .asarray()
+                .reshape(m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width)
             )
             for key, pixels in tiles.items():
                 if key.index == position.index:
@@ -173,9 +177,9 @@ def test_a_scan_posted_over_http_lands_in_every_target(
     assert finalized["state"] == "finalized" and finalized["frames_received"] == 36
     progress = client.wait_stored(image_id, timeout=60)
     backends = progress["backends"]
-    assert {n: (b["state"], b["frames_written"], b["frames_lost"]) for n, b in backends.items()} == {
-        name: ("finished", 36, 0) for name in ("ome_tiff", "ome_zarr", "stitched_tiff", "omero")
-    }
+    assert {
+        n: (b["state"], b["frames_written"], b["frames_lost"]) for n, b in backends.items()
+    } == {name: ("finished", 36, 0) for name in ("ome_tiff", "ome_zarr", "stitched_tiff", "omero")}
 
     check_ome_tiff(Path(backends["ome_tiff"]["location"]), manifest, tiles)
     check_ome_zarr(Path(backends["ome_zarr"]["location"]), manifest, tiles)
@@ -198,12 +202,16 @@ def test_a_scan_posted_over_http_lands_in_every_target(
     # `edge-agent status` reads the same from the running agent.
     config_file = tmp_path / "edge.json"
     config_file.write_text(
-        json.dumps({"http_port": stack.settings.http_port,
-                    "http_token_file": str(stack.settings.http_token_file)})  # fmt: skip
+        json.dumps(
+            {
+                "http_port": stack.settings.http_port,
+                "http_token_file": str(stack.settings.http_token_file),
+            }
+        )
     )
     shown = subprocess.run(
         [sys.executable, "-m", "edge_agent", "--config", str(config_file), "status"],
-        capture_output=True, text=True, timeout=60, env={"COLUMNS": "120", "PATH": ""},
+        check=False, capture_output=True, text=True, timeout=60, env={"COLUMNS": "120", "PATH": ""},
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
@@ -305,13 +313,19 @@ def test_no_token_means_loopback_only(tmp_path: Path) -> None:
     # `edge-agent run` refuses to start that way, saying why.
     config = tmp_path / "edge.json"
     config.write_text(
-        json.dumps({"http_host": "0.0.0.0", "http_port": free_port(),  # noqa: S104
-                    "spool_dir": str(tmp_path / "spool"), "min_free_bytes": 0,
-                    "broker": {"port": free_port()}})  # fmt: skip
+        json.dumps(
+            {
+                "http_host": "0.0.0.0",
+                "http_port": free_port(),
+                "spool_dir": str(tmp_path / "spool"),
+                "min_free_bytes": 0,
+                "broker": {"port": free_port()},
+            }
+        )
     )
     run = subprocess.run(
         [sys.executable, "-m", "edge_agent", "--config", str(config), "run"],
-        capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""},
+        check=False, capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""},
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert run.returncode == 2

@@ -251,7 +251,7 @@ def test_every_target_gets_every_frame_from_imswitch_metadata(
 
 def test_bad_frames_are_refused_and_change_nothing(agent: EdgeAgent, tmp_path: Path) -> None:
     writer = OMEWriter(agent, OMEWriterConfig(output_dir=tmp_path, write_tiff=False))
-    manifest = writer.start_experiment(scan_spec(SMALL))
+    writer.start_experiment(scan_spec(SMALL))
     good = SMALL.frame(TileKey(0))
     refusals = [
         (good[:-1], {"tile_index": 0}, "shape"),
@@ -411,9 +411,7 @@ def test_every_published_message_passes_the_limiter(
     )
     scan = SyntheticScan(columns=2, rows=1, tile_size=256)
     with running_stack(tmp_path, bandwidth_limit_bytes_per_s=50_000_000) as stack:
-        writer = OMEWriter(
-            stack.agent, OMEWriterConfig.for_agent(stack.agent, write_tiff=False)
-        )
+        writer = OMEWriter(stack.agent, OMEWriterConfig.for_agent(stack.agent, write_tiff=False))
         manifest = writer.start_experiment(scan_spec(scan))
         for key, pixels in frames(scan, manifest).items():
             writer.write_frame(pixels, {"tile_index": key.index})

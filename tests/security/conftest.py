@@ -130,6 +130,9 @@ class Probe:
             self.client.disconnect()
             self.client.loop_stop()
             self._started = False
+        # paho's wake-up socket pair is closed only by the client's __del__, which a garbage
+        # collected reference cycle may run after the sockets' own finalizers (ResourceWarning).
+        self.client._reset_sockets()
 
 
 class SecuredBroker:

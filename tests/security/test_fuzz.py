@@ -26,10 +26,11 @@ import zstandard
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from server_ingest.ingest import Ack, ImageProgress, Ingest
-from server_ingest.ledger import ImageRecord, Ledger, Phase
+from server_ingest.ingest import Ack, Ingest
+from server_ingest.ledger import Ledger, Phase
 from server_ingest.settings import Limits
 from server_ingest.staging import Staging
+from tests.security.fakes import FakeOutbox, FakeScheduler
 from tilebridge_protocol.framing import HEADER, HEADER_SIZE, MAGIC, encode_tile, tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
@@ -108,26 +109,6 @@ ZSTD_CHUNKS = [
     for key, data in TILES.items()
     for chunk in encode_tile(MANIFEST.image_id, key, data, chunk_size=CHUNK_SIZE, codec=1)  # type: ignore[arg-type]
 ]
-
-
-class FakeOutbox:
-    def __init__(self) -> None:
-        self.acks: list[tuple[str, Ack]] = []
-        self.changes = 0
-
-    def ack(self, device: str, ack: Ack) -> None:
-        self.acks.append((device, ack))
-
-    def image_changed(self, record: ImageRecord, progress: ImageProgress) -> None:
-        self.changes += 1
-
-
-class FakeScheduler:
-    def __init__(self) -> None:
-        self.submitted: list[UUID] = []
-
-    def submit(self, image_id: UUID) -> None:
-        self.submitted.append(image_id)
 
 
 @dataclass

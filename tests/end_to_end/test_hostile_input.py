@@ -1,0 +1,161 @@
+"""Corrupt, malformed, oversize and unknown-version messages through a real broker: each is
+refused with a reason code on the device's ack topic, and the ingest keeps working."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+import edge_agent.publisher
+from devtools.broker import Mosquitto
+from devtools.stack import Program, Watcher, wait_for
+from edge_agent.agent import EdgeAgent
+from edge_agent.api import FrameMetadata, TileScanWriter
+from edge_agent.settings import AgentSettings
+from tests.end_to_end.conftest import FAST_RETRY, SCAN, assert_archive_intact, start_ingest, wait_committed
+from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_protocol.framing import HEADER_SIZE, encode_tile
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import ImageState
+
+ACKS = "tilebridge/v1/dev/scope-1/ack"
+
+
+def _acks(watcher: Watcher) -> list[dict[str, Any]]:
+    return [json.loads(p) for t, p, _ in watcher.messages if t == ACKS]
+
+
+def test_a_corrupted_chunk_gets_retransmit_and_the_tile_still_arrives(
+    broker: Mosquitto, watcher: Watcher, programs: dict[str, Program], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    start_ingest(programs, broker, tmp_path)
+    corrupted: list[TileKey] = []
+
+    def corrupting(image_id: Any, key: TileKey, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        for n, message in enumerate(encode_tile(image_id, key, *args, **kwargs)):
+            if key == TileKey(4, 0, 1, 0) and n == 0 and not corrupted:
+                corrupted.append(key)
+                broken = bytearray(message)
+                broken[HEADER_SIZE + 10] ^= 0xFF  # a bit flip on the way
+                message = bytes(broken)
+            yield message
+
+    monkeypatch.setattr(edge_agent.publisher, "encode_tile", corrupting)
+    settings = AgentSettings(
+        broker=BrokerSettings(port=broker.port), spool_dir=tmp_path / "spool",
+        min_free_bytes=0, chunk_size=32 * 1024, **FAST_RETRY,
+    )  # fmt: skip
+    manifest = SCAN.manifest()
+    with EdgeAgent(settings) as agent:
+        writer = TileScanWriter(agent, manifest)
+        for key in manifest.tile_keys():
+            writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
+        writer.finalize()
+        result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
+        assert agent.publisher.counters.retransmits >= 1
+    assert result.state is ImageState.COMPLETE
+    assert corrupted == [TileKey(4, 0, 1, 0)]
+    retransmits = [a for a in _acks(watcher) if a.get("state") == "retransmit"]
+    assert retransmits[0]["reason"] == "bad_checksum"
+    assert retransmits[0]["tile"] == [4, 0, 1, 0]
+    assert_archive_intact(tmp_path)
+
+
+class RawDevice:
+    """A paho client posing as device scope-1, to send what the agent never would."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, "raw-scope-1", protocol=mqtt.MQTTv5)
+        self.pubacks: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+        def on_publish(_c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+            with self._lock:
+                self.pubacks[mid] = reason
+
+        self.client.on_publish = on_publish
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, kind: str, payload: bytes) -> int:
+        info = self.client.publish(f"tilebridge/v1/dev/scope-1/{kind}", payload, qos=1)
+        wait_for(lambda: info.mid in self.pubacks, 10, "PUBACK")
+        return info.mid
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_malformed_oversize_and_unknown_version_are_refused_and_the_ingest_goes_on(
+    broker: Mosquitto, watcher: Watcher, programs: dict[str, Program], tmp_path: Path
+) -> None:
+    start_ingest(programs, broker, tmp_path, limits={"max_chunk_bytes": 64 * 1024})
+    wait_for(lambda: watcher.latest("tilebridge/v1/ingest/ingest-1/status"), 30, "ingest up")
+    device = RawDevice(broker)
+    manifest = SCAN.manifest()
+    try:
+        device.send("chunk", b"definitely not a chunk")
+        device.send("open", b"{broken json")
+        future = json.loads(manifest.to_bytes())
+        future["v"] = 2
+        device.send("open", json.dumps(future).encode())
+        device.send("chunk", b"TB\x05" + bytes(HEADER_SIZE))
+        device.send("open", manifest.to_bytes())
+        key = manifest.tile_keys()[0]
+        big = next(encode_tile(manifest.image_id, key, SCAN.frame(key).tobytes(), chunk_size=128 * 1024))
+        device.send("chunk", big)
+        wait_for(lambda: len(_acks(watcher)) >= 6, 30, "six answers")
+    finally:
+        device.close()
+    # Above the broker's own message_size_limit: the broker drops it before the ingest sees it.
+    # (Mosquitto answers with PUBACK reason 0x95, which paho 2.2 treats as a protocol error.)
+    listener = Watcher(broker, "tilebridge/test/#")
+    try:
+        oversize = mqtt.Client(CallbackAPIVersion.VERSION2, "oversize", protocol=mqtt.MQTTv5)
+        oversize.connect(broker.host, broker.port)
+        oversize.publish("tilebridge/test/big", bytes(9 * 1024 * 1024), qos=1)
+        oversize.publish("tilebridge/test/marker", b"after", qos=1)
+        for _ in range(20):
+            oversize.loop(timeout=0.1)
+        wait_for(lambda: listener.latest_raw("tilebridge/test/marker"), 10, "the marker")
+        assert listener.latest_raw("tilebridge/test/big") is None
+    finally:
+        listener.close()
+    answers = [(a["kind"], a.get("state"), a["reason"]) for a in _acks(watcher)]
+    assert answers == [
+        ("error", None, "malformed"),
+        ("error", None, "malformed"),
+        ("open", "rejected", "unsupported_version"),
+        ("error", None, "unsupported_version"),
+        ("open", "accepted", None),
+        ("tile", "rejected", "oversize"),
+    ]
+    status = wait_for(
+        lambda: (s := watcher.latest("tilebridge/v1/ingest/ingest-1/status")) and s["chunks_rejected"] >= 5 and s,
+        30, "rejections counted on the ingest status",
+    )  # fmt: skip
+    assert status["state"] == "online"
+    assert status["last_error"]
+    # Still working: a well-behaved agent's scan goes through afterwards.
+    settings = AgentSettings(
+        broker=BrokerSettings(port=broker.port), spool_dir=tmp_path / "spool", min_free_bytes=0,
+        chunk_size=32 * 1024, **FAST_RETRY,
+    )  # fmt: skip
+    with EdgeAgent(settings) as agent:
+        writer = TileScanWriter(agent, manifest)
+        for key in manifest.tile_keys():
+            writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
+        writer.finalize()
+        wait_committed(watcher, manifest.image_id, manifest.tile_count)
+        result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
+    assert result.state is ImageState.COMPLETE
+    assert_archive_intact(tmp_path)

@@ -1,0 +1,28 @@
+"""Stand-ins for the ingest's broker side: acks land in a list, storing is only recorded."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from server_ingest.ingest import Ack, ImageProgress
+from server_ingest.ledger import ImageRecord
+
+
+class FakeOutbox:
+    def __init__(self) -> None:
+        self.acks: list[tuple[str, Ack]] = []
+        self.changes = 0
+
+    def ack(self, device: str, ack: Ack) -> None:
+        self.acks.append((device, ack))
+
+    def image_changed(self, record: ImageRecord, progress: ImageProgress) -> None:
+        self.changes += 1
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self.submitted: list[UUID] = []
+
+    def submit(self, image_id: UUID) -> None:
+        self.submitted.append(image_id)
