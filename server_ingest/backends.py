@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 from server_ingest.settings import IngestSettings
@@ -34,8 +35,19 @@ def _local(kind: str) -> Callable[[IngestSettings], StorageBackend]:
     return build
 
 
+def _omero(settings: IngestSettings) -> StorageBackend:
+    if importlib.util.find_spec("omero") is None:
+        raise PermanentError("the omero backend needs omero-py: install the [omero] extra")
+    if settings.omero is None:
+        raise PermanentError("backend 'omero' is configured without an 'omero' settings section")
+    from tilebridge_storage.omero_backend.backend import OmeroBackend
+
+    return OmeroBackend(settings.omero)
+
+
 FACTORIES: dict[str, Callable[[IngestSettings], StorageBackend]] = {
     "archive": _archive,
+    "omero": _omero,
     "ome_tiff": _local("ome_tiff"),
     "ome_zarr": _local("ome_zarr"),
     "stitched_tiff": _local("stitched_tiff"),

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class Ingest:
         self._records: dict[UUID, ImageRecord] = {}
         self._staged: dict[UUID, dict[TileKey, bytes]] = {}
         self._assemblies: dict[tuple[UUID, TileKey], TileAssembly] = {}
+        self._sealing: dict[tuple[UUID, TileKey], Future[None]] = {}
+        self._sealer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-seal")
         self._progress: dict[UUID, ImageProgress] = {}
         self._lock = threading.RLock()
 
@@ -237,6 +240,8 @@ class Ingest:
             elif header.chunk_index == header.chunk_count - 1:
                 self._tile_ack(device, image_id, key, TileState.COMMITTED)  # a resend: ack again
             return
+        if (image_id, key) in self._sealing:
+            return  # a resend racing the seal of the same tile: its commit ack is on the way
         self._place(device, record, header, raw)
 
     def _refusal(
@@ -291,23 +296,59 @@ class Ingest:
             self._publish_progress(record)
             return
         del self._assemblies[slot]
-        if not assembly.complete or not self.staging.seal(device, image_id, key, assembly.digest):
-            self.staging.discard(device, image_id, key)
-            self._tile_ack(device, image_id, key, TileState.RETRANSMIT, ReasonCode.DIGEST_MISMATCH,
-                           "the reassembled tile does not match its digest")  # fmt: skip
+        if not assembly.complete:
+            self._digest_mismatch(device, image_id, key)
             return
-        self.ledger.add_tile(image_id, key, assembly.digest, assembly.tile_bytes)
-        self._staged_tiles(image_id)[key] = assembly.digest
-        self.stats.tiles_committed += 1
-        self._tile_ack(device, image_id, key, TileState.COMMITTED)
-        self.storer.tile_ready(image_id, key)
-        self._maybe_store(record)
-        self._publish_progress(record)
+        # Verifying and fsyncing a tile takes milliseconds of disk time: do it off the broker's
+        # thread so the chunks of other tiles keep flowing meanwhile.
+        self._sealing[slot] = self._sealer.submit(self._seal, device, record, key, assembly)
+
+    def _seal(self, device: str, record: ImageRecord, key: TileKey, assembly: TileAssembly) -> None:
+        image_id = record.image_id
+        try:
+            sealed: bool | None = self.staging.seal(device, image_id, key, assembly.digest)
+        except TransientError as exc:
+            sealed = None
+            self.stats.last_error = f"tile {tuple(key)} of {image_id} not staged: {exc}"
+            log.error(self.stats.last_error)
+        with self._lock:
+            self._sealing.pop((image_id, key), None)
+            if sealed is None:  # e.g. disk full: no ack, the device sends the tile again later
+                self.staging.discard(device, image_id, key)
+                return
+            if not sealed:
+                self._digest_mismatch(device, image_id, key)
+                return
+            self.ledger.add_tile(image_id, key, assembly.digest, assembly.tile_bytes)
+            self._staged_tiles(image_id)[key] = assembly.digest
+            self.stats.tiles_committed += 1
+            self._tile_ack(device, image_id, key, TileState.COMMITTED)
+            self.storer.tile_ready(image_id, key)
+            self._maybe_store(record)
+            self._publish_progress(record)
+
+    def _digest_mismatch(self, device: str, image_id: UUID, key: TileKey) -> None:
+        self.staging.discard(device, image_id, key)
+        self._tile_ack(device, image_id, key, TileState.RETRANSMIT, ReasonCode.DIGEST_MISMATCH,
+                       "the reassembled tile does not match its digest")  # fmt: skip
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Wait until every complete tile is sealed and answered (tests, shutdown)."""
+        with self._lock:
+            pending = list(self._sealing.values())
+        wait(pending, timeout=timeout)
+
+    def close(self) -> None:
+        self._sealer.shutdown(wait=True)
 
     def _staged_bytes(self, device: str) -> int:
         """Bytes `device` holds in staging: tiles of images not yet stored, and reassemblies."""
         total = sum(a.tile_bytes for (i, _), a in self._assemblies.items()
                     if self._device_of(i) == device)  # fmt: skip
+        for image_id, _ in self._sealing:  # complete, being verified: on disk all the same
+            record = self._records.get(image_id)
+            if record is not None and record.device == device and record.manifest is not None:
+                total += record.manifest.tile_bytes
         for record in list(self._records.values()):
             if record.device == device and record.manifest is not None and record.phase in (
                 Phase.RECEIVING, Phase.STORING, Phase.FAILED

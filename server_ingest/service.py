@@ -71,6 +71,7 @@ class IngestService:
         self._stop.set()
         offline = self.status(Liveness.OFFLINE)
         self.connection.stop(final=(self.status_topic, offline.to_bytes()))
+        self.ingest.close()
         self.storer.stop()
         self.ledger.close()
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.topics import check_device_id
+from tilebridge_storage.omero_backend.settings import OmeroSettings
 
 MiB = 1024 * 1024
 
@@ -47,6 +48,8 @@ class IngestSettings(BaseSettings):
     backends: tuple[str, ...] = ("archive",)
     keep_staged: bool = False
     """Keep staged tiles after every backend stored the image (for audits or re-exports)."""
+    omero: OmeroSettings | None = None
+    """Where and how the `omero` backend writes (pure settings: no omero-py import)."""
     limits: Limits = Limits()
     status_interval_s: float = Field(default=5.0, gt=0)
     image_status_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)

@@ -126,6 +126,12 @@ class MqttConnection:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
+        # paho writes to the socket from whichever thread calls publish() unless it runs its
+        # own loop thread or an external loop claims writing; two writers interleave the bytes
+        # of large packets (the broker then drops us for a protocol error). Claim writing:
+        # only this connection's thread touches the socket.
+        self.client.on_socket_register_write = lambda *_: None
+        self.client.on_socket_unregister_write = lambda *_: None
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = lambda _c, _u, msg: self._on_message(msg)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
@@ -15,6 +18,14 @@ from server_ingest.dashboard.monitor import StatusMonitor
 from server_ingest.dashboard.settings import DashboardSettings
 
 log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn would re-raise SIGTERM after shutting down, so the process would end "killed
+        # by SIGTERM"; `DashboardServer.run` handles the signals and the exit is a clean 0.
+        yield
 
 
 class DashboardServer:
@@ -33,7 +44,7 @@ class DashboardServer:
             # Open event streams end within a second of shutdown; this only bounds stragglers.
             timeout_graceful_shutdown=5,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self._thread: threading.Thread | None = None
 
     @property
@@ -41,7 +52,9 @@ class DashboardServer:
         return f"http://{self.settings.listen_host}:{self.settings.listen_port}"
 
     def run(self) -> None:
-        """In the foreground until SIGTERM or SIGINT (uvicorn handles both)."""
+        """In the foreground until SIGTERM or SIGINT."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: setattr(self.server, "should_exit", True))
         self.monitor.start()
         try:
             self.server.run()

@@ -74,11 +74,13 @@ class Harness:
         self.storer.start()
 
     def close(self) -> None:
+        self.ingest.close()
         self.storer.stop()
         self.ledger.close()
 
     def send(self, kind: DeviceTopic, payload: bytes, device: str = DEVICE) -> None:
         self.ingest.handle(device_topic(device, kind), payload)
+        self.ingest.wait_idle()
 
 
 def tiles_for(manifest: OpenManifest, seed: int = 0) -> dict[TileKey, np.ndarray[Any, Any]]:

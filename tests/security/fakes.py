@@ -6,6 +6,7 @@ from uuid import UUID
 
 from server_ingest.ingest import Ack, ImageProgress
 from server_ingest.ledger import ImageRecord
+from tilebridge_protocol.keys import TileKey
 
 
 class FakeOutbox:
@@ -21,8 +22,18 @@ class FakeOutbox:
 
 
 class FakeScheduler:
+    """The storer's interface; `submitted` lists the images handed over to be finished."""
+
     def __init__(self) -> None:
+        self.begun: list[UUID] = []
+        self.ready: list[tuple[UUID, TileKey]] = []
         self.submitted: list[UUID] = []
 
-    def submit(self, image_id: UUID) -> None:
+    def begin(self, image_id: UUID) -> None:
+        self.begun.append(image_id)
+
+    def tile_ready(self, image_id: UUID, key: TileKey) -> None:
+        self.ready.append((image_id, key))
+
+    def finish(self, image_id: UUID) -> None:
         self.submitted.append(image_id)

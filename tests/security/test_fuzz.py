@@ -125,6 +125,7 @@ class Env:
         """Handle one message; return the acks it caused, after checking each of them."""
         start = len(self.outbox.acks)
         self.ingest.handle(topic, payload)  # must not raise, whatever the input
+        self.ingest.wait_idle()  # complete tiles are verified off the handler's thread
         new = self.outbox.acks[start:]
         sender = topic.split("/")[3] if topic.count("/") == 4 else None
         for device, ack in new:
@@ -173,6 +174,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield e
     finally:
         os.chdir(cwd)
+        ingest.close()
         ledger.close()
 
 

@@ -77,7 +77,8 @@ class DevicePolicy(BaseModel):
     password: SecretStr | None = None
     password_file: Path | None = None
     group: str | None = None
-    """Write in this group; None: the group of the server-wide settings (or the default)."""
+    """Write in this group. None: with the policy's own account, that account's default
+    group; else the group of the server-wide settings."""
     projects: tuple[str, ...] = ("*",)
     """Project names the device may write into."""
     datasets: tuple[str, ...] = ("*",)
@@ -167,7 +168,7 @@ class OmeroSettings(BaseModel):
             username=policy.username,
             password=policy.password,
             password_file=policy.password_file,
-            group=policy.group if policy.group is not None else self.group,
+            group=policy.group,
         )
 
 

@@ -1,0 +1,104 @@
+"""deploy/install-edge.sh and deploy/install-server.sh: clean shell, and the right plan.
+
+They change a whole machine (packages, users, services), so here they only run with DRY_RUN=1,
+which prints every command instead of running it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SCRIPTS = [DEPLOY / "install-edge.sh", DEPLOY / "install-server.sh"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="apt-get install shellcheck")
+def test_shellcheck_passes() -> None:
+    result = subprocess.run(
+        ["shellcheck", "--severity=style", *map(str, SCRIPTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scripts_are_executable_and_strict() -> None:
+    for script in SCRIPTS:
+        assert os.access(script, os.X_OK), script
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash\n")
+        assert "set -euo pipefail" in text
+
+
+def plan(script: str, *args: str) -> list[str]:
+    result = subprocess.run(
+        ["bash", str(DEPLOY / script), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DRY_RUN": "1"},
+    )
+    return [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_edge_install_plan_installs_only_the_edge_extra(tmp_path: Path) -> None:
+    steps = plan("install-edge.sh", str(tmp_path / "src"))
+    pip = [s for s in steps if "/pip install" in s and "--upgrade pip" not in s]
+    assert pip == [f"/opt/tilebridge/venv/bin/pip install --upgrade {tmp_path / 'src'}[edge]"]
+    assert not any("omero" in s.lower() for s in steps)
+    assert any(s.startswith("useradd --system") and s.endswith(" tilebridge") for s in steps)
+    assert (
+        "install -m 0644 "
+        + str(DEPLOY / "systemd/tilebridge-edge.service")
+        + (" /etc/systemd/system/tilebridge-edge.service")
+        in steps
+    )
+    assert "install -d -m 0750 -o root -g tilebridge /etc/tilebridge-edge" in steps
+
+
+def test_server_install_plan(tmp_path: Path) -> None:
+    steps = plan("install-server.sh", str(tmp_path / "src"))
+    repo = DEPLOY.parent
+    assert any(s.startswith("apt-get install") and " mosquitto " in f"{s} " for s in steps)
+    assert (
+        f"/opt/tilebridge/venv/bin/pip install --upgrade {tmp_path / 'src'}[ingest] "
+        "fastapi uvicorn" in steps
+    )
+    assert (
+        f"install -m 0644 {repo}/mosquitto/tilebridge.conf "
+        "/etc/mosquitto/conf.d/tilebridge.conf" in steps
+    )
+    assert (
+        f"install -m 0644 {repo}/mosquitto/mosquitto.conf "
+        "/etc/mosquitto/conf.d/tilebridge-listeners.conf" in steps
+    )
+    # Service identities come from the admin command; passwords only into root-only files.
+    assert (
+        "server-ingest device add ingest --role ingest (password to "
+        "/etc/tilebridge/credentials/ingest-mqtt-password)" in steps
+    )
+    assert (
+        "server-ingest device add monitor --role monitor (password to "
+        "/etc/tilebridge/credentials/dashboard-mqtt-password)" in steps
+    )
+    assert "install -d -m 0700 /etc/tilebridge/credentials" in steps
+    for unit in ("tilebridge-ingest.service", "tilebridge-dashboard.service"):
+        assert f"install -m 0644 {DEPLOY}/systemd/{unit} /etc/systemd/system/{unit}" in steps
+
+
+def test_credential_paths_agree_between_script_and_units() -> None:
+    script = (DEPLOY / "install-server.sh").read_text()
+    for unit, credential in [
+        ("tilebridge-ingest.service", "ingest-mqtt-password"),
+        ("tilebridge-dashboard.service", "dashboard-mqtt-password"),
+    ]:
+        assert (
+            f"/etc/tilebridge/credentials/{credential}" in (DEPLOY / "systemd" / unit).read_text()
+        )
+        assert f'"$ETC/credentials/{credential}"' in script

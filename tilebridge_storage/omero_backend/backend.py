@@ -1,0 +1,184 @@
+"""The OMERO storage backend: `OmeroBackend` and its per-image writer.
+
+The ingest opens a writer when an image's `open` manifest is accepted and hands it each tile
+as it is committed, so pixels reach OMERO during the acquisition (see `pixels`). A writer
+that failed stays failed: the ingest aborts it, waits, opens a new one and feeds every staged
+tile again; the new one first deletes what the old one left (see `provenance`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from tilebridge_protocol.errors import PermanentError, TransientError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import Layout, OpenManifest
+from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.omero_backend.errors import omero_errors
+from tilebridge_storage.omero_backend.images import create_images
+from tilebridge_storage.omero_backend.pixels import PixelSink
+from tilebridge_storage.omero_backend.provenance import delete_images, find_images
+from tilebridge_storage.omero_backend.session import OmeroSession, SessionPool
+from tilebridge_storage.omero_backend.settings import OmeroSettings
+from tilebridge_storage.omero_backend.targets import Target, ensure_target
+
+log = logging.getLogger(__name__)
+
+
+class OmeroBackend(StorageBackend):
+    """docstring inherited"""
+
+    name = "omero"
+
+    def __init__(self, settings: OmeroSettings) -> None:
+        self.settings = settings
+        self.pool = SessionPool(settings)
+        # Two writers must not both create the same missing project or dataset.
+        self._targets = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OmeroBackend({self.settings.host}:{self.settings.port})"
+
+    def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
+        policy = self.settings.policy_for(device)
+        policy.check_target(device, manifest.project, manifest.dataset)
+        session = self.pool.session(self.settings.credentials_for(policy))
+        created: list[int] = []
+        try:
+            with omero_errors(f"opening image {manifest.image_id}"):
+                with self._targets:
+                    target = ensure_target(session, policy, device, manifest)
+                delete_images(session, find_images(session, manifest.image_id))
+                images = create_images(session, target, device, manifest, created.append)
+        except BaseException:
+            _discard(session, created)
+            raise
+        log.info(
+            "image %s: writing to OMERO Image:%s in Dataset:%d",
+            manifest.image_id, ",".join(str(i.image_id) for i in images), target.dataset_id,
+        )  # fmt: skip
+        writer = _OmeroWriter(device, manifest, session, target)
+        for image in images:
+            writer.add_sink(
+                image.image_id,
+                PixelSink(
+                    session, image.pixels_id, image.source, image.indices, manifest,
+                    writer.tiles, self.settings.max_call_bytes,
+                ),
+            )  # fmt: skip
+        return writer
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _OmeroWriter(ImageWriter):
+    def __init__(
+        self, device: str, manifest: OpenManifest, session: OmeroSession, target: Target
+    ) -> None:
+        super().__init__(device, manifest)
+        self.session = session
+        self.target = target
+        self.tiles: dict[TileKey, np.ndarray[Any, Any]] = {}
+        """Tiles not yet written (references to the caller's arrays, dropped per plane)."""
+        self.received: set[TileKey] = set()
+        self.image_ids: list[int] = []
+        self.sinks: list[PixelSink] = []
+        self._sink_of: dict[int, PixelSink] = {}
+        self.failed: str | None = None
+        self.aborted = False
+        self.stored: StoredImage | None = None
+
+    def __repr__(self) -> str:
+        return f"_OmeroWriter({self.manifest.image_id}, Image:{self.image_ids})"
+
+    def add_sink(self, image_id: int, sink: PixelSink) -> None:
+        self.image_ids.append(image_id)
+        self.sinks.append(sink)
+        for index in sink.indices:
+            self._sink_of[index] = sink
+
+    def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
+        self._check_open()
+        self.check_tile(key, pixels)
+        if self.failed is not None:
+            raise TransientError(f"an earlier OMERO call of this attempt failed: {self.failed}")
+        if key in self.received:
+            return
+        self.received.add(key)
+        self.tiles[key] = pixels
+        sink = self._sink_of[key.index]
+        try:
+            with omero_errors(f"writing image {self.manifest.image_id}"):
+                sink.offer(key)
+                if sink.complete:
+                    sink.save()
+        except Exception as exc:
+            # A store that failed mid-pass cannot go on; only a new attempt can.
+            self.failed = str(exc)
+            raise
+
+    def finish(self) -> StoredImage:
+        if self.stored is not None:
+            return self.stored
+        self._check_open()
+        self.require_complete(self.received)
+        if self.failed is not None:
+            raise TransientError(f"an earlier OMERO call of this attempt failed: {self.failed}")
+        try:
+            with omero_errors(f"saving image {self.manifest.image_id}"):
+                for sink in self.sinks:
+                    if not sink.complete:
+                        raise PermanentError(f"OMERO Pixels:{sink.pixels_id} is not complete")
+                    sink.save()
+        except Exception as exc:
+            self.failed = str(exc)
+            raise
+        ids = {
+            "image": self.image_ids[0],
+            "dataset": self.target.dataset_id,
+            "project": self.target.project_id,
+        }
+        if self.manifest.layout is Layout.PER_TILE:
+            for image_id, sink in zip(self.image_ids, self.sinks, strict=True):
+                ids[f"image_{sink.indices[0]}"] = image_id
+        images = ",".join(str(i) for i in self.image_ids)
+        self.stored = StoredImage(
+            backend=OmeroBackend.name,
+            location=f"omero:Image:{images} dataset:{self.target.dataset_id}",
+            ids=ids,
+        )
+        self.tiles.clear()
+        log.info("image %s stored in OMERO as %s", self.manifest.image_id, self.stored.location)
+        return self.stored
+
+    def abort(self) -> None:
+        if self.aborted or self.stored is not None:
+            return
+        self.aborted = True
+        for sink in self.sinks:
+            sink.close()
+        self.tiles.clear()
+        _discard(self.session, self.image_ids)
+
+    def _check_open(self) -> None:
+        if self.stored is not None:
+            raise PermanentError(f"image {self.manifest.image_id} is already finished")
+        if self.aborted:
+            raise PermanentError(f"this attempt at image {self.manifest.image_id} was aborted")
+
+
+def _discard(session: OmeroSession, image_ids: list[int]) -> None:
+    """Delete a failed attempt's images, if the server lets us now; if not, the next
+    attempt finds and deletes them by their provenance."""
+    if not image_ids:
+        return
+    try:
+        with omero_errors("deleting a partial image"):
+            delete_images(session, image_ids)
+    except Exception as exc:
+        log.warning("could not delete partial OMERO images %s now: %s", image_ids, exc)

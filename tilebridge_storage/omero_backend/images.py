@@ -1,0 +1,101 @@
+"""Creating the OMERO image(s) of one tilebridge image, each linked and marked at once.
+
+`mosaic`: one image, the canvas of `mosaic.plan`. `per_tile`: one image per stage position,
+named `<image_name> position <i>`, each with all Z/C/T planes of that position.
+
+Order per image, so that a crash at any point leaves nothing a later attempt cannot find
+(see `provenance`): `createImage` (its description marks it), then ONE save of the dataset
+link, the provenance and metadata annotations and the tag links, then pixel sizes, channel
+names and plane positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tilebridge_protocol.messages import Layout, OpenManifest, PixelType, StagePosition
+from tilebridge_storage.mosaic import Mosaic, plan
+from tilebridge_storage.omero_backend.metadata import (
+    annotation_link,
+    dataset_link,
+    describe,
+    metadata_annotation,
+    tag_annotations,
+)
+from tilebridge_storage.omero_backend.pixels import OneTile, Source
+from tilebridge_storage.omero_backend.provenance import image_description, provenance_annotation
+from tilebridge_storage.omero_backend.session import OmeroSession
+from tilebridge_storage.omero_backend.targets import Target
+
+OMERO_PIXEL_TYPES = {
+    PixelType.UINT8: "uint8",
+    PixelType.INT8: "int8",
+    PixelType.UINT16: "uint16",
+    PixelType.INT16: "int16",
+    PixelType.UINT32: "uint32",
+    PixelType.INT32: "int32",
+    PixelType.FLOAT32: "float",
+    PixelType.FLOAT64: "double",
+}
+
+
+@dataclass(frozen=True)
+class Created:
+    image_id: int
+    pixels_id: int
+    source: Source
+    indices: list[int]
+    """The stage positions this image is made of."""
+
+
+def create_images(
+    session: OmeroSession,
+    target: Target,
+    device: str,
+    manifest: OpenManifest,
+    created: Callable[[int], None],
+) -> list[Created]:
+    """Create and describe every OMERO image; `created(id)` is told each new id at once,
+    so the caller can delete them if a later step fails."""
+    m = manifest
+    pixels_type = session.query.findByString("PixelsType", "value", OMERO_PIXEL_TYPES[m.dtype])
+    tags = tag_annotations(session, m.tags)
+    out = []
+    if m.layout is Layout.MOSAIC:
+        mosaic = plan(m)
+        origin = StagePosition(
+            index=0, x_um=mosaic.origin_x_um, y_um=mosaic.origin_y_um, z_um=m.positions[0].z_um
+        )
+        parts: list[tuple[str, Source, list[int], StagePosition, int | None, Mosaic | None]] = [
+            (m.image_name, mosaic, list(range(len(m.positions))), origin, None, mosaic)
+        ]
+    else:
+        parts = [
+            (
+                f"{m.image_name} position {p.index}",
+                OneTile(p.index, m.tile_height, m.tile_width),
+                [p.index],
+                p,
+                p.index,
+                None,
+            )
+            for p in sorted(m.positions, key=lambda p: p.index)
+        ]
+    for name, source, indices, position, index, layout in parts:
+        image_id: int = session.pixels.createImage(
+            source.width, source.height, m.size_z, m.size_t, list(range(m.size_c)),
+            pixels_type, name, image_description(m.image_id),
+        ).getValue()  # fmt: skip
+        created(image_id)
+        session.update.saveArray(
+            [
+                dataset_link(target.dataset_id, image_id),
+                annotation_link(image_id, provenance_annotation(device, m, index)),
+                annotation_link(image_id, metadata_annotation(device, m, index, layout)),
+                *[annotation_link(image_id, tag) for tag in tags],
+            ]
+        )
+        pixels_id = describe(session, image_id, m, position)
+        out.append(Created(image_id, pixels_id, source, indices))
+    return out
