@@ -137,9 +137,9 @@ def key_values(conn: Any, image_id: int, namespace: str) -> dict[str, str]:
 
 def images_of(conn: Any, manifest: OpenManifest) -> list[int]:
     """Every OMERO image carrying this tilebridge image's provenance."""
-    from tilebridge_storage.omero_backend.provenance import PROVENANCE_NS
-
     import omero
+
+    from tilebridge_storage.omero_backend.provenance import PROVENANCE_NS
 
     params = omero.sys.ParametersI()
     params.add("ns", omero.rtypes.rstring(PROVENANCE_NS))

@@ -182,7 +182,7 @@ def test_forbidden_creation_is_permanent_with_the_servers_reason(omero_target: A
     server.faults.forbid_create.update({"Project", "Dataset"})
     backend = OmeroBackend(settings_for(omero_target))
     try:
-        with pytest.raises(PermanentError, match="permission denied: .*create Project"):
+        with pytest.raises(PermanentError, match=r"permission denied: .*create Project"):
             backend.open_image(DEVICE, unique_manifest())
         assert server.projects() == [] and server.images() == []
     finally:
@@ -198,7 +198,7 @@ def test_a_read_only_user_is_refused_permanently_and_leaves_nothing(omero_target
         feed(backend.open_image(DEVICE, manifest), manifest, make_tiles(manifest))
         server.set_read_only(omero_target.username)
         again = unique_manifest(image_name="again")
-        with pytest.raises(PermanentError, match="permission denied: .*read-only"):
+        with pytest.raises(PermanentError, match=r"permission denied: .*read-only"):
             backend.open_image(DEVICE, again)
         assert len(server.images()) == 1
     finally:
