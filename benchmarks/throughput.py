@@ -24,25 +24,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools.broker import Mosquitto  # noqa: E402
-from devtools.stack import Watcher, ingest_program, wait_for, wait_ingest_online  # noqa: E402
-from edge_agent.agent import EdgeAgent  # noqa: E402
-from edge_agent.settings import AgentSettings  # noqa: E402
-from edge_agent.simulate import SyntheticScan  # noqa: E402
-from tilebridge_protocol.broker import BrokerSettings  # noqa: E402
-from tilebridge_protocol.keys import TileKey  # noqa: E402
-from tilebridge_protocol.messages import OpenManifest  # noqa: E402
+from devtools.broker import Mosquitto
+from devtools.stack import Watcher, ingest_program, wait_for, wait_ingest_online
+from edge_agent.agent import EdgeAgent
+from edge_agent.settings import AgentSettings
+from edge_agent.simulate import SyntheticScan
+from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
 
 MiB = 1024 * 1024
 console = Console()
@@ -51,10 +49,12 @@ HERE = Path(__file__).resolve().parent
 
 def raw_baseline(broker: Mosquitto, total: int, chunk: int) -> float:
     """MB/s of plain paho QoS 1 publish -> subscribe (subscriber in another process)."""
-    sub = subprocess.Popen(  # noqa: S603
-        [sys.executable, str(HERE / "raw_subscriber.py"), str(broker.port), "bench/raw", str(total)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    script = str(HERE / "raw_subscriber.py")
+    sub = subprocess.Popen(
+        [sys.executable, script, str(broker.port), "bench/raw", str(total)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert sub.stdout is not None
     assert sub.stdout.readline().strip() == "ready"
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, "raw-pub", protocol=mqtt.MQTTv5)
@@ -86,7 +86,9 @@ def scan_manifest(tiles: int, size: int = 2048) -> tuple[OpenManifest, list[byte
     return scan.manifest(), frames
 
 
-def tilebridge_drain(broker: Mosquitto, workdir: Path, chunk: int, manifest: OpenManifest, frames: list[bytes]) -> float:
+def tilebridge_drain(
+    broker: Mosquitto, workdir: Path, chunk: int, manifest: OpenManifest, frames: list[bytes]
+) -> float:
     """MB/s from the first publish to the last `committed` ack, tiles pre-buffered."""
     settings = AgentSettings(
         broker=BrokerSettings(port=broker.port + 1),  # nobody listens: fill the buffer first
@@ -107,14 +109,18 @@ def tilebridge_drain(broker: Mosquitto, workdir: Path, chunk: int, manifest: Ope
     agent = EdgeAgent(live)
     start = time.perf_counter()
     agent.start()
-    wait_for(lambda: agent.publisher.counters.committed_tiles >= len(keys), 600, "all committed", 0.01)
+    wait_for(
+        lambda: agent.publisher.counters.committed_tiles >= len(keys), 600, "all committed", 0.01
+    )
     elapsed = time.perf_counter() - start
     agent.stop()
     ingest.stop()
     return len(keys) * manifest.tile_bytes / elapsed / 1e6
 
 
-def write_latency(port: int, workdir: Path, frames: list[bytes], manifest: OpenManifest) -> list[float]:
+def write_latency(
+    port: int, workdir: Path, frames: list[bytes], manifest: OpenManifest
+) -> list[float]:
     settings = AgentSettings(
         broker=BrokerSettings(port=port), spool_dir=workdir, min_free_bytes=0, status_interval_s=60
     )
@@ -165,8 +171,9 @@ agent.stop()
 
 def peak_rss(workdir: Path, backlog_tiles: int) -> dict[str, float]:
     port = Mosquitto(workdir / "rss-broker").port
-    proc = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-c", RSS_SCRIPT, str(port), str(workdir / "rss-spool"), str(backlog_tiles)],
+    spool = str(workdir / "rss-spool")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RSS_SCRIPT, str(port), spool, str(backlog_tiles)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         cwd=HERE.parent, env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
     )  # fmt: skip

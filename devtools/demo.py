@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("image", f"{manifest.image_id} ({manifest.image_name})")
     table.add_row("frames", f"{manifest.tile_count} x {scan.tile_size}x{scan.tile_size} uint16")
     megabytes = manifest.tile_count * manifest.tile_bytes / 1e6
-    table.add_row("moved", f"{megabytes:.0f} MB in {elapsed:.1f} s (incl. acquisition and start-up)")
+    table.add_row(
+        "moved", f"{megabytes:.0f} MB in {elapsed:.1f} s (incl. acquisition and start-up)"
+    )
     table.add_row("stored at", str(archive))
     table.add_row("check", f"{intact}/{total} tiles equal to the acquired frames")
     console.print(table)

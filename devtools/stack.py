@@ -47,7 +47,7 @@ class Program:
         self.config_path.write_text(json.dumps(self.config, indent=2, default=str))
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="100")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own modules
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config_path), *args],
                 stdout=log if stderr_to_log else None,
                 stderr=log if stderr_to_log else None,
@@ -62,7 +62,9 @@ class Program:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise TimeoutError(f"{self.name} still running after {timeout:.0f} s:\n{self.log_tail()}") from None
+            raise TimeoutError(
+                f"{self.name} still running after {timeout:.0f} s:\n{self.log_tail()}"
+            ) from None
 
     def stop(self, timeout: float = 15) -> None:
         if self.proc and self.proc.poll() is None:
@@ -105,7 +107,9 @@ def ingest_program(broker: Mosquitto, workdir: Path, **settings: Any) -> Program
     return Program("server_ingest", config, workdir, "ingest")
 
 
-def agent_program(broker: Mosquitto, workdir: Path, name: str = "agent", **settings: Any) -> Program:
+def agent_program(
+    broker: Mosquitto, workdir: Path, name: str = "agent", **settings: Any
+) -> Program:
     config: dict[str, Any] = {
         "device_id": "scope-1",
         "broker": broker_config(broker),
@@ -183,8 +187,10 @@ class Watcher:
 def wait_ingest_online(watcher: Watcher, instance: str = "ingest-1", timeout: float = 30) -> None:
     topic = f"tilebridge/v1/ingest/{instance}/status"
     wait_for(
-        lambda: (watcher.latest(topic) or {}).get("state") == "online"
-        and (watcher.latest(topic) or {}).get("broker_connected"),
+        lambda: (
+            (watcher.latest(topic) or {}).get("state") == "online"
+            and (watcher.latest(topic) or {}).get("broker_connected")
+        ),
         timeout,
         f"{instance} online",
     )

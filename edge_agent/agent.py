@@ -35,8 +35,9 @@ class EdgeAgent:
             client_id=f"tb-edge-{self.device}",
             name="edge-mqtt",
             on_connected=self._connected,
-            on_message=lambda msg: self.publisher.on_message(msg),
-            on_published=lambda mid: self.publisher.on_published(mid),
+            # late-bound: the publisher needs the connection, so it is made after it
+            on_message=lambda msg: self.publisher.on_message(msg),  # noqa: PLW0108
+            on_published=lambda mid: self.publisher.on_published(mid),  # noqa: PLW0108
             will=(self.status_topic, offline.to_bytes()),
         )
         self.publisher = Publisher(settings, self.buffer, self.connection, self._image_done)

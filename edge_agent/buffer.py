@@ -52,6 +52,8 @@ class Item:
     key: TileKey | None
     nbytes: int
     enqueued_at: float
+    digest: bytes | None = None
+    """A tile's xxh3-128, computed once when it was buffered."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class DiskBuffer:
             finally:
                 os.close(fd)
             fsync_dir(tiles_dir)
-            self._put("tile", image_id, key, len(data))
+            self._put("tile", image_id, key, len(data), digest)
             with open(self._image_dir(image_id) / "accepted.log", "a") as log:
                 log.write(f"{key.slug()} {digest}\n")
         with self._lock:
@@ -162,8 +164,15 @@ class DiskBuffer:
             return None
         data: dict[str, Any] = raw["data"]
         key = TileKey(*data["key"]) if data.get("key") else None
+        digest = bytes.fromhex(data["digest"]) if data.get("digest") else None
         return Item(
-            raw["pqid"], data["kind"], UUID(data["image"]), key, data.get("n", 0), raw["timestamp"]
+            raw["pqid"],
+            data["kind"],
+            UUID(data["image"]),
+            key,
+            data.get("n", 0),
+            raw["timestamp"],
+            digest,
         )
 
     def manifest(self, image_id: UUID) -> OpenManifest:
@@ -276,10 +285,19 @@ class DiskBuffer:
     def _image_dir(self, image_id: UUID) -> Path:
         return self.images_dir / str(image_id)
 
-    def _put(self, kind: ItemKind, image_id: UUID, key: TileKey | None = None, n: int = 0) -> None:
+    def _put(
+        self,
+        kind: ItemKind,
+        image_id: UUID,
+        key: TileKey | None = None,
+        n: int = 0,
+        digest: str | None = None,
+    ) -> None:
         record: dict[str, Any] = {"kind": kind, "image": str(image_id), "n": n}
         if key is not None:
             record["key"] = list(key)
+        if digest is not None:
+            record["digest"] = digest
         with disk_errors("queueing"):
             try:
                 self._queue.put(record)

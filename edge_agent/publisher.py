@@ -86,16 +86,32 @@ class Publisher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-publisher", daemon=True)
+        # Deleting a committed tile costs an unlink and a queue commit (an fsync); a separate
+        # thread does it so publishing never waits for it. A crash before it runs only means
+        # the tile is sent once more and acknowledged again.
+        self._forget: queue.Queue[Item | None] = queue.Queue()
+        self._reaper = threading.Thread(target=self._reap, name="edge-reaper", daemon=True)
 
     # -- wiring -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+        self._reaper.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self._forget.put(None)
+        if self._reaper.is_alive():
+            self._reaper.join(timeout=10)
+
+    def _reap(self) -> None:
+        while (item := self._forget.get()) is not None:
+            try:
+                self.buffer.done(item)
+            except Exception:  # the tile is re-sent and re-acknowledged; nothing is lost
+                log.exception("forgetting a committed tile")
 
     def subscribe(self, client: mqtt.Client) -> None:
         """Called on every (re)connect."""
@@ -191,7 +207,12 @@ class Publisher:
                 self.buffer.done_record(item)
                 return
             messages = encode_tile(
-                item.image_id, item.key, data, self.settings.chunk_size, self.settings.codec
+                item.image_id,
+                item.key,
+                data,
+                self.settings.chunk_size,
+                self.settings.codec,
+                digest=item.digest,
             )
             topic = device_topic(device, DeviceTopic.CHUNK)
         else:
@@ -206,7 +227,7 @@ class Publisher:
             throttle(self, self.settings.bandwidth_limit_bytes_per_s, len(message), self._stop)
             info = self.connection.publish(topic, message)
             with self._lock:
-                if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN:
+                if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     # paho keeps QoS 1 messages queued while disconnected and sends them later.
                     flight.pending_mids.add(info.mid)
                     self._by_mid[info.mid] = key
@@ -272,7 +293,7 @@ class Publisher:
             return  # a duplicate ack, or for a tile still waiting in the buffer: harmless
         if ack.state is TileState.COMMITTED:
             self._finish(key, flight)
-            self.buffer.done(flight.item)
+            self._forget.put(flight.item)
             self.counters.committed_tiles += 1
             self.counters.committed_bytes += flight.item.nbytes
         elif ack.state is TileState.RETRANSMIT:

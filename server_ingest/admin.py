@@ -322,9 +322,18 @@ def add(args: argparse.Namespace) -> int:
     role = Role(args.role)
     name = check_name(args.name, role)
     tls = args.tls if args.tls is not None else role is Role.DEVICE
-    cert = args.cert or args.rotate_cert
+    # The broker's TLS listener requires a client certificate (mosquitto/mosquitto.conf).
+    cert = args.cert if args.cert is not None else tls and role is Role.DEVICE
+    cert = cert or args.rotate_cert
     if cert and not tls:
         raise AdminError("--cert needs TLS")
+    if cert and not (args.certs_dir / "ca.key").exists():
+        raise AdminError(
+            f"no lab CA in {args.certs_dir} (scripts/make_certs.sh makes one); with another "
+            "CA, pass --no-cert and issue the device certificate (CN = device id) there"
+        )
+    ca = next((p for p in (args.certs_dir / "ca.crt", args.password_file.parent / "ca.crt")
+               if p.exists()), None)  # fmt: skip
     port = args.port or (8883 if tls else 1883)
     host = args.host or (socket.getfqdn() if role is Role.DEVICE else "127.0.0.1")
     out: Path = args.out or Path("tilebridge-identities") / name
@@ -337,8 +346,8 @@ def add(args: argparse.Namespace) -> int:
     if role is not Role.DEVICE:
         with _locked(args.password_file):
             _replace(args.acl, acl_add_user(_read(args.acl), name, role))
-    if tls and (args.certs_dir / "ca.crt").exists():
-        shutil.copyfile(args.certs_dir / "ca.crt", out / "ca.crt")
+    if tls and ca is not None:
+        shutil.copyfile(ca, out / "ca.crt")
     if cert:
         crt, key = issue_certificate(name, args.certs_dir, args.rotate_cert, args.make_certs)
         shutil.copyfile(crt, out / f"{name}.crt")
@@ -358,6 +367,8 @@ def add(args: argparse.Namespace) -> int:
         say(password)
         say("==== END OF PASSWORD ====")
     say(f"copy {out}/ to the client as {args.edge_dir}/ (keep {PASSWORD_FILE_NAME} mode 600)")
+    if tls and ca is None:
+        say(f"no CA certificate found: put the broker's CA there as {args.edge_dir}/ca.crt")
     if rotated:
         say("the old password stops working once the broker reloads")
     say(reload_broker(broker_pid(args.pid, args.pid_file)))
@@ -419,7 +430,12 @@ def add_parser(commands: Any) -> None:
     p_add.add_argument("--host", help="broker host name as the client sees it")
     p_add.add_argument("--port", type=int)
     p_add.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None)
-    p_add.add_argument("--cert", action="store_true", help="issue a client certificate")
+    p_add.add_argument(
+        "--cert",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="issue a client certificate from the lab CA (default: yes for a TLS device)",
+    )
     p_add.add_argument("--rotate-cert", action="store_true", help="issue a new one (new key)")
     p_add.add_argument("--make-certs", type=Path, default=MAKE_CERTS)
     p_add.add_argument("--hide-password", action="store_true", help="only write the file")

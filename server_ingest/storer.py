@@ -28,14 +28,14 @@ from functools import partial
 from typing import Literal, Protocol
 from uuid import UUID
 
+from server_ingest.ledger import Ledger, Phase
+from server_ingest.staging import Staging
 from tilebridge_protocol.broker import Backoff
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_storage.base import ImageWriter, StorageBackend
-from server_ingest.ledger import Ledger, Phase
-from server_ingest.staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Storer:
                     _abort(job)
                 return
             if image_id is not None:
-                self._guarded(jobs, image_id, lambda: self._apply(jobs, kind, image_id, key))
+                self._guarded(jobs, image_id, partial(self._apply, jobs, kind, image_id, key))
             for job_id in list(jobs):  # retries that are due, finishing backends
                 self._guarded(jobs, job_id, partial(self._advance, jobs, jobs[job_id]))
             self._active[worker] = len(jobs)

@@ -10,7 +10,6 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 
-
 class _Status(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

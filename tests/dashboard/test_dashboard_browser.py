@@ -150,7 +150,8 @@ def test_dashboard_shows_a_live_scan_and_a_failure(tmp_path: Path, page: sync_ap
             assert finished.locator('[data-bar="stored"] .bar-percent').inner_text() == "100 %"
             assert finished.locator('[data-bar="stored"] .bar-value').inner_text() == "12 / 12"
             assert page.locator(f'#running [data-image="{image_id}"]').count() == 0
-            assert "12 tiles" in device.locator(".fact", has_text="Committed").inner_text()
+            committed_on_device = device.locator(".fact", has_text="Committed")
+            wait_for(lambda: "12 tiles" in committed_on_device.inner_text(), 30, "12 committed")
 
             # An image stored in OMERO links to OMERO.web; a failed one is highlighted.
             in_omero, failed = uuid4(), uuid4()
@@ -176,11 +177,11 @@ def test_dashboard_shows_a_live_scan_and_a_failure(tmp_path: Path, page: sync_ap
             alerts = page.locator("#attention")
             assert alerts.is_visible()
             assert error in alerts.inner_text()
-            # Red, not just a class name: the operator has to see it.
-            colour = bad.locator("[data-error]").evaluate(
-                "e => getComputedStyle(e).backgroundColor"
-            )
-            assert colour == "rgb(255, 235, 233)", colour
+            # Red, not just a class name: the operator has to see it. (Read with retries: a
+            # status message may re-render the card between finding and reading it.)
+            red = "rgb(255, 235, 233)"
+            error_box = f'[data-image="{failed}"] [data-error]'
+            wait_for(lambda: background(page, error_box) == red, 10, "a red error box")
             assert page.locator(f'[data-image="{image_id}"] a.omero').count() == 0
             shoot(page, "dashboard-failure")
 
@@ -194,6 +195,15 @@ def test_dashboard_shows_a_live_scan_and_a_failure(tmp_path: Path, page: sync_ap
         release(dashboard.monitor.connection)
 
     assert not problems, problems
+
+
+def background(page: sync_api.Page, selector: str) -> str | None:
+    script = (
+        "s => { const e = document.querySelector(s); "
+        "return e && getComputedStyle(e).backgroundColor; }"
+    )
+    result = page.evaluate(script, selector)
+    return str(result) if result else None
 
 
 def _percent(page: sync_api.Page, selector: str) -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.storage.manifests import make_manifest, make_tiles
 from edge_agent.buffer import DiskBuffer
+from tests.storage.manifests import make_manifest, make_tiles
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 
@@ -32,7 +32,10 @@ def test_items_come_out_in_order_and_leave_only_when_done(tmp_path: Path) -> Non
     assert [i.kind for i in items if i] == ["open"] + ["tile"] * manifest.tile_count + ["close"]
     assert buffer.next_item(0.05) is None
     stats = buffer.stats()
-    assert (stats.tiles, stats.bytes) == (manifest.tile_count, manifest.tile_count * manifest.tile_bytes)
+    assert (stats.tiles, stats.bytes) == (
+        manifest.tile_count,
+        manifest.tile_count * manifest.tile_bytes,
+    )
     assert stats.oldest_pending_age_s is not None
     first_tile = items[1]
     assert first_tile and first_tile.key is not None
@@ -60,7 +63,9 @@ def test_a_crash_loses_nothing_and_unfinished_items_come_back(tmp_path: Path) ->
         buffer.done(done[0]); buffer.done(done[1])       # open and one tile acknowledged
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parents[2], check=False
+    )
     assert result.returncode == -9
     buffer = DiskBuffer(tmp_path)
     remaining = []

@@ -12,7 +12,14 @@ import pytest
 import tifffile
 
 from devtools.broker import Mosquitto
-from devtools.stack import Program, Watcher, agent_program, ingest_program, wait_for, wait_ingest_online
+from devtools.stack import (
+    Program,
+    Watcher,
+    agent_program,
+    ingest_program,
+    wait_for,
+    wait_ingest_online,
+)
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.keys import TileKey
 
@@ -43,7 +50,9 @@ def programs(broker: Mosquitto, tmp_path: Path) -> Iterator[dict[str, Program]]:
         program.kill()
 
 
-def start_ingest(programs: dict[str, Program], broker: Mosquitto, tmp_path: Path, **settings: Any) -> Program:
+def start_ingest(
+    programs: dict[str, Program], broker: Mosquitto, tmp_path: Path, **settings: Any
+) -> Program:
     """Start the ingest and wait until it is subscribed (its first session starts then)."""
     program = programs.get("ingest") or ingest_program(broker, tmp_path, **settings)
     programs["ingest"] = program.start("run")
@@ -80,7 +89,13 @@ def assert_archive_intact(tmp_path: Path, scan: SyntheticScan = SCAN) -> Path:
     manifest = scan.manifest()
     files = list((tmp_path / "ingest" / "archive").rglob("*.ome.tif"))
     assert len(files) == 1, files
-    shape = (manifest.size_t, manifest.size_c, manifest.size_z, manifest.tile_height, manifest.tile_width)
+    shape = (
+        manifest.size_t,
+        manifest.size_c,
+        manifest.size_z,
+        manifest.tile_height,
+        manifest.tile_width,
+    )
     with tifffile.TiffFile(files[0]) as tif:
         assert len(tif.series) == len(manifest.positions)
         for position, series in zip(manifest.positions, tif.series, strict=True):
@@ -98,4 +113,8 @@ def ledger_tile_rows(tmp_path: Path, image_id: UUID) -> int:
     from contextlib import closing
 
     with closing(sqlite3.connect(tmp_path / "ingest" / "ledger.sqlite")) as db:
-        return int(db.execute("SELECT COUNT(*) FROM tiles WHERE image_id = ?", (str(image_id),)).fetchone()[0])
+        return int(
+            db.execute(
+                "SELECT COUNT(*) FROM tiles WHERE image_id = ?", (str(image_id),)
+            ).fetchone()[0]
+        )

@@ -19,7 +19,13 @@ from devtools.stack import Program, Watcher, wait_for
 from edge_agent.agent import EdgeAgent
 from edge_agent.api import FrameMetadata, TileScanWriter
 from edge_agent.settings import AgentSettings
-from tests.end_to_end.conftest import FAST_RETRY, SCAN, assert_archive_intact, start_ingest, wait_committed
+from tests.end_to_end.conftest import (
+    FAST_RETRY,
+    SCAN,
+    assert_archive_intact,
+    start_ingest,
+    wait_committed,
+)
 from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.framing import HEADER_SIZE, encode_tile
 from tilebridge_protocol.keys import TileKey
@@ -45,8 +51,9 @@ def test_a_corrupted_chunk_gets_retransmit_and_the_tile_still_arrives(
                 corrupted.append(key)
                 broken = bytearray(message)
                 broken[HEADER_SIZE + 10] ^= 0xFF  # a bit flip on the way
-                message = bytes(broken)
-            yield message
+                yield bytes(broken)
+            else:
+                yield message
 
     monkeypatch.setattr(edge_agent.publisher, "encode_tile", corrupting)
     settings = AgentSettings(
@@ -111,7 +118,9 @@ def test_malformed_oversize_and_unknown_version_are_refused_and_the_ingest_goes_
         device.send("chunk", b"TB\x05" + bytes(HEADER_SIZE))
         device.send("open", manifest.to_bytes())
         key = manifest.tile_keys()[0]
-        big = next(encode_tile(manifest.image_id, key, SCAN.frame(key).tobytes(), chunk_size=128 * 1024))
+        big = next(
+            encode_tile(manifest.image_id, key, SCAN.frame(key).tobytes(), chunk_size=128 * 1024)
+        )
         device.send("chunk", big)
         wait_for(lambda: len(_acks(watcher)) >= 6, 30, "six answers")
     finally:
@@ -139,10 +148,12 @@ def test_malformed_oversize_and_unknown_version_are_refused_and_the_ingest_goes_
         ("open", "accepted", None),
         ("tile", "rejected", "oversize"),
     ]
+    ingest_status = "tilebridge/v1/ingest/ingest-1/status"
     status = wait_for(
-        lambda: (s := watcher.latest("tilebridge/v1/ingest/ingest-1/status")) and s["chunks_rejected"] >= 5 and s,
-        30, "rejections counted on the ingest status",
-    )  # fmt: skip
+        lambda: (s := watcher.latest(ingest_status)) and s["chunks_rejected"] >= 5 and s,
+        30,
+        "rejections counted on the ingest status",
+    )
     assert status["state"] == "online"
     assert status["last_error"]
     # Still working: a well-behaved agent's scan goes through afterwards.

@@ -33,7 +33,9 @@ def _finish(agent: Program, watcher: Watcher, tmp_path: Path) -> None:
     assert status["locations"]["archive"].endswith(".ome.tif")
 
 
-def test_a_scan_arrives_intact(broker: Mosquitto, watcher: Watcher, programs: dict[str, Program], tmp_path: Path) -> None:
+def test_a_scan_arrives_intact(
+    broker: Mosquitto, watcher: Watcher, programs: dict[str, Program], tmp_path: Path
+) -> None:
     start_ingest(programs, broker, tmp_path)
     agent = start_scan(programs, broker, tmp_path)
     _finish(agent, watcher, tmp_path)
@@ -48,7 +50,9 @@ def test_ingest_down_mid_scan_the_agent_buffers_then_everything_arrives_once(
     agent = start_scan(programs, broker, tmp_path, "--frame-delay", "0.2")
     wait_committed(watcher, IMAGE, 3)
     ingest.kill()
-    wait_for(lambda: (watcher.latest(INGEST_STATUS) or {}).get("state") == "offline", 30, "last will")
+    wait_for(
+        lambda: (watcher.latest(INGEST_STATUS) or {}).get("state") == "offline", 30, "last will"
+    )
     # The acquisition goes on into the disk buffer while nobody acknowledges anything.
     wait_for(
         lambda: (watcher.latest(DEVICE_STATUS) or {}).get("buffered_tiles", 0) >= 5,

@@ -10,7 +10,12 @@ from uuid import UUID
 
 import numpy as np
 
-from tilebridge_protocol.framing import encode_tile
+from server_ingest.ingest import Ack, ImageProgress, Ingest
+from server_ingest.ledger import ImageRecord, Ledger
+from server_ingest.settings import Limits
+from server_ingest.staging import Staging
+from server_ingest.storer import Storer
+from tilebridge_protocol.framing import encode_tile, tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     CloseManifest,
@@ -20,14 +25,8 @@ from tilebridge_protocol.messages import (
     TileDigest,
     TileState,
 )
-from tilebridge_protocol.framing import tile_digest
 from tilebridge_protocol.topics import DeviceTopic, device_topic
 from tilebridge_storage.archive import ArchiveBackend
-from server_ingest.ingest import Ack, ImageProgress, Ingest
-from server_ingest.ledger import ImageRecord, Ledger
-from server_ingest.settings import Limits
-from server_ingest.staging import Staging
-from server_ingest.storer import Storer
 
 DEVICE = "scope-1"
 
@@ -47,7 +46,11 @@ class Recorder:
         self.statuses.append((record, progress))
 
     def tile_acks(self, state: TileState | None = None) -> list[TileAck]:
-        return [a for _, a in self.acks if isinstance(a, TileAck) and (state is None or a.state is state)]
+        return [
+            a
+            for _, a in self.acks
+            if isinstance(a, TileAck) and (state is None or a.state is state)
+        ]
 
     def wait_image_ack(self, image_id: UUID, timeout: float = 20) -> ImageAck:
         deadline = time.monotonic() + timeout
@@ -68,8 +71,12 @@ class Harness:
         self.recorder = Recorder()
         self.ledger = Ledger(root / "ledger.sqlite")
         self.staging = Staging(root / "staging")
-        self.storer = Storer([ArchiveBackend(root / "archive")], self.ledger, self.staging, retry_s=0.1)
-        self.ingest = Ingest(self.ledger, self.staging, self.recorder, self.storer, limits or Limits())
+        self.storer = Storer(
+            [ArchiveBackend(root / "archive")], self.ledger, self.staging, retry_s=0.1
+        )
+        self.ingest = Ingest(
+            self.ledger, self.staging, self.recorder, self.storer, limits or Limits()
+        )
         self.storer.listener = self.ingest
         self.storer.start()
 
@@ -89,7 +96,9 @@ def tiles_for(manifest: OpenManifest, seed: int = 0) -> dict[TileKey, np.ndarray
     return make_tiles(manifest, seed)
 
 
-def chunks(manifest: OpenManifest, key: TileKey, pixels: np.ndarray[Any, Any], size: int = 2048) -> list[bytes]:
+def chunks(
+    manifest: OpenManifest, key: TileKey, pixels: np.ndarray[Any, Any], size: int = 2048
+) -> list[bytes]:
     data = np.ascontiguousarray(pixels, dtype=manifest.dtype.numpy).tobytes()
     return list(encode_tile(manifest.image_id, key, data, chunk_size=size))
 

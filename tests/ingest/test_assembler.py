@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from uuid import uuid4
 
+from server_ingest.assembler import Added, TileAssembly
 from tilebridge_protocol.framing import ChunkHeader
 from tilebridge_protocol.keys import TileKey
-from server_ingest.assembler import Added, TileAssembly
 
 IMAGE = uuid4()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from server_ingest.settings import Limits
 from tests.ingest.harness import DEVICE, Harness, chunks, close_for, tiles_for
 from tests.storage.manifests import make_manifest
 from tilebridge_protocol.keys import TileKey
@@ -23,7 +24,6 @@ from tilebridge_protocol.messages import (
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.topics import DeviceTopic
-from server_ingest.settings import Limits
 
 
 @pytest.fixture
@@ -36,7 +36,13 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 def _archive_tiles(path: str, manifest) -> dict[TileKey, np.ndarray]:  # type: ignore[no-untyped-def]
     out = {}
     with tifffile.TiffFile(path) as tif:
-        shape = (manifest.size_t, manifest.size_c, manifest.size_z, manifest.tile_height, manifest.tile_width)
+        shape = (
+            manifest.size_t,
+            manifest.size_c,
+            manifest.size_z,
+            manifest.tile_height,
+            manifest.tile_width,
+        )
         for pos, series in zip(manifest.positions, tif.series, strict=True):
             data = series.asarray().reshape(shape)
             for t in range(manifest.size_t):
@@ -142,7 +148,11 @@ def test_an_image_id_cannot_be_taken_over_by_another_device(harness: Harness) ->
         (DeviceTopic.CHUNK, b"TB\x07" + bytes(200), ReasonCode.UNSUPPORTED_VERSION),
         (DeviceTopic.OPEN, b"{not json", ReasonCode.MALFORMED),
         (DeviceTopic.OPEN, json.dumps({"v": 9}).encode(), ReasonCode.UNSUPPORTED_VERSION),
-        (DeviceTopic.CLOSE, json.dumps({"v": 1, "image_id": "x"}).encode(), ReasonCode.INVALID_MANIFEST),
+        (
+            DeviceTopic.CLOSE,
+            json.dumps({"v": 1, "image_id": "x"}).encode(),
+            ReasonCode.INVALID_MANIFEST,
+        ),
         (DeviceTopic.ACK, b"{}", ReasonCode.MALFORMED),
     ],
 )
@@ -162,10 +172,12 @@ def test_unknown_version_open_with_readable_id_is_rejected_by_id(harness: Harnes
     data = json.loads(manifest.to_bytes())
     data["v"] = 2
     harness.send(DeviceTopic.OPEN, json.dumps(data).encode())
-    (_, ack), = harness.recorder.acks
+    ((_, ack),) = harness.recorder.acks
     assert isinstance(ack, OpenAck)
     assert (ack.image_id, ack.state, ack.reason) == (
-        manifest.image_id, ManifestState.REJECTED, ReasonCode.UNSUPPORTED_VERSION,
+        manifest.image_id,
+        ManifestState.REJECTED,
+        ReasonCode.UNSUPPORTED_VERSION,
     )
 
 
@@ -181,7 +193,10 @@ def test_oversize_chunk_and_image_limits(tmp_path: Path) -> None:
         acks = [a for _, a in harness.recorder.acks]
         assert acks[0].state is ManifestState.ACCEPTED  # type: ignore[union-attr]
         assert (acks[1].state, acks[1].reason) == (TileState.REJECTED, ReasonCode.OVERSIZE)  # type: ignore[union-attr]
-        assert (acks[2].state, acks[2].reason) == (ManifestState.REJECTED, ReasonCode.QUOTA_EXCEEDED)  # type: ignore[union-attr]
+        assert (acks[2].state, acks[2].reason) == (
+            ManifestState.REJECTED,
+            ReasonCode.QUOTA_EXCEEDED,
+        )  # type: ignore[union-attr]
     finally:
         harness.close()
 

@@ -8,6 +8,8 @@ on a real server (TILEBRIDGE_OMERO_HOST) these tests skip.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from typing import Any
 
@@ -34,6 +36,7 @@ from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import ImageWriter, StoredImage
 from tilebridge_storage.omero_backend.backend import OmeroBackend
 from tilebridge_storage.omero_backend.provenance import image_description
+from tilebridge_storage.omero_backend.settings import DevicePolicy, OmeroSettings
 
 IDLE_S = 1.5
 
@@ -215,6 +218,10 @@ def test_losing_write_permission_mid_image_is_permanent(omero_target: Any) -> No
         server.set_read_only(omero_target.username)
         with pytest.raises(PermanentError, match="read-only"):
             feed(writer, manifest, tiles)
+        # the writer stays failed, and says so with the same kind of error
+        last = manifest.tile_keys()[-1]
+        with pytest.raises(PermanentError, match="earlier OMERO call"):
+            writer.write_tile(last, tiles[last])
         writer.abort()
     finally:
         backend.close()
@@ -224,3 +231,51 @@ def test_a_wrong_password_is_permanent(omero_target: Any) -> None:
     backend = OmeroBackend(settings_for(omero_target, password="not-the-password"))
     with pytest.raises(PermanentError, match="login refused"):
         backend.open_image(DEVICE, unique_manifest())
+
+
+def test_a_server_that_never_answers_times_out_as_transient() -> None:
+    """A host that accepts TCP but never speaks Ice (hung server, wrong port)."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        settings = OmeroSettings(
+            host="127.0.0.1",
+            port=mute.getsockname()[1],
+            username="ingest",
+            password="irrelevant",
+            default_policy=DevicePolicy(),
+            connect_timeout_s=0.3,
+        )
+        backend = OmeroBackend(settings)
+        with pytest.raises(TransientError, match="OMERO login of ingest"):
+            backend.open_image(DEVICE, unique_manifest())
+        backend.close()
+
+
+def test_a_call_slower_than_call_timeout_is_transient(
+    omero_target: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    standin(omero_target)
+    from tests.omero_standin.services.query import IQuery
+
+    answer = IQuery.findAllByQuery_async
+    stalled = threading.Event()
+
+    def stall(self: Any, cb: Any, *args: Any) -> None:
+        stalled.wait(10)  # the server hangs until the test lets it go
+        answer(self, cb, *args)
+
+    monkeypatch.setattr(IQuery, "findAllByQuery_async", stall)
+    backend = OmeroBackend(settings_for(omero_target, call_timeout_s=0.5))
+    manifest = unique_manifest()
+    tiles = make_tiles(manifest)
+    try:
+        with pytest.raises(TransientError, match="InvocationTimeoutException"):
+            backend.open_image(DEVICE, manifest)
+        stalled.set()
+        monkeypatch.setattr(IQuery, "findAllByQuery_async", answer)
+        feed(backend.open_image(DEVICE, manifest), manifest, tiles)
+        assert_one_complete_image(omero_target.server, manifest, tiles)
+    finally:
+        stalled.set()
+        backend.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -289,7 +290,9 @@ def test_unknown_device_without_default_policy_is_refused(omero_target: Any) -> 
 
 
 def test_missing_containers_are_created_only_when_the_policy_allows(omero_target: Any) -> None:
-    manifest = unique_manifest(dataset="exp-2026-11-24")
+    # a project of its own, so the test also means something on a real server's data
+    project = f"tilebridge-policy-{uuid4().hex[:8]}"
+    manifest = unique_manifest(project=project, dataset="exp-2026-11-24")
     strict = OmeroBackend(settings_for(omero_target, default_policy=DevicePolicy()))
     per_experiment = OmeroBackend(
         settings_for(omero_target, default_policy=DevicePolicy(may_create=True))
@@ -298,14 +301,15 @@ def test_missing_containers_are_created_only_when_the_policy_allows(omero_target
     try:
         with pytest.raises(PermanentError, match="does not allow creating projects"):
             strict.open_image(DEVICE, manifest)
-        store(everything, unique_manifest(dataset="first"), make_tiles(unique_manifest()))
+        first = unique_manifest(project=project, dataset="first")
+        store(everything, first, make_tiles(first))
         # the project exists now; the per-experiment dataset does not
         with pytest.raises(PermanentError, match="does not allow creating datasets"):
             strict.open_image(DEVICE, manifest)
         stored = store(per_experiment, manifest, make_tiles(manifest))
         assert stored.ids["dataset"] > 0
         # and a strict policy may write into the dataset now that it exists
-        again = unique_manifest(dataset="exp-2026-11-24", image_name="again")
+        again = unique_manifest(project=project, dataset="exp-2026-11-24", image_name="again")
         assert store(strict, again, make_tiles(again)).ids["dataset"] == stored.ids["dataset"]
     finally:
         for b in (strict, per_experiment, everything):

@@ -89,7 +89,12 @@ def test_acks_are_told_apart_by_kind() -> None:
 def test_topics_round_trip_and_refuse_foreign_ones() -> None:
     topic = device_topic("scope-7", DeviceTopic.CHUNK)
     assert parse_device_topic(topic) == ("scope-7", DeviceTopic.CHUNK)
-    for bad in ["tilebridge/v1/dev/scope-7/other", "tilebridge/v2/dev/a/chunk", "x/y", "tilebridge/v1/dev/../chunk"]:
+    for bad in [
+        "tilebridge/v1/dev/scope-7/other",
+        "tilebridge/v2/dev/a/chunk",
+        "x/y",
+        "tilebridge/v1/dev/../chunk",
+    ]:
         with pytest.raises(ProtocolError):
             parse_device_topic(bad)
     with pytest.raises(ProtocolError):

@@ -103,6 +103,7 @@ class Probe:
 
     def subscribe(self, *filters: str) -> list[str]:
         _, mid = self.client.subscribe([(f, 1) for f in filters])
+        assert mid is not None
         assert wait_until(lambda: mid in self._subacks), "no SUBACK"
         return self._subacks[mid]
 

@@ -328,3 +328,35 @@ def test_broker_settings_from_the_snippet_never_carry_the_password(tmp_path: Pat
     config = admin.edge_config("scope-q", "broker.lab", 8883, True, tmp_path, cert=True)
     settings = BrokerSettings.model_validate(config["broker"])
     assert settings.password is None and settings.password_file == tmp_path / "mqtt-password"
+
+
+def test_a_tls_device_gets_a_certificate_by_default(
+    secured: SecuredBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "scope-d"
+    assert device(secured, "add", "scope-d", "--out", str(out), "--edge-dir", "/etc/tb") == 0
+    broker = json.loads(capsys.readouterr().out)["broker"]
+    assert broker["tls"] and broker["port"] == 8883
+    assert broker["cert_file"] == "/etc/tb/scope-d.crt" and broker["ca_file"] == "/etc/tb/ca.crt"
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "mqtt-password", "ca.crt", "scope-d.crt", "scope-d.key",
+    }  # fmt: skip
+
+
+def test_without_a_lab_ca_no_certificate_is_invented(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the facility's own CA, `device add` must not quietly create a second one."""
+    common = [
+        "--password-file", str(tmp_path / "passwd"), "--acl", str(tmp_path / "acl"),
+        "--certs-dir", str(tmp_path / "certs"), "--pid-file", str(tmp_path / "none.pid"),
+    ]  # fmt: skip
+    assert main(["device", "add", "scope-e", *common, "--out", str(tmp_path / "e")]) == 1
+    assert "no lab CA" in capsys.readouterr().err
+    assert not (tmp_path / "certs").exists() and not (tmp_path / "passwd").exists()
+    (tmp_path / "ca.crt").write_text("the facility's CA\n")  # next to the password file
+    out = tmp_path / "e"
+    assert main(["device", "add", "scope-e", *common, "--out", str(out), "--no-cert"]) == 0
+    broker = json.loads(capsys.readouterr().out)["broker"]
+    assert broker["tls"] and "cert_file" not in broker
+    assert (out / "ca.crt").read_text() == "the facility's CA\n"

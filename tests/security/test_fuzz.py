@@ -31,7 +31,7 @@ from server_ingest.ledger import Ledger, Phase
 from server_ingest.settings import Limits
 from server_ingest.staging import Staging
 from tests.security.fakes import FakeOutbox, FakeScheduler
-from tilebridge_protocol.framing import HEADER, HEADER_SIZE, MAGIC, encode_tile, tile_digest
+from tilebridge_protocol.framing import HEADER, HEADER_SIZE, MAGIC, Codec, encode_tile, tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     CloseManifest,
@@ -107,7 +107,7 @@ VALID_CHUNKS = [
 ZSTD_CHUNKS = [
     chunk
     for key, data in TILES.items()
-    for chunk in encode_tile(MANIFEST.image_id, key, data, chunk_size=CHUNK_SIZE, codec=1)  # type: ignore[arg-type]
+    for chunk in encode_tile(MANIFEST.image_id, key, data, chunk_size=CHUNK_SIZE, codec=Codec.ZSTD)
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tilebridge_protocol.errors import PermanentError, TransientError
+from tilebridge_protocol.errors import PermanentError, TilebridgeError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
@@ -89,7 +89,8 @@ class _OmeroWriter(ImageWriter):
         self.image_ids: list[int] = []
         self.sinks: list[PixelSink] = []
         self._sink_of: dict[int, PixelSink] = {}
-        self.failed: str | None = None
+        self.failed: TilebridgeError | None = None
+        """Why an earlier call of this attempt failed; every later call fails alike."""
         self.aborted = False
         self.stored: StoredImage | None = None
 
@@ -105,8 +106,7 @@ class _OmeroWriter(ImageWriter):
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
         self._check_open()
         self.check_tile(key, pixels)
-        if self.failed is not None:
-            raise TransientError(f"an earlier OMERO call of this attempt failed: {self.failed}")
+        self._check_failed()
         if key in self.received:
             return
         self.received.add(key)
@@ -119,7 +119,7 @@ class _OmeroWriter(ImageWriter):
                     sink.save()
         except Exception as exc:
             # A store that failed mid-pass cannot go on; only a new attempt can.
-            self.failed = str(exc)
+            self.failed = _as_tilebridge(exc)
             raise
 
     def finish(self) -> StoredImage:
@@ -127,8 +127,7 @@ class _OmeroWriter(ImageWriter):
             return self.stored
         self._check_open()
         self.require_complete(self.received)
-        if self.failed is not None:
-            raise TransientError(f"an earlier OMERO call of this attempt failed: {self.failed}")
+        self._check_failed()
         try:
             with omero_errors(f"saving image {self.manifest.image_id}"):
                 for sink in self.sinks:
@@ -136,7 +135,7 @@ class _OmeroWriter(ImageWriter):
                         raise PermanentError(f"OMERO Pixels:{sink.pixels_id} is not complete")
                     sink.save()
         except Exception as exc:
-            self.failed = str(exc)
+            self.failed = _as_tilebridge(exc)
             raise
         ids = {
             "image": self.image_ids[0],
@@ -165,11 +164,19 @@ class _OmeroWriter(ImageWriter):
         self.tiles.clear()
         _discard(self.session, self.image_ids)
 
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise type(self.failed)(f"an earlier OMERO call of this attempt failed: {self.failed}")
+
     def _check_open(self) -> None:
         if self.stored is not None:
             raise PermanentError(f"image {self.manifest.image_id} is already finished")
         if self.aborted:
             raise PermanentError(f"this attempt at image {self.manifest.image_id} was aborted")
+
+
+def _as_tilebridge(exc: Exception) -> TilebridgeError:
+    return exc if isinstance(exc, TilebridgeError) else PermanentError(repr(exc))
 
 
 def _discard(session: OmeroSession, image_ids: list[int]) -> None:

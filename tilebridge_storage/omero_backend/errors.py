@@ -25,7 +25,7 @@ def classify(exc: BaseException, what: str) -> TilebridgeError | None:
     if isinstance(exc, Ice.MarshalException):
         return PermanentError(f"OMERO {what}: message refused ({type(exc).__name__})")
     if isinstance(exc, Ice.LocalException):
-        return TransientError(f"OMERO {what}: server unreachable ({type(exc).__name__})")
+        return TransientError(f"OMERO {what}: server unreachable or slow ({type(exc).__name__})")
     if isinstance(exc, Glacier2.PermissionDeniedException):
         return PermanentError(f"OMERO {what}: login refused ({exc.reason})")
     if isinstance(exc, Glacier2.CannotCreateSessionException):
@@ -41,6 +41,10 @@ def classify(exc: BaseException, what: str) -> TilebridgeError | None:
         return PermanentError(f"OMERO {what}: {type(exc).__name__}: {_message(exc)}")
     if isinstance(exc, omero.CmdError):
         return PermanentError(f"OMERO {what}: the server refused: {_cmd_message(exc)}")
+    if isinstance(exc, omero.ClientError):
+        # omero.client's own failures, e.g. "Obtained null object proxy" after its login
+        # retries all timed out: a server that did not answer in time.
+        return TransientError(f"OMERO {what}: {exc}")
     return None
 
 

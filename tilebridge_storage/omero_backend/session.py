@@ -39,7 +39,7 @@ class OmeroSession:
             try:
                 self._login(credentials)
             except BaseException:
-                self.close()
+                self.close(end_session=False)
                 raise
         if settings.keepalive_s is not None:
             self._pinger = threading.Thread(
@@ -133,8 +133,9 @@ class OmeroSession:
             except Exception as exc:  # the pool replaces a dead session at the next open
                 log.info("OMERO keep-alive for %s failed: %s", self.username, type(exc).__name__)
 
-    def close(self) -> None:
-        """End the session on the server (best effort) and free the Ice communicator."""
+    def close(self, end_session: bool = True) -> None:
+        """Free the Ice communicator; with `end_session`, end the session on the server too
+        (pointless for a session that is known to be gone)."""
         self._stop.set()
         if self._pinger is not None and self._pinger is not threading.current_thread():
             self._pinger.join(timeout=self.settings.call_timeout_s)
@@ -142,13 +143,12 @@ class OmeroSession:
         if client is None:
             return
         try:
-            client.killSession()
-        except Exception as exc:  # a dead server cannot end the session; it expires there
-            log.debug("closing OMERO session of %s: %s", self.username, type(exc).__name__)
-            try:
+            if end_session and client.getSession(blocking=False) is not None:
+                client.killSession()
+            else:
                 client.closeSession()
-            except Exception:
-                log.debug("closing the OMERO client of %s failed", self.username)
+        except Exception as exc:  # a server that is gone cannot end it; it expires there
+            log.debug("closing the OMERO session of %s: %s", self.username, type(exc).__name__)
 
 
 class SessionPool:
@@ -167,7 +167,7 @@ class SessionPool:
                     self._sessions[credentials.account] = current
                     return current
                 log.info("OMERO session of %s was lost; logging in again", current.username)
-                current.close()
+                current.close(end_session=False)
             fresh = OmeroSession(self.settings, credentials)
             self._sessions[credentials.account] = fresh
             return fresh

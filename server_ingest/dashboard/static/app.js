@@ -71,6 +71,18 @@ function ago(iso) {
   return `${duration((Date.now() - Date.parse(iso)) / 1000)} ago`;
 }
 
+// A relative time that the clock tick refreshes in place (re-rendering everything every
+// second would reset an operator's text selection, e.g. while copying an error message).
+function since(iso, prefix) {
+  return h("span", { "data-since": iso, "data-prefix": prefix || "" }, `${prefix || ""}${ago(iso)}`);
+}
+
+function tick() {
+  for (const el of document.querySelectorAll("[data-since]")) {
+    el.textContent = `${el.dataset.prefix}${ago(el.dataset.since)}`;
+  }
+}
+
 function tiles(n) {
   return `${n} ${n === 1 ? "tile" : "tiles"}`;
 }
@@ -137,7 +149,7 @@ function deviceCard(entry) {
       badge(online ? "online" : "offline", online ? "ok" : "off")),
     h("p", { class: "meta" },
       s.current_experiment ? `experiment ${s.current_experiment} · ` : "",
-      `updated ${ago(s.at)}`,
+      since(s.at, "updated "),
       online && !s.broker_connected ? " · broker unreachable" : ""),
     h("dl", { class: "facts" },
       fact("Waiting to upload", `${tiles(s.buffered_tiles)} · ${bytes(s.buffered_bytes)}`,
@@ -160,7 +172,7 @@ function ingestCard(entry) {
                s.last_error || failing.length ? "has-error" : ""];
   return h("article", { class: cls.join(" "), "data-ingest": s.instance },
     h("header", {}, h("h3", {}, s.instance), badge(online ? "online" : "offline", online ? "ok" : "off")),
-    h("p", { class: "meta" }, `updated ${ago(s.at)}`, online && !s.broker_connected ? " · broker unreachable" : ""),
+    h("p", { class: "meta" }, since(s.at, "updated "), online && !s.broker_connected ? " · broker unreachable" : ""),
     h("dl", { class: "facts" },
       fact("Images in progress", s.images_in_progress),
       fact("Staged on disk", bytes(s.staging_bytes)),
@@ -197,7 +209,7 @@ function imageCard(entry) {
     h("header", {},
       h("h3", {}, s.image_name || s.image_id),
       badge(PHASE_TEXT[s.phase] || s.phase, PROBLEM.has(s.phase) ? "bad" : s.phase === "complete" ? "ok" : "busy"),
-      h("span", { class: "meta" }, `${s.device} · ${s.experiment} · updated ${ago(s.at)}`),
+      h("span", { class: "meta" }, `${s.device} · ${s.experiment} · `, since(s.at, "updated ")),
       omeroLink(entry)),
     h("div", { class: "bars", title: `${done} %` },
       bar("received", "Received", s.tiles_received, s.tiles_total),
@@ -215,7 +227,7 @@ function finishedRow(entry) {
     h("td", {}, s.experiment),
     h("td", {}, `${s.tiles_stored} / ${s.tiles_total}`),
     h("td", { title: where }, badge(PHASE_TEXT[s.phase], s.phase === "complete" ? "ok" : "bad"), " ", omeroLink(entry)),
-    h("td", {}, ago(s.at)));
+    h("td", {}, since(s.at)));
 }
 
 function alertsOf(devices, ingests, images) {
@@ -295,7 +307,7 @@ async function start() {
     state.stream = "lost";
   }
   connect();
-  setInterval(schedule, 1000); // keeps the "updated … ago" texts current
+  setInterval(tick, 1000);
 }
 
 start();

@@ -1,0 +1,93 @@
+"""The ingest (staging, ledger, storer) writing into OMERO while the tiles arrive."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("omero")
+
+from tests.ingest.harness import Harness, chunks, close_for, tiles_for
+from tests.omero.helpers import digest, expected_pixels, settings_for, unique_manifest
+from tilebridge_protocol.messages import ImageState, OpenManifest
+from tilebridge_protocol.topics import DeviceTopic
+from tilebridge_storage.omero_backend.backend import OmeroBackend
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def pyramids(omero_standin_factory: Any) -> Any:
+    return omero_standin_factory(pyramid_threshold_px=50 * 50, pyramid_tile=(32, 16))
+
+
+@pytest.fixture
+def harness(tmp_path: Path, pyramids: Any) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    # the archive stays; OMERO is the second backend of every image
+    h.storer.backends.append(OmeroBackend(settings_for(pyramids, keepalive_s=1.0)))
+    h.storer.backend_state["omero"] = "ok"
+    yield h
+    h.close()
+
+
+def send_tiles(harness: Harness, manifest: OpenManifest, tiles: Any, keys: Any) -> None:
+    for key in keys:
+        for message in chunks(manifest, key, tiles[key]):
+            harness.send(DeviceTopic.CHUNK, message)
+
+
+def test_tiles_reach_omero_during_the_acquisition(harness: Harness, pyramids: Any) -> None:
+    server = pyramids.server
+    manifest = unique_manifest(size_z=1, size_c=1, channels=["DAPI"])
+    tiles = tiles_for(manifest)
+    keys = manifest.tile_keys()
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    send_tiles(harness, manifest, tiles, keys[:3])  # the first row of the 3 x 2 scan
+    wait_until(lambda: server.set_tile_calls > 0)
+    [image] = server.images()
+    assert server.pixel_state(image.getId().getValue()) == "writing"
+
+    send_tiles(harness, manifest, tiles, keys[3:])
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    ack = harness.recorder.wait_image_ack(manifest.image_id)
+    assert ack.state is ImageState.COMPLETE
+    image_id = image.getId().getValue()
+    assert ack.locations["omero"].startswith(f"omero:Image:{image_id} dataset:")
+    assert server.pixel_state(image_id) == "complete"
+    assert digest(server.pixels(image_id)) == digest(expected_pixels(manifest, tiles))
+
+
+def test_omero_down_during_the_acquisition_is_retried_to_one_whole_image(
+    harness: Harness, pyramids: Any
+) -> None:
+    server = pyramids.server
+    manifest = unique_manifest()
+    tiles = tiles_for(manifest)
+    keys = manifest.tile_keys()
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    send_tiles(harness, manifest, tiles, keys[:4])
+    wait_until(lambda: server.set_tile_calls > 0)
+    server.stop()
+    send_tiles(harness, manifest, tiles, keys[4:])
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    wait_until(lambda: harness.storer.backend_state["omero"] != "ok")
+    server.start()
+
+    ack = harness.recorder.wait_image_ack(manifest.image_id)
+    assert ack.state is ImageState.COMPLETE
+    [image] = server.images()
+    image_id = image.getId().getValue()
+    assert ack.locations["omero"].startswith(f"omero:Image:{image_id} dataset:")
+    assert server.pixel_state(image_id) == "complete"
+    assert digest(server.pixels(image_id)) == digest(expected_pixels(manifest, tiles))
