@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto mosquitto-clients
+# Mosquitto for everything; chromium for the dashboard's browser test (driven by Playwright,
+# which must not download a browser of its own); shellcheck and systemd-analyze for deploy/.
+APT_PACKAGES := mosquitto mosquitto-clients chromium shellcheck systemd
 
 .PHONY: demo test lint typecheck pytest bench system venv omero clean
 

@@ -45,7 +45,13 @@ ACL_FILE = BROKER_DIR / "acl"
 CERTS_DIR = BROKER_DIR / "certs"
 PID_FILE = Path("/run/mosquitto/mosquitto.pid")
 EDGE_DIR = Path("/etc/tilebridge-edge")
-MAKE_CERTS = Path(__file__).resolve().parents[1] / "scripts" / "make_certs.sh"
+# In a checkout next to this package; a wheel does not carry it, so the server install puts
+# a copy under /opt/tilebridge/scripts.
+_MAKE_CERTS_PLACES = (
+    Path(__file__).resolve().parents[1] / "scripts" / "make_certs.sh",
+    Path("/opt/tilebridge/scripts/make_certs.sh"),
+)
+MAKE_CERTS = next((p for p in _MAKE_CERTS_PLACES if p.exists()), _MAKE_CERTS_PLACES[0])
 
 # Generated passwords carry 256 bits of entropy, so the iteration count is not what protects
 # them; it only has to stay cheap for the broker, which hashes on every CONNECT.
@@ -262,8 +268,6 @@ def acl_remove_user(text: str, name: str) -> str:
 
 def issue_certificate(name: str, certs_dir: Path, rotate: bool, script: Path) -> tuple[Path, Path]:
     """A client certificate (CN = name) from the lab CA via scripts/make_certs.sh."""
-    if not script.exists():
-        raise AdminError(f"{script} not found (use --make-certs)")
     command = ["bash", str(script), "-o", str(certs_dir), *(["-f"] if rotate else []), name]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -332,6 +336,8 @@ def add(args: argparse.Namespace) -> int:
             f"no lab CA in {args.certs_dir} (scripts/make_certs.sh makes one); with another "
             "CA, pass --no-cert and issue the device certificate (CN = device id) there"
         )
+    if cert and not args.make_certs.exists():
+        raise AdminError(f"{args.make_certs} not found (pass --make-certs PATH)")
     ca = next((p for p in (args.certs_dir / "ca.crt", args.password_file.parent / "ca.crt")
                if p.exists()), None)  # fmt: skip
     port = args.port or (8883 if tls else 1883)

@@ -152,6 +152,11 @@ class MqttConnection:
             self.client.disconnect()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
+        # paho opens a wake-up socket pair per connection and only closes it on the next
+        # connect; without a loop thread of its own nothing else releases it.
+        reset = getattr(self.client, "_reset_sockets", None)
+        if reset is not None:
+            reset(sockpair_only=True)
 
     def publish(
         self,

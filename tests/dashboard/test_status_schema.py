@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import jsonschema
+import pytest
 from pydantic import BaseModel
 
 from edge_agent.simulate import SyntheticScan
@@ -95,6 +95,7 @@ def test_doc_describes_every_field() -> None:
 
 
 def test_live_status_messages_of_a_real_scan_validate_against_the_doc(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
     validators = {
         topic_regex(pattern): jsonschema.Draft202012Validator(schema)
         for pattern, schema in doc_schemas().items()

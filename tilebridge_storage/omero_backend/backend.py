@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tilebridge_protocol.errors import PermanentError, TilebridgeError
+from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
@@ -166,7 +166,8 @@ class _OmeroWriter(ImageWriter):
 
     def _check_failed(self) -> None:
         if self.failed is not None:
-            raise type(self.failed)(f"an earlier OMERO call of this attempt failed: {self.failed}")
+            kind = TransientError if self.failed.retryable else PermanentError
+            raise kind(f"an earlier OMERO call of this attempt failed: {self.failed}")
 
     def _check_open(self) -> None:
         if self.stored is not None:
