@@ -65,6 +65,8 @@ run python3 -m venv "$PREFIX/venv"
 run "$PREFIX/venv/bin/pip" install --upgrade pip
 # fastapi and uvicorn serve the dashboard (server-ingest dashboard).
 run "$PREFIX/venv/bin/pip" install --upgrade "${source}[ingest]" fastapi uvicorn
+# `server-ingest device add` issues device certificates with this script.
+run install -D -m 0755 "$repo/scripts/make_certs.sh" "$PREFIX/scripts/make_certs.sh"
 if [[ -f $repo/docs/deploy.md ]]; then
   run install -D -m 0644 "$repo/docs/deploy.md" "$PREFIX/docs/deploy.md"
 fi

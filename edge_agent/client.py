@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +25,17 @@ FRAME_FIELDS = (
     "pixel_size_um", "channel", "exposure_ms", "timestamp",
 )  # fmt: skip
 """Frame metadata sent as query parameters; anything else goes in X-Frame-Metadata."""
+IMSWITCH_FIELDS = (
+    "x", "y", "z", "z_index", "channel_index", "time_index", "illuminationChannel",
+    "runningNumber", "illuminationValue",
+)  # fmt: skip
+"""The names of ImSwitch's frame metadata that tilebridge reads."""
+
+
+def frame_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What tilebridge reads of a metadata dict (ImSwitch adds keys of its own)."""
+    known = {*FRAME_FIELDS, *IMSWITCH_FIELDS, "tile_index"}
+    return {k: v for k, v in metadata.items() if k in known}
 
 
 class EdgeApiError(Exception):
@@ -170,6 +183,7 @@ def show_status(settings: AgentSettings, watch: bool = False, url: str | None = 
     from rich.live import Live
 
     console = Console()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise here
     try:
         client = EdgeClient(url or local_url(settings), resolve_token(settings), timeout=10)
     except PermanentError as exc:

@@ -126,7 +126,8 @@ class EdgeService:
             raise HTTPException(404, f"no experiment {image_id} on this agent") from None
 
     def status(self) -> StatusReport:
-        progress = [w.progress() for w in reversed(self.experiments.values())]
+        writers = list(self.experiments.values())  # a snapshot: starts may come meanwhile
+        progress = [w.progress() for w in reversed(writers)]
         return StatusReport(
             device=self.agent.status(), experiments=[p for p in progress if p is not None]
         )

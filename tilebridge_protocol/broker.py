@@ -224,6 +224,7 @@ class MqttConnection:
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         self.connected.clear()
-        if not self._stop.is_set():
+        refused = (self.last_error or "").startswith("broker refused")
+        if not self._stop.is_set() and not refused:  # keep "not authorized" visible
             self.last_error = f"disconnected: {reason}"
             log.warning("%s: %s", self.name, self.last_error)

@@ -252,6 +252,8 @@ def _load_json(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(ReasonCode.OVERSIZE, f"{len(payload)} bytes > {MAX_JSON_BYTES}")
     try:
         data = json.loads(payload)
+    except RecursionError:  # e.g. b"[" * 100000: deep nesting is hostile, not JSON we use
+        raise ProtocolError(ReasonCode.MALFORMED, "JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ReasonCode.MALFORMED, f"not JSON: {exc}") from None
     if not isinstance(data, dict):

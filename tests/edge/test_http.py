@@ -115,7 +115,7 @@ def retained_status(stack: Stack) -> DeviceStatus:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
     def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        got.append(msg.payload)
+        got.append(bytes(msg.payload))
         arrived.set()
 
     client.on_message = on_message

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from devtools.broker import Mosquitto
 from edge_agent import publisher as publisher_module
 from edge_agent.agent import EdgeAgent
-from edge_agent.omewriter import OMEWriter, OMEWriterConfig
+from edge_agent.client import FRAME_FIELDS, IMSWITCH_FIELDS, frame_metadata
+from edge_agent.omewriter import FrameInfo, OMEWriter, OMEWriterConfig
 from edge_agent.ratelimit import TokenBucket, throttle
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
@@ -253,7 +254,7 @@ def test_bad_frames_are_refused_and_change_nothing(agent: EdgeAgent, tmp_path: P
     writer = OMEWriter(agent, OMEWriterConfig(output_dir=tmp_path, write_tiff=False))
     writer.start_experiment(scan_spec(SMALL))
     good = SMALL.frame(TileKey(0))
-    refusals = [
+    refusals: list[tuple[np.ndarray[Any, Any], dict[str, Any], str]] = [
         (good[:-1], {"tile_index": 0}, "shape"),
         (good.astype(np.float32), {"tile_index": 0}, "dtype"),
         (good, {"tile_index": 6}, "outside the experiment"),
@@ -421,3 +422,20 @@ def test_every_published_message_passes_the_limiter(
     assert {rate for rate, _ in sent} == {50_000_000}
     tile_bytes = sum(n for _, n in sent if n > manifest.tile_bytes)
     assert tile_bytes >= 2 * manifest.tile_bytes  # both tiles (plus headers) were metered
+
+
+def test_the_client_passes_on_exactly_the_metadata_names_frames_accept() -> None:
+    accepted = set()
+    for name, field in FrameInfo.model_fields.items():
+        accepted.add(name)
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            accepted.update(str(choice) for choice in alias.choices)
+    imswitch = {"x": 1.0, "y": 2.0, "z": 3.0, "illuminationChannel": "GFP", "runningNumber": 4,
+                "illuminationValue": 10.0, "time_index": 0, "z_index": 0, "channel_index": 0,
+                "isRGB": False, "pixel_size": 0.5}  # fmt: skip
+    kept = frame_metadata(imswitch)
+    assert set(kept) == set(imswitch) - {"isRGB", "pixel_size"}
+    assert set(kept) <= accepted
+    assert {*FRAME_FIELDS, *IMSWITCH_FIELDS, "tile_index"} <= accepted
+    FrameInfo.model_validate(kept)

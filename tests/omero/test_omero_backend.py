@@ -99,6 +99,16 @@ def assert_described(conn: Any, image_id: int, manifest: OpenManifest, tiles: An
     assert meta["device"] == DEVICE
     for key, value in m.key_values.items():
         assert meta[key] == value
+    if m.layout.value == "mosaic":
+        for p in m.positions:
+            assert meta[f"position {p.index}"] == f"{p.x_um},{p.y_um},{p.z_um} um"
+        origin = (min(p.x_um for p in m.positions), min(p.y_um for p in m.positions))
+        assert meta["canvas_origin_um"] == f"{origin[0]},{origin[1]}"
+        planes = query(conn, "select p from PlaneInfo p where p.pixels.image.id = :id", image_id)
+        assert len(planes) == m.size_z * m.size_c * m.size_t
+        assert {(p.getPositionX().getValue(), p.getPositionY().getValue()) for p in planes} == {
+            origin
+        }
     prov = key_values(conn, image_id, PROVENANCE_NS)
     assert prov["image_id"] == str(m.image_id)
     assert prov["protocol_version"] == str(PROTOCOL_VERSION)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from functools import cached_property
 from typing import Any
 
 from tilebridge_protocol.errors import PermanentError
@@ -80,24 +81,24 @@ class OmeroSession:
                 return group_id
         raise PermanentError(f"OMERO user {self.username} is not a member of group {name!r}")
 
-    # -- services (stateless ones are shared by every writer of this session) ------------
+    # -- services: stateless proxies, fetched once, shared by every writer of the session -
     @property
     def sf(self) -> Any:
         return self._client.getSession()
 
-    @property
+    @cached_property
     def query(self) -> Any:
         return self.sf.getQueryService()
 
-    @property
+    @cached_property
     def update(self) -> Any:
         return self.sf.getUpdateService()
 
-    @property
+    @cached_property
     def pixels(self) -> Any:
         return self.sf.getPixelsService()
 
-    @property
+    @cached_property
     def admin(self) -> Any:
         return self.sf.getAdminService()
 
