@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from typing import Any
 from uuid import UUID
@@ -29,6 +30,15 @@ from tilebridge_protocol.topics import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def raise_open_file_limit() -> None:
+    """Backends may hold a memory map (one file descriptor) per staged tile of an image that
+    is still being written; the usual soft limit of 1024 is far too low for big mosaics."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 class IngestService:
@@ -58,6 +68,7 @@ class IngestService:
         )
 
     def start(self) -> IngestService:
+        raise_open_file_limit()
         serve_metrics(self, self._stop)
         self.storer.start()
         resumed = self.ingest.recover()

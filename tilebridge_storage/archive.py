@@ -10,6 +10,7 @@ nothing lost) whatever the layout. The file is written at `finish()` from the ti
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,20 @@ class _ArchiveWriter(ImageWriter):
     def __init__(self, device: str, manifest: OpenManifest, path: Path) -> None:
         super().__init__(device, manifest)
         self.path = path
-        self.tiles: dict[TileKey, np.ndarray[Any, Any]] = {}
+        self.tiles: dict[TileKey, np.ndarray[Any, Any] | _Staged] = {}
         self.stored: StoredImage | None = None
 
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
         if self.stored is not None:
             raise PermanentError(f"image {self.manifest.image_id} is already finished")
         self.check_tile(key, pixels)
-        self.tiles[key] = pixels
+        # A memory map holds a file descriptor; thousands of tiles would exhaust them, so a
+        # staged tile is kept by name and mapped again, one at a time, when the file is written.
+        filename = getattr(pixels, "filename", None)
+        if isinstance(pixels, np.memmap) and filename and pixels.offset == 0:
+            self.tiles[key] = _Staged(Path(filename), pixels.dtype, pixels.shape)
+        else:
+            self.tiles[key] = pixels
 
     def finish(self) -> StoredImage:
         if self.stored is not None:
@@ -82,7 +89,20 @@ class _ArchiveWriter(ImageWriter):
         for t in range(m.size_t):
             for c in range(m.size_c):
                 for z in range(m.size_z):
-                    yield np.asarray(self.tiles[TileKey(index, z, c, t)], dtype=m.dtype.numpy)
+                    tile = self.tiles[TileKey(index, z, c, t)]
+                    if isinstance(tile, _Staged):
+                        tile = tile.load()
+                    yield np.asarray(tile, dtype=m.dtype.numpy)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    path: Path
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    def load(self) -> np.ndarray[Any, Any]:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
 
 
 def _series_metadata(m: OpenManifest, index: int) -> dict[str, Any]:

@@ -42,3 +42,28 @@ class TestArchive(StorageContract):
                 assert [ch.name for ch in image.pixels.channels] == list(manifest.channels)
                 assert image.pixels.planes[0].position_x == position.x_um
         assert TileKey(0) in tiles
+
+
+def test_staged_tiles_cost_no_file_descriptors_until_written(tmp_path: Path) -> None:
+    """The ingest hands the archive memory maps of staged tiles; holding thousands of them
+    open would exhaust the process's file descriptors."""
+    import os
+
+    from tests.storage.manifests import make_manifest
+
+    manifest = make_manifest(rows=10, columns=30, tile=(8, 8))  # 300 positions, 1200 tiles
+    writer = ArchiveBackend(tmp_path / "archive").open_image("scope-1", manifest)
+    before = len(os.listdir("/proc/self/fd"))
+    expected = {}
+    for n, key in enumerate(manifest.tile_keys()):
+        path = tmp_path / "staged" / f"{key.slug()}.tile"
+        path.parent.mkdir(exist_ok=True)
+        pixels = np.full((8, 8), n, dtype="<u2")
+        pixels.tofile(path)
+        expected[key] = pixels
+        writer.write_tile(key, np.memmap(path, dtype="<u2", mode="r", shape=(8, 8)))
+    assert len(os.listdir("/proc/self/fd")) - before < 50
+    stored = writer.finish()
+    with tifffile.TiffFile(stored.location) as tif:
+        data = tif.series[7].asarray().reshape(1, 2, 2, 8, 8)
+    np.testing.assert_array_equal(data[0, 1, 0], expected[TileKey(7, 0, 1, 0)])
