@@ -37,12 +37,15 @@ def test_a_simulated_scan_flows_from_the_edge_into_omero(
     watcher = Watcher(broker, "tilebridge/v1/#")
     ingest = IngestService(
         IngestSettings(
-            broker=BrokerSettings(port=broker.port), data_dir=tmp_path / "ingest",
-            backends=("archive", "omero"), omero=omero, status_interval_s=0.5,
-        )  # fmt: skip
+            broker=BrokerSettings(port=broker.port),
+            data_dir=tmp_path / "ingest",
+            backends=("archive", "omero"),
+            omero=omero,
+            status_interval_s=0.5,
+        )
     ).start()
     try:
-        wait_for(lambda: ingest.connection.connected.is_set(), 20, "ingest connected")
+        wait_for(ingest.connection.connected.is_set, 20, "ingest connected")
         agent_settings = AgentSettings(
             broker=BrokerSettings(port=broker.port), spool_dir=tmp_path / "spool",
             min_free_bytes=0, commit_timeout_s=5,
