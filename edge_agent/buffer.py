@@ -197,6 +197,10 @@ class DiskBuffer:
     def is_open(self, image_id: UUID) -> bool:
         return (self._image_dir(image_id) / "open.json").exists()
 
+    def pending_tiles(self, image_id: UUID) -> int:
+        """Tiles of the image still waiting for their `committed` ack."""
+        return sum(1 for _ in (self._image_dir(image_id) / "tiles").glob("*.tile"))
+
     def is_closed(self, image_id: UUID) -> bool:
         return (self._image_dir(image_id) / "close.json").exists()
 

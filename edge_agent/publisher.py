@@ -112,6 +112,8 @@ class Publisher:
                 self.buffer.done(item)
             except Exception:  # the tile is re-sent and re-acknowledged; nothing is lost
                 log.exception("forgetting a committed tile")
+            finally:
+                self._forget.task_done()
 
     def subscribe(self, client: mqtt.Client) -> None:
         """Called on every (re)connect."""
@@ -339,6 +341,12 @@ class Publisher:
             and not self.buffer.is_closed(ack.image_id)
         ):
             return  # the image is still being written here; a stale ack from an earlier try
+        self._forget.join()  # committed tiles still being deleted are not pending
+        if self.buffer.pending_tiles(ack.image_id):
+            # Never drop tiles the server does not have; the close is sent again and answered
+            # once they are all committed.
+            log.warning("image %s: %s ack while tiles are pending here", ack.image_id, ack.state)
+            return
         if flight is not None:
             self._finish(key, flight)
             self.buffer.done(flight.item)

@@ -168,7 +168,9 @@ class Ingest:
             )
             return
         self.outbox.ack(device, OpenAck(image_id=manifest.image_id, state=ManifestState.ACCEPTED))
-        if record.phase in (Phase.COMPLETE, Phase.FAILED):
+        if record.phase is Phase.COMPLETE or (
+            record.phase is Phase.FAILED and self._all_in(record)
+        ):
             self._image_ack(record)
         self._publish_progress(record, force=True)
 
@@ -377,8 +379,15 @@ class Ingest:
             return
         if record.device != device:
             raise ProtocolError(ReasonCode.CONFLICT, "the image belongs to another device")
-        if record.phase in (Phase.COMPLETE, Phase.FAILED):
+        if record.phase is Phase.COMPLETE:
             self._image_ack(record)
+            return
+        if record.phase is Phase.FAILED:
+            if record.close is None:
+                self.ledger.set_close(close.image_id, close)
+                record.close = close
+            if self._all_in(record):
+                self._image_ack(record)
             return
         expected = set(record.manifest.tile_keys())
         if (
@@ -410,6 +419,9 @@ class Ingest:
     # -- storing ----------------------------------------------------------------------------
 
     def _maybe_store(self, record: ImageRecord) -> None:
+        if record.phase is Phase.FAILED and self._all_in(record):
+            self._image_ack(record)  # the last tile of a failed image: now the device may let go
+            return
         if record.phase is not Phase.RECEIVING or record.close is None or record.manifest is None:
             return
         if len(self._staged_tiles(record.image_id)) < record.manifest.tile_count:
@@ -454,8 +466,19 @@ class Ingest:
         record.phase, record.error = Phase.FAILED, error
         self.stats.last_error = f"image {record.image_id}: {error}"
         log.error("image %s failed (its tiles stay staged): %s", record.image_id, error)
-        self._image_ack(record)
+        if self._all_in(record):
+            self._image_ack(record)
         self._publish_progress(record, force=True)
+
+    def _all_in(self, record: ImageRecord) -> bool:
+        """Close received and every tile staged: only then may the device forget the image.
+
+        A backend can fail an image while tiles still arrive; telling the device then would
+        make it drop tiles that are not on the server yet.
+        """
+        if record.close is None or record.manifest is None:
+            return False
+        return len(self._staged_tiles(record.image_id)) >= record.manifest.tile_count
 
     def recover(self) -> list[UUID]:
         """At start-up: resume images that were being stored or became complete while down."""

@@ -11,9 +11,11 @@ import pytest
 
 pytest.importorskip("omero")
 
-from tests.ingest.harness import Harness, chunks, close_for, tiles_for
+from server_ingest.ledger import Phase
+from tests.ingest.harness import DEVICE, Harness, chunks, close_for, tiles_for
 from tests.omero.helpers import digest, expected_pixels, settings_for, unique_manifest
-from tilebridge_protocol.messages import ImageState, OpenManifest
+from tilebridge_protocol.messages import ImageState, OpenManifest, TileState
+from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.topics import DeviceTopic
 from tilebridge_storage.omero_backend.backend import OmeroBackend
 
@@ -92,3 +94,50 @@ def test_omero_down_during_the_acquisition_is_retried_to_one_whole_image(
     assert ack.locations["omero"].startswith(f"omero:Image:{image_id} dataset:")
     assert server.pixel_state(image_id) == "complete"
     assert digest(server.pixels(image_id)) == digest(expected_pixels(manifest, tiles))
+
+
+def test_omero_down_when_the_image_opens_then_up_completes_the_image(
+    harness: Harness, pyramids: Any
+) -> None:
+    server = pyramids.server
+    server.stop()
+    manifest = unique_manifest()
+    tiles = tiles_for(manifest)
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    send_tiles(harness, manifest, tiles, manifest.tile_keys())
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    # Every tile is committed to the device although OMERO is unreachable...
+    committed = {a.tile for a in harness.recorder.tile_acks(TileState.COMMITTED)}
+    assert committed == set(tiles)
+    # ...and the image's status says why it is not stored yet.
+    wait_until(lambda: any(r.error and "omero" in r.error for r, _ in harness.recorder.statuses))
+    server.start()
+    ack = harness.recorder.wait_image_ack(manifest.image_id, timeout=60)
+    assert ack.state is ImageState.COMPLETE
+    [image] = server.images()
+    assert digest(server.pixels(image.getId().getValue())) == digest(
+        expected_pixels(manifest, tiles)
+    )
+
+
+def test_a_permission_failure_fails_the_image_with_its_reason_and_keeps_the_tiles(
+    harness: Harness, pyramids: Any
+) -> None:
+    server = pyramids.server
+    server.faults.forbid_create = {"Project", "Dataset"}
+    manifest = unique_manifest(project="forbidden-project")
+    tiles = tiles_for(manifest)
+    harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+    send_tiles(harness, manifest, tiles, manifest.tile_keys())
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    ack = harness.recorder.wait_image_ack(manifest.image_id)
+    assert ack.state is ImageState.FAILED
+    assert ack.reason is ReasonCode.STORAGE_FAILED
+    assert ack.detail and "permission denied" in ack.detail
+    record, _ = harness.recorder.statuses[-1]
+    assert record.phase is Phase.FAILED and record.error == ack.detail
+    staged = harness.staging.image_dir(DEVICE, manifest.image_id)
+    assert sorted(p.name for p in staged.glob("*.tile")) == sorted(
+        f"{k.slug()}.tile" for k in manifest.tile_keys()
+    )
+    assert not server.images()
