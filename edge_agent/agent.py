@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 from uuid import UUID
 
@@ -17,10 +18,12 @@ from edge_agent.settings import AgentSettings
 from tilebridge_protocol.broker import MqttConnection
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, ImageAck, OpenManifest, utcnow
-from tilebridge_protocol.status import DeviceStatus, Liveness
+from tilebridge_protocol.status import BackendProgress, DeviceStatus, Liveness
 from tilebridge_protocol.topics import DeviceTopic, device_topic
 
 log = logging.getLogger(__name__)
+
+BackendsSource = Callable[[], Mapping[str, BackendProgress] | None]
 
 
 class EdgeAgent:
@@ -48,6 +51,8 @@ class EdgeAgent:
         self._stop = threading.Event()
         self._status_thread = threading.Thread(target=self._report, name="edge-status", daemon=True)
         self._last_committed = (time.monotonic(), 0)
+        self._throughput = 0.0
+        self._backends_source: BackendsSource | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -99,15 +104,18 @@ class EdgeAgent:
 
     # -- status -----------------------------------------------------------------------------
 
+    def set_backends_source(self, source: BackendsSource | None) -> None:
+        """What `status().backends` reports: per-target progress of the current experiment.
+        One source at a time; a writer that starts an experiment replaces the previous one."""
+        self._backends_source = source
+
     def status(self, state: Liveness = Liveness.ONLINE) -> DeviceStatus:
+        """A snapshot; reading it changes nothing (the throughput is measured by `_report`)."""
         stats = self.buffer.stats()
         inflight_tiles, _ = self.publisher.inflight
-        now = time.monotonic()
-        committed = self.publisher.counters.committed_bytes
-        then, before = self._last_committed
-        rate = (committed - before) / (now - then) if now > then else 0.0
-        self._last_committed = (now, committed)
         c = self.publisher.counters
+        source = self._backends_source
+        backends = source() if source is not None else None
         return DeviceStatus(
             at=utcnow(),
             device=self.device,
@@ -120,11 +128,12 @@ class EdgeAgent:
             committed_tiles=c.committed_tiles,
             retransmits=c.retransmits,
             rejected_tiles=c.rejected_tiles,
-            throughput_bytes_per_s=rate,
+            throughput_bytes_per_s=self._throughput,
             disk_free_bytes=stats.disk_free_bytes,
             current_experiment=self.current_experiment,
             broker_connected=self.connection.connected.is_set(),
             last_error=self.publisher.last_error or self.connection.last_error or self.last_error,
+            backends=dict(backends or {}),
         )
 
     def _connected(self, client: Any) -> None:
@@ -138,10 +147,19 @@ class EdgeAgent:
     def _report(self) -> None:
         while not self._stop.wait(self.settings.status_interval_s):
             try:
+                self._measure_throughput()
                 self._publish_status()
                 self.buffer.compact()
             except Exception:  # status must never take the agent down
                 log.exception("status report")
+
+    def _measure_throughput(self) -> None:
+        # Over one status interval, on this thread only: readers of status() share the window.
+        now = time.monotonic()
+        committed = self.publisher.counters.committed_bytes
+        then, before = self._last_committed
+        self._throughput = (committed - before) / (now - then) if now > then else 0.0
+        self._last_committed = (now, committed)
 
     def _image_done(self, ack: ImageAck) -> None:
         with self._done_cond:

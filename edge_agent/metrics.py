@@ -1,8 +1,7 @@
 """Prometheus metrics of the edge agent, read from the running agent at scrape time.
 
 The collector keeps no counters of its own; it reads the disk buffer and the publisher's
-counters on every scrape. It does not call `EdgeAgent.status()`, whose throughput figure is
-a rate since the previous call: scraping must not change what the retained status reports.
+counters on every scrape (a Prometheus rate() over the byte counter gives throughput).
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ class AgentSettings(BaseSettings):
     http_token: SecretStr | None = None
     http_token_file: Path | None = None
     """Read the HTTP API token from this file (preferred over `http_token` in config files)."""
+    local_output_root: Path = Path("/var/lib/tilebridge-edge/local")
+    """The HTTP API may set the OMEWriter's output_dir only to a folder under this one."""
 
     @field_validator("device_id")
     @classmethod

@@ -85,7 +85,7 @@ class QuotaBackend(StorageBackend):
 def test_a_full_disk_fails_one_backend_and_the_others_complete(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with small_filesystem(out / "ome_tiff") as mounted, running_stack(
-        tmp_path, http_port=free_port()
+        tmp_path, http_port=free_port(), local_output_root=out
     ) as stack:  # fmt: skip
         backends: dict[str, StorageBackend] | None = None
         if not mounted:

@@ -137,7 +137,9 @@ def retained_status(stack: Stack) -> DeviceStatus:
 def served(tmp_path: Path) -> Iterator[tuple[Stack, EdgeClient]]:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    with running_stack(tmp_path, http_port=free_port(), http_token_file=token_file) as stack:
+    with running_stack(
+        tmp_path, http_port=free_port(), http_token_file=token_file, local_output_root=tmp_path
+    ) as stack:
         stop = threading.Event()
         serve_http(stack.agent, stack.settings, stop)
         url = f"http://127.0.0.1:{stack.settings.http_port}"
@@ -225,7 +227,9 @@ def test_a_scan_posted_over_http_lands_in_every_target(
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[httpx.Client, EdgeService]]:
     """The API of an agent that is never started (frames stay in its disk buffer)."""
-    agent = EdgeAgent(AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0))
+    agent = EdgeAgent(
+        AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0, local_output_root=tmp_path)
+    )
     config = OMEWriterConfig(output_dir=tmp_path / "out", write_omero=True)
     service = EdgeService(agent, config, state_file=tmp_path / "omewriter.json")
     port = free_port()
@@ -257,6 +261,25 @@ def test_config_get_set_and_the_imswitch_names(
         assert refused.status_code == 422
         assert field in refused.json()["message"]
     assert service.config.write_zarr and service.config.layout == "mosaic"
+
+
+def test_output_dir_must_stay_under_the_local_output_root(
+    api: tuple[httpx.Client, EdgeService], tmp_path: Path
+) -> None:
+    client, service = api
+    inside = client.post("/config", json={"output_dir": str(tmp_path / "out" / "scans")})
+    assert inside.status_code == 200
+    for outside in ("/etc", str(tmp_path.parent), str(tmp_path / "out" / ".." / ".." / "x")):
+        refused = client.post("/setOMEWriterConfig", json={"output_dir": outside})
+        assert refused.status_code == 422
+        message = refused.json()["message"]
+        assert "output_dir" in message and "local_output_root" in message
+    link = tmp_path / "link"
+    link.symlink_to("/etc")
+    assert client.post("/config", json={"output_dir": str(link / "scans")}).status_code == 422
+    # A refused update changes nothing.
+    assert service.config.output_dir == tmp_path / "out" / "scans"
+    assert client.get("/config").json()["output_dir"] == str(tmp_path / "out" / "scans")
 
 
 def test_frames_are_validated_against_the_manifest(api: tuple[httpx.Client, EdgeService]) -> None:

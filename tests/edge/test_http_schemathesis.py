@@ -19,7 +19,9 @@ from edge_agent.settings import AgentSettings
 
 @pytest.mark.slow
 def test_no_request_makes_the_agent_fail(tmp_path: Path) -> None:
-    agent = EdgeAgent(AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0))
+    agent = EdgeAgent(
+        AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0, local_output_root=tmp_path)
+    )
     out = tmp_path / "out"
     config = OMEWriterConfig(output_dir=out, write_zarr=True, write_stitched_tiff=True)
     service = EdgeService(agent, config)
