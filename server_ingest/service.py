@@ -6,7 +6,6 @@ import logging
 import resource
 import threading
 from typing import Any
-from uuid import UUID
 
 import paho.mqtt.client as mqtt
 
@@ -157,9 +156,6 @@ class IngestService:
                 self._publish_status()
             except Exception:
                 log.exception("status report")
-
-    def image_record(self, image_id: UUID) -> ImageRecord | None:
-        return self.ledger.image(image_id)
 
     def describe(self) -> dict[str, Any]:
         return {"instance": self.settings.instance, "backends": list(self.settings.backends)}

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.files import atomic_write, image_path, remove
+from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
 
@@ -46,9 +46,8 @@ class _ArchiveWriter(ImageWriter):
         self.stored: StoredImage | None = None
 
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
-        if self.stored is not None:
-            raise PermanentError(f"image {self.manifest.image_id} is already finished")
-        self.check_tile(key, pixels)
+        if not self.admit(key, pixels, self.tiles, self.stored is not None):
+            return
         # A memory map holds a file descriptor; thousands of tiles would exhaust them, so a
         # staged tile is kept by name and mapped again, one at a time, when the file is written.
         filename = getattr(pixels, "filename", None)
@@ -81,7 +80,13 @@ class _ArchiveWriter(ImageWriter):
                     shape=shape,
                     dtype=m.dtype.numpy,
                     photometric="minisblack",
-                    metadata=_series_metadata(m, position.index),
+                    metadata=ome_metadata(
+                        m,
+                        f"{m.image_name} position {position.index}",
+                        position.x_um,
+                        position.y_um,
+                        position.z_um,
+                    ),
                 )
 
     def _planes(self, index: int) -> Iterator[np.ndarray[Any, Any]]:
@@ -103,29 +108,3 @@ class _Staged:
 
     def load(self) -> np.ndarray[Any, Any]:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
-
-
-def _series_metadata(m: OpenManifest, index: int) -> dict[str, Any]:
-    pos = m.positions[index]
-    planes = m.size_t * m.size_c * m.size_z
-    meta: dict[str, Any] = {
-        "axes": "TCZYX",
-        "Name": f"{m.image_name} position {index}",
-        "PhysicalSizeX": m.pixel_size.x_um,
-        "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": m.pixel_size.y_um,
-        "PhysicalSizeYUnit": "µm",
-        "Channel": {"Name": [m.channel_name(c) for c in range(m.size_c)]},
-        "Plane": {
-            "PositionX": [pos.x_um] * planes,
-            "PositionXUnit": ["µm"] * planes,
-            "PositionY": [pos.y_um] * planes,
-            "PositionYUnit": ["µm"] * planes,
-            "PositionZ": [pos.z_um] * planes,
-            "PositionZUnit": ["µm"] * planes,
-        },
-    }
-    if m.pixel_size.z_um is not None:
-        meta["PhysicalSizeZ"] = m.pixel_size.z_um
-        meta["PhysicalSizeZUnit"] = "µm"
-    return meta

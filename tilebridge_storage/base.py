@@ -35,6 +35,7 @@ Promises every backend keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,6 +72,16 @@ class ImageWriter(ABC):
 
     @abstractmethod
     def abort(self) -> None: ...
+
+    def admit(
+        self, key: TileKey, pixels: np.ndarray[Any, Any], written: Collection[TileKey], done: bool
+    ) -> bool:
+        """The common start of `write_tile`: refuse after `finish()`, check the tile against
+        the manifest, and say whether it is new (False: a duplicate, to be ignored)."""
+        if done:
+            raise PermanentError(f"image {self.manifest.image_id} is already finished")
+        self.check_tile(key, pixels)
+        return key not in written
 
     def check_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
         """Raise PermanentError unless `key` and `pixels` fit the manifest."""

@@ -28,7 +28,6 @@ import numpy as np
 import tifffile
 from ome_types import model as ome
 
-from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
@@ -79,10 +78,7 @@ class _OmeTiffWriter(ImageWriter):
         self.stored: StoredImage | None = None
 
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
-        if self.stored is not None:
-            raise PermanentError(f"image {self.manifest.image_id} is already finished")
-        self.check_tile(key, pixels)
-        if key in self.written:
+        if not self.admit(key, pixels, self.written, self.stored is not None):
             return
         m = self.manifest
         data = np.ascontiguousarray(pixels, dtype=m.dtype.numpy)

@@ -70,10 +70,7 @@ class _OmeZarrWriter(ImageWriter):
         self.stored: StoredImage | None = None
 
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
-        if self.stored is not None:
-            raise PermanentError(f"image {self.manifest.image_id} is already finished")
-        self.check_tile(key, pixels)
-        if key in self.written:
+        if not self.admit(key, pixels, self.written, self.stored is not None):
             return
         data = np.asarray(pixels, dtype=self.manifest.dtype.numpy)
         with disk_errors(f"writing {self.path}"):

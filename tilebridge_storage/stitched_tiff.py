@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.files import atomic_write, disk_errors, image_path, remove
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
+from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
 Canvas = np.memmap[Any, np.dtype[Any]]
@@ -64,10 +64,7 @@ class _StitchedTiffWriter(ImageWriter):
         self.stored: StoredImage | None = None
 
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
-        if self.stored is not None:
-            raise PermanentError(f"image {self.manifest.image_id} is already finished")
-        self.check_tile(key, pixels)
-        if key in self.written:
+        if not self.admit(key, pixels, self.written, self.stored is not None):
             return
         with disk_errors(f"writing {self.path}"):
             if self.canvas is None:
@@ -137,25 +134,7 @@ class _StitchedTiffWriter(ImageWriter):
                     tif.write(data, subfiletype=1, resolution=resolution, **options)
 
     def _metadata(self) -> dict[str, Any]:
-        m, mosaic = self.manifest, self.mosaic
-        planes = m.size_t * m.size_c * m.size_z
-        meta: dict[str, Any] = {
-            "axes": "TCZYX",
-            "Name": m.image_name,
-            "AcquisitionDate": m.acquired_at.isoformat(),
-            "PhysicalSizeX": m.pixel_size.x_um,
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": m.pixel_size.y_um,
-            "PhysicalSizeYUnit": "µm",
-            "Channel": {"Name": [m.channel_name(c) for c in range(m.size_c)]},
-            "Plane": {
-                "PositionX": [mosaic.origin_x_um] * planes,
-                "PositionXUnit": ["µm"] * planes,
-                "PositionY": [mosaic.origin_y_um] * planes,
-                "PositionYUnit": ["µm"] * planes,
-            },
-        }
-        if m.pixel_size.z_um is not None:
-            meta["PhysicalSizeZ"] = m.pixel_size.z_um
-            meta["PhysicalSizeZUnit"] = "µm"
-        return meta
+        mosaic = self.mosaic
+        return ome_metadata(
+            self.manifest, self.manifest.image_name, mosaic.origin_x_um, mosaic.origin_y_um
+        )
