@@ -5,16 +5,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Mosquitto for everything; chromium for the dashboard's browser test (driven by Playwright,
-# which must not download a browser of its own); shellcheck and systemd-analyze for deploy/.
-APT_PACKAGES := mosquitto mosquitto-clients chromium shellcheck systemd
+# Mosquitto for everything. The tests also need: chromium for the dashboard's browser test
+# (driven by Playwright, which must not download a browser of its own), shellcheck and
+# systemd-analyze for deploy/, openssl for certificates, and a compiler with the OpenSSL and
+# bzip2 headers for the zeroc-ice build.
+APT_PACKAGES := mosquitto mosquitto-clients
+APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev
 
-.PHONY: demo test lint typecheck pytest bench system venv omero clean
+.PHONY: demo test lint typecheck pytest bench system test-system venv omero clean
 
 demo: system venv
 	$(PY) -m devtools.demo
 
-test: system venv omero lint typecheck pytest
+test: system test-system venv omero lint typecheck pytest
 
 lint: venv
 	$(PY) -m ruff check .
@@ -29,13 +32,21 @@ pytest: venv
 bench: system venv
 	$(PY) benchmarks/throughput.py
 
-# Mosquitto comes from Debian; the project only ships its configuration (mosquitto/).
-system:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Debian packages, installed only when missing (Mosquitto comes from Debian; the project
+# ships only its configuration, mosquitto/).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+endef
+
+test-system:
+	$(call apt_install,$(APT_TEST_PACKAGES))
+
+system:
+	$(call apt_install,$(APT_PACKAGES))
 	@# The packaged broker starts as a system service; tilebridge runs its own on a free port.
 	@command -v mosquitto >/dev/null || { echo "mosquitto not found" >&2; exit 1; }
 
