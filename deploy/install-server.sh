@@ -2,7 +2,7 @@
 # Install the tilebridge server side on Debian 12: Mosquitto with the repository's broker
 # configuration, the ingest and the dashboard as systemd services. See docs/deploy.md.
 #
-#   sudo deploy/install-server.sh [SOURCE]
+#   sudo [WITH_OMERO=1] deploy/install-server.sh [SOURCE]
 #
 # SOURCE is what pip installs tilebridge from: a checkout (default: the repository this script
 # is in) or a built wheel. Running it again upgrades the code and keeps the configuration,
@@ -65,6 +65,16 @@ run python3 -m venv "$PREFIX/venv"
 run "$PREFIX/venv/bin/pip" install --upgrade pip
 # fastapi and uvicorn serve the dashboard (server-ingest dashboard).
 run "$PREFIX/venv/bin/pip" install --upgrade "${source}[ingest]" fastapi uvicorn
+if [[ ${WITH_OMERO:-0} == 1 ]]; then
+  # omero-py needs zeroc-ice 3.6.5, built once from source (docs/omero.md).
+  run apt-get install -y --no-install-recommends g++ libssl-dev libbz2-dev
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '+ pip install <zeroc-ice wheel from scripts/build_zeroc_ice.sh> %s\n' "${source}[ingest,omero]"
+  else
+    wheel=$(bash "$repo/scripts/build_zeroc_ice.sh" "$PREFIX/venv/bin/python" | tail -n 1)
+    "$PREFIX/venv/bin/pip" install "$wheel" "${source}[ingest,omero]"
+  fi
+fi
 # `server-ingest device add` issues device certificates with this script.
 run install -D -m 0755 "$repo/scripts/make_certs.sh" "$PREFIX/scripts/make_certs.sh"
 if [[ -f $repo/docs/deploy.md ]]; then
