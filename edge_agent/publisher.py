@@ -53,6 +53,7 @@ class Flight:
     pending_mids: set[int] = field(default_factory=set)
     deadline: float = float("inf")
     resend_now: bool = False
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -197,6 +198,12 @@ class Publisher:
     def _send(self, key: FlightKey, flight: Flight) -> None:
         item = flight.item
         device = self.settings.device_id
+        with self._lock:
+            # PUBACKs that never came (a broker that lost its session) must not pin the tile.
+            for mid in flight.pending_mids:
+                self._by_mid.pop(mid, None)
+            flight.pending_mids.clear()
+            flight.sent_at = time.monotonic()
         flight.attempts += 1
         flight.resend_now = False
         flight.deadline = float("inf")
@@ -246,11 +253,13 @@ class Publisher:
             return
         now = time.monotonic()
         online = self.ingest_online()
+        stuck_after = self.settings.max_commit_timeout_s
         with self._lock:
             due = [
                 (k, f)
                 for k, f in self._flights.items()
-                if not f.pending_mids and (f.resend_now or (online and f.deadline <= now))
+                if (not f.pending_mids and (f.resend_now or (online and f.deadline <= now)))
+                or (f.pending_mids and online and now - f.sent_at > stuck_after)
             ]
         for key, flight in due:
             if not flight.resend_now:

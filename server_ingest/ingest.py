@@ -444,6 +444,10 @@ class Ingest:
             log.info("image %s complete: %s", image_id, locations)
             self._image_ack(record)
             self._publish_progress(record, force=True)
+            # Done: the ledger answers for it from now on, so a long-running ingest does not
+            # keep every image it ever received in memory.
+            self._records.pop(image_id, None)
+            self._progress.pop(image_id, None)
 
     def store_failed(self, image_id: UUID, reason: ReasonCode, detail: str) -> None:
         with self._lock:

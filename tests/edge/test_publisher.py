@@ -1,0 +1,162 @@
+"""The publisher alone, against a fake broker connection: what it sends, when it sends it
+again, and what it forgets on which ack."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from devtools.stack import wait_for
+from edge_agent.buffer import DiskBuffer
+from edge_agent.publisher import Publisher
+from edge_agent.settings import AgentSettings
+from tests.storage.manifests import make_manifest, make_tiles
+from tilebridge_protocol.framing import decode_chunk
+from tilebridge_protocol.messages import (
+    ImageAck,
+    ImageState,
+    ManifestState,
+    OpenAck,
+    OpenManifest,
+    TileAck,
+    TileState,
+)
+from tilebridge_protocol.reasons import ReasonCode
+
+
+class FakeConnection:
+    """Records publishes; PUBACKs only when told to (`auto_puback`)."""
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self.connected.set()
+        self.sent: list[tuple[str, bytes]] = []
+        self.auto_puback = True
+        self.publisher: Publisher | None = None
+        self._mid = 0
+        self._lock = threading.Lock()
+
+    def publish(self, topic: str, payload: bytes, **_: Any) -> Any:
+        with self._lock:
+            self._mid += 1
+            mid = self._mid
+            self.sent.append((topic, payload))
+        if self.auto_puback and self.publisher is not None:
+            threading.Timer(0.001, self.publisher.on_published, args=(mid,)).start()
+        return type("Info", (), {"rc": mqtt.MQTT_ERR_SUCCESS, "mid": mid})()
+
+    def tiles_sent(self) -> list[Any]:
+        with self._lock:
+            chunks = [decode_chunk(p)[0] for t, p in self.sent if t.endswith("/chunk")]
+        return [(h.tile, h.chunk_index) for h in chunks]
+
+    def kinds(self) -> list[str]:
+        with self._lock:
+            return [t.rsplit("/", 1)[1] for t, _ in self.sent]
+
+
+Rig = tuple[Publisher, FakeConnection, DiskBuffer, OpenManifest]
+
+
+@contextmanager
+def make_rig(tmp_path: Path, timeout_s: float, auto_puback: bool = True) -> Iterator[Rig]:
+    settings = AgentSettings(
+        spool_dir=tmp_path, min_free_bytes=0, commit_timeout_s=timeout_s,
+        max_commit_timeout_s=2 * timeout_s, chunk_size=4096,
+    )  # fmt: skip
+    buffer = DiskBuffer(tmp_path)
+    connection = FakeConnection()
+    connection.auto_puback = auto_puback
+    publisher = Publisher(settings, buffer, connection)  # type: ignore[arg-type]
+    connection.publisher = publisher
+    manifest = make_manifest(rows=1, columns=2)
+    buffer.add_open(manifest)
+    for key, pixels in make_tiles(manifest).items():
+        buffer.add_tile(manifest.image_id, key, pixels.astype("<u2").tobytes())
+    buffer.add_close(manifest.image_id)
+    publisher.start()
+    try:
+        yield publisher, connection, buffer, manifest
+    finally:
+        publisher.stop()
+        buffer.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    """Timeouts far beyond any test: every resend seen here was asked for by an ack."""
+    with make_rig(tmp_path, timeout_s=600) as parts:
+        yield parts
+
+
+def _ack(publisher: Publisher, ack: Any) -> None:
+    publisher._acks.put(ack)  # what on_message does after decoding
+
+
+def test_everything_is_sent_once_then_again_until_acknowledged(tmp_path: Path) -> None:
+    with make_rig(tmp_path, timeout_s=0.3) as (_, connection, buffer, manifest):
+        _everything_sent_twice(connection, buffer, manifest)
+
+
+def _everything_sent_twice(connection: FakeConnection, buffer: DiskBuffer, manifest: Any) -> None:
+    per_tile = -(-manifest.tile_bytes // 4096)
+    first_round = 2 + manifest.tile_count * per_tile
+    wait_for(lambda: len(connection.sent) >= first_round, 10, "the first round")
+    assert connection.kinds()[0] == "open"
+    # No ack comes: after commit_timeout_s everything is sent again.
+    wait_for(lambda: len(connection.sent) >= 2 * first_round, 10, "a second round")
+    assert buffer.stats().tiles == manifest.tile_count  # nothing was forgotten meanwhile
+
+
+def test_committed_tiles_leave_the_buffer_and_complete_forgets_the_image(rig: Any) -> None:
+    publisher, connection, buffer, manifest = rig
+    wait_for(lambda: "close" in connection.kinds(), 10, "the close manifest")
+    _ack(publisher, OpenAck(image_id=manifest.image_id, state=ManifestState.ACCEPTED))
+    for key in manifest.tile_keys():
+        _ack(publisher, TileAck(image_id=manifest.image_id, tile=key, state=TileState.COMMITTED))
+    wait_for(lambda: buffer.stats().tiles == 0, 10, "every tile forgotten")
+    _ack(publisher, ImageAck(image_id=manifest.image_id, state=ImageState.COMPLETE))
+    wait_for(lambda: not buffer.is_open(manifest.image_id), 10, "the image forgotten")
+    assert publisher.counters.committed_tiles == manifest.tile_count
+    assert publisher.inflight == (0, 0)
+
+
+def test_an_image_ack_never_drops_tiles_still_pending(rig: Any) -> None:
+    publisher, connection, buffer, manifest = rig
+    wait_for(lambda: "close" in connection.kinds(), 10, "the close manifest")
+    _ack(publisher, ImageAck(image_id=manifest.image_id, state=ImageState.FAILED))
+    time.sleep(0.2)  # let the publisher handle it (absence of an effect)
+    assert buffer.is_open(manifest.image_id)
+    assert buffer.stats().tiles == manifest.tile_count
+
+
+def test_retransmit_sends_the_tile_at_once_and_rejected_sets_it_aside(rig: Any) -> None:
+    publisher, connection, buffer, manifest = rig
+    first, second = manifest.tile_keys()[:2]
+    wait_for(lambda: "close" in connection.kinds(), 10, "the close manifest")
+    before = connection.tiles_sent().count((first, 0))
+    _ack(publisher, TileAck(image_id=manifest.image_id, tile=first, state=TileState.RETRANSMIT,
+                            reason=ReasonCode.BAD_CHECKSUM))  # fmt: skip
+    wait_for(
+        lambda: connection.tiles_sent().count((first, 0)) > before, 0.25, "an immediate resend"
+    )
+    _ack(publisher, TileAck(image_id=manifest.image_id, tile=second, state=TileState.REJECTED,
+                            reason=ReasonCode.OUT_OF_RANGE, detail="test"))  # fmt: skip
+    wait_for(lambda: publisher.counters.rejected_tiles == 1, 10, "the rejection")
+    assert buffer.stats().tiles == manifest.tile_count - 1
+    assert list((buffer.rejected_dir / str(manifest.image_id)).glob("*.tile"))
+
+
+def test_a_tile_whose_pubacks_never_come_is_sent_again(tmp_path: Path) -> None:
+    # As if the broker lost its session, and our messages with it: no PUBACK ever comes.
+    with make_rig(tmp_path, timeout_s=0.3, auto_puback=False) as (publisher, connection, _, m):
+        first = m.tile_keys()[0]
+        wait_for(lambda: connection.tiles_sent().count((first, 0)) >= 2, 10, "a resend")
+        assert publisher.inflight[0] == m.tile_count  # still held, not forgotten
