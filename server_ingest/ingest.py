@@ -501,6 +501,8 @@ class Ingest:
                 self._records[record.image_id] = record
                 self.storer.begin(record.image_id)
                 self._maybe_store(record)
+            for record in self.ledger.images(Phase.FAILED):  # their staged tiles count to quota
+                self._records[record.image_id] = record
         return resumed
 
     # -- helpers ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,5 +221,40 @@ def test_restart_while_storing_finishes_the_image(tmp_path: Path) -> None:
         stored = _archive_tiles(ack.locations["archive"], manifest)
         for key, pixels in tiles.items():
             np.testing.assert_array_equal(stored[key], pixels)
+    finally:
+        second.close()
+
+
+def test_a_failed_image_still_counts_against_the_quota_after_a_restart(tmp_path: Path) -> None:
+    from tilebridge_protocol.errors import PermanentError
+    from tilebridge_storage.base import StorageBackend
+
+    class Refusing(StorageBackend):
+        name = "refusing"
+
+        def open_image(self, device: str, manifest: object) -> Any:
+            raise PermanentError("no room for this image anywhere")
+
+    manifest = make_manifest(rows=1, columns=2)
+    tiles = tiles_for(manifest)
+    limits = Limits(max_staged_bytes_per_device=manifest.tile_count * manifest.tile_bytes)
+    first = Harness(tmp_path, limits)
+    first.storer.backends[:] = [Refusing()]
+    first.send(DeviceTopic.OPEN, manifest.to_bytes())
+    for key, pixels in tiles.items():
+        for message in chunks(manifest, key, pixels):
+            first.send(DeviceTopic.CHUNK, message)
+    first.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    assert first.recorder.wait_image_ack(manifest.image_id).state is ImageState.FAILED
+    first.close()
+    second = Harness(tmp_path, limits)  # restarted: the failed image's tiles are still staged
+    try:
+        second.ingest.recover()
+        other = make_manifest(rows=1, columns=1)
+        second.send(DeviceTopic.OPEN, other.to_bytes())
+        key, pixels = next(iter(tiles_for(other).items()))
+        second.send(DeviceTopic.CHUNK, chunks(other, key, pixels)[0])
+        _, refusal = second.recorder.acks[-1]
+        assert isinstance(refusal, ErrorAck) and refusal.reason is ReasonCode.QUOTA_EXCEEDED
     finally:
         second.close()
