@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -16,6 +17,7 @@ from edge_agent.metrics import serve_metrics
 from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
 from tilebridge_protocol.broker import MqttConnection
+from tilebridge_protocol.errors import TilebridgeError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, ImageAck, OpenManifest, utcnow
 from tilebridge_protocol.status import BackendProgress, DeviceStatus, Liveness
@@ -80,16 +82,31 @@ class EdgeAgent:
 
     def open_image(self, manifest: OpenManifest) -> bool:
         self.current_experiment = manifest.experiment
-        return self.buffer.add_open(manifest)
+        with self._reporting("opening an image"):
+            return self.buffer.add_open(manifest)
 
     def write_tile(self, image_id: UUID, key: TileKey, pixels: np.ndarray[Any, Any]) -> bool:
         """Make one frame durable and queue it; returns without waiting on the network."""
-        manifest = self.buffer.manifest(image_id)
-        data = np.ascontiguousarray(pixels, dtype=manifest.dtype.numpy)
-        return self.buffer.add_tile(image_id, key, data.data.cast("B"))
+        with self._reporting(f"buffering tile {tuple(key)}"):
+            manifest = self.buffer.manifest(image_id)
+            data = np.ascontiguousarray(pixels, dtype=manifest.dtype.numpy)
+            return self.buffer.add_tile(image_id, key, data.data.cast("B"))
 
     def finalize(self, image_id: UUID) -> CloseManifest:
-        return self.buffer.add_close(image_id)
+        with self._reporting("finalizing an image"):
+            return self.buffer.add_close(image_id)
+
+    @contextmanager
+    def _reporting(self, what: str) -> Iterator[None]:
+        """A refused frame (disk full, bad tile) is the acquisition's error, and also what the
+        retained status shows a facility's operators."""
+        try:
+            yield
+        except TilebridgeError as exc:
+            self.last_error = f"{what}: {exc}"
+            log.error(self.last_error)
+            raise
+        self.last_error = None  # the acquisition works again
 
     def wait_done(self, image_ids: list[UUID], timeout: float) -> dict[UUID, ImageAck]:
         """Block until the server acked every image as complete or failed (or timeout)."""
@@ -132,7 +149,7 @@ class EdgeAgent:
             disk_free_bytes=stats.disk_free_bytes,
             current_experiment=self.current_experiment,
             broker_connected=self.connection.connected.is_set(),
-            last_error=self.publisher.last_error or self.connection.last_error or self.last_error,
+            last_error=self.last_error or self.publisher.last_error or self.connection.last_error,
             backends=dict(backends or {}),
         )
 

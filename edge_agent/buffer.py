@@ -80,6 +80,7 @@ class DiskBuffer:
         )
         self._lock = threading.Lock()
         self._accepted: dict[UUID, dict[TileKey, str]] = {}
+        self._manifests: dict[UUID, OpenManifest] = {}
         self._tiles, self._bytes = self._scan_pending()
 
     # -- acquisition side -------------------------------------------------------------------
@@ -176,9 +177,15 @@ class DiskBuffer:
         )
 
     def manifest(self, image_id: UUID) -> OpenManifest:
+        """The image's open manifest (read from disk once, then from memory: every frame
+        needs it)."""
+        with self._lock:
+            cached = self._manifests.get(image_id)
+        if cached is not None:
+            return cached
         path = self._image_dir(image_id) / "open.json"
         try:
-            return decode_open(path.read_bytes())
+            manifest = decode_open(path.read_bytes())
         except FileNotFoundError:
             refusal = self.refusal(image_id)
             if refusal:
@@ -186,6 +193,9 @@ class DiskBuffer:
                     f"image {image_id} was refused by the server: {refusal}"
                 ) from None
             raise PermanentError(f"image {image_id} was never opened on this device") from None
+        with self._lock:
+            self._manifests[image_id] = manifest
+        return manifest
 
     def message(self, item: Item) -> bytes:
         """The JSON payload of an open/close item."""
@@ -230,6 +240,7 @@ class DiskBuffer:
         """The image is complete on the server: drop its directory."""
         with self._lock:
             self._accepted.pop(image_id, None)
+            self._manifests.pop(image_id, None)
         shutil.rmtree(self._image_dir(image_id), ignore_errors=True)
 
     def set_aside(self, item: Item, reason: str) -> None:
@@ -262,6 +273,7 @@ class DiskBuffer:
             log.write(f"{time.time():.3f} image {reason}\n")
         with self._lock:
             self._accepted.pop(image_id, None)
+            self._manifests.pop(image_id, None)
             self._tiles -= len(tiles)
             self._bytes -= nbytes
         return len(tiles)

@@ -118,3 +118,21 @@ def test_a_manifest_cannot_change_under_the_same_image_id(tmp_path: Path) -> Non
     with pytest.raises(PermanentError):
         buffer.add_open(make_manifest(image_id=manifest.image_id, image_name="other"))
     buffer.close()
+
+
+def test_a_refused_frame_shows_on_the_device_status(tmp_path: Path) -> None:
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.settings import AgentSettings
+
+    manifest = make_manifest(rows=1, columns=1)
+    agent = EdgeAgent(AgentSettings(spool_dir=tmp_path, min_free_bytes=0))  # never started
+    agent.open_image(manifest)
+    agent.buffer.min_free_bytes = 1 << 62  # the disk is now "full"
+    key, pixels = next(iter(make_tiles(manifest).items()))
+    with pytest.raises(TransientError):
+        agent.write_tile(manifest.image_id, key, pixels)
+    assert "disk buffer full" in (agent.status().last_error or "")
+    agent.buffer.min_free_bytes = 0
+    assert agent.write_tile(manifest.image_id, key, pixels)
+    assert agent.status().last_error is None
+    agent.buffer.close()
