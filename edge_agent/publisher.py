@@ -264,6 +264,12 @@ class Publisher:
         for key, flight in due:
             if not flight.resend_now:
                 log.info("no ack for %s %s %s after %d sends; sending again", *key, flight.attempts)
+                if flight.attempts >= self.settings.warn_after_sends:
+                    kind, image_id, tile = key
+                    self.last_error = (
+                        f"{kind} {tuple(tile) if tile else ''} of image {image_id} got no ack "
+                        f"after {flight.attempts} sends while the ingest is online; see its status"
+                    )
             self._send(key, flight)
 
     def _finish(self, key: FlightKey, flight: Flight) -> None:

@@ -38,6 +38,9 @@ class AgentSettings(BaseSettings):
     commit_timeout_s: float = Field(default=30.0, gt=0)
     """Re-publish a tile that got no `committed` ack this long after it was sent."""
     max_commit_timeout_s: float = Field(default=600.0, gt=0)
+    warn_after_sends: int = Field(default=10, ge=2)
+    """A tile sent this often without a `committed` ack is named on the status topic (it keeps
+    being sent: a poison message is reported, never silently dropped)."""
     status_interval_s: float = Field(default=5.0, gt=0)
     min_free_bytes: int = Field(default=512 * MiB, ge=0)
     """`write_frame` refuses a frame (TransientError) rather than fill the disk below this."""

@@ -160,3 +160,13 @@ def test_a_tile_whose_pubacks_never_come_is_sent_again(tmp_path: Path) -> None:
         first = m.tile_keys()[0]
         wait_for(lambda: connection.tiles_sent().count((first, 0)) >= 2, 10, "a resend")
         assert publisher.inflight[0] == m.tile_count  # still held, not forgotten
+
+
+def test_a_tile_never_acknowledged_is_named_on_the_status_and_still_sent(tmp_path: Path) -> None:
+    with make_rig(tmp_path, timeout_s=0.2) as (publisher, connection, buffer, manifest):
+        publisher.settings = publisher.settings.model_copy(update={"warn_after_sends": 2})
+        wait_for(lambda: publisher.last_error, 20, "the warning")
+        assert "got no ack after 2 sends" in (publisher.last_error or "")
+        sends = len(connection.sent)
+        wait_for(lambda: len(connection.sent) > sends, 20, "sending on")
+        assert buffer.stats().tiles == manifest.tile_count
