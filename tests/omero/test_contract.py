@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("omero")
 
-from tests.omero.helpers import digest, expected_pixels, read_pixels, settings_for
+from tests.omero.helpers import digest, expected_pixels, images_of, read_pixels, settings_for
 from tests.storage.contract import StorageContract, Tiles
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import StorageBackend, StoredImage
@@ -29,6 +29,9 @@ class TestOmeroContract(StorageContract):
 
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return OmeroBackend(settings_for(self.target))
+
+    def leftovers(self, backend: StorageBackend, manifest: OpenManifest) -> list[Any]:
+        return images_of(self.target.connect(), manifest)
 
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles

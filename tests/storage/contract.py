@@ -37,6 +37,12 @@ class StorageContract:
         """Read what `stored` names with an independent reader; assert it holds `tiles`."""
         raise NotImplementedError
 
+    def leftovers(self, backend: StorageBackend, manifest: OpenManifest) -> list[Any]:
+        """What an aborted attempt at `manifest` left behind; default: files under the
+        backend's `root` (a backend without one overrides this)."""
+        root = Path(backend.root)  # type: ignore[attr-defined]
+        return [p for p in root.rglob("*") if p.is_file()]
+
     def manifest(self, **overrides: Any) -> OpenManifest:
         """The image the contract writes; a backend may override (e.g. a bigger canvas)."""
         return make_manifest(**overrides)
@@ -137,6 +143,15 @@ class StorageContract:
         for key, pixels in tiles.items():
             second.write_tile(key, pixels)
         self.read_back(backend, second.finish(), manifest, tiles)
+
+    def test_abort_leaves_nothing(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key in list(tiles)[:5]:
+            writer.write_tile(key, tiles[key])
+        writer.abort()
+        assert self.leftovers(backend, manifest) == []
 
     def test_two_images_do_not_mix(self, backend: StorageBackend) -> None:
         one, two = self.manifest(), self.manifest(image_id=uuid4(), image_name="second")

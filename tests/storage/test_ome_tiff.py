@@ -58,15 +58,6 @@ class TestOmeTiff(StorageContract):
             }
         assert not folder.with_name(f".{folder.name}.partial").exists()
 
-    def test_abort_leaves_nothing(self, backend: StorageBackend, tmp_path: Path) -> None:
-        manifest = self.manifest()
-        tiles = make_tiles(manifest)
-        writer = backend.open_image(self.device, manifest)
-        for key in list(tiles)[:5]:
-            writer.write_tile(key, tiles[key])
-        writer.abort()
-        assert [p for p in (tmp_path / "ome_tiff").rglob("*") if p.is_file()] == []
-
     def test_abort_after_finish_keeps_the_image(self, backend: StorageBackend) -> None:
         manifest = self.manifest()
         tiles = make_tiles(manifest)

@@ -57,15 +57,6 @@ class TestOmeZarr(StorageContract):
             assert coarser.shape[3:] == tuple(-(-n // 2) for n in finer.shape[3:])
         assert max(levels[-1].shape[3:]) <= CHUNK
 
-    def test_abort_leaves_nothing(self, backend: StorageBackend, tmp_path: Path) -> None:
-        manifest = self.manifest()
-        tiles = make_tiles(manifest)
-        writer = backend.open_image(self.device, manifest)
-        for key in list(tiles)[:5]:
-            writer.write_tile(key, tiles[key])
-        writer.abort()
-        assert [p for p in (tmp_path / "zarr").rglob("*") if p.is_file()] == []
-
     def test_second_finish_touches_no_file(self, backend: StorageBackend) -> None:
         manifest = self.manifest()
         writer = backend.open_image(self.device, manifest)

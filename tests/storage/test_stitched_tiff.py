@@ -60,15 +60,6 @@ class TestStitchedTiff(StorageContract):
         assert pixels.planes[0].position_x == mosaic.origin_x_um
         assert ome.images[0].acquisition_date == manifest.acquired_at
 
-    def test_abort_leaves_nothing(self, backend: StorageBackend, tmp_path: Path) -> None:
-        manifest = self.manifest()
-        tiles = make_tiles(manifest)
-        writer = backend.open_image(self.device, manifest)
-        for key in list(tiles)[:5]:
-            writer.write_tile(key, tiles[key])
-        writer.abort()
-        assert [p for p in (tmp_path / "stitched").rglob("*") if p.is_file()] == []
-
     def test_finish_can_be_retried_after_a_full_disk(
         self, backend: StorageBackend, monkeypatch: pytest.MonkeyPatch
     ) -> None:
