@@ -36,13 +36,17 @@ def test_scripts_are_executable_and_strict() -> None:
         assert "set -euo pipefail" in text
 
 
+PLAN_USER = "tb-plan-nobody"
+
+
 def plan(script: str, *args: str) -> list[str]:
     result = subprocess.run(
         ["bash", str(DEPLOY / script), *args],
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "DRY_RUN": "1"},
+        # A service user that cannot exist here, so the plan does not depend on this machine.
+        env={**os.environ, "DRY_RUN": "1", "SERVICE_USER": PLAN_USER},
     )
     return [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
 
@@ -52,14 +56,14 @@ def test_edge_install_plan_installs_only_the_edge_extra(tmp_path: Path) -> None:
     pip = [s for s in steps if "/pip install" in s and "--upgrade pip" not in s]
     assert pip == [f"/opt/tilebridge/venv/bin/pip install --upgrade {tmp_path / 'src'}[edge]"]
     assert not any("omero" in s.lower() for s in steps)
-    assert any(s.startswith("useradd --system") and s.endswith(" tilebridge") for s in steps)
+    assert any(s.startswith("useradd --system") and s.endswith(f" {PLAN_USER}") for s in steps)
     assert (
         "install -m 0644 "
         + str(DEPLOY / "systemd/tilebridge-edge.service")
         + (" /etc/systemd/system/tilebridge-edge.service")
         in steps
     )
-    assert "install -d -m 0750 -o root -g tilebridge /etc/tilebridge-edge" in steps
+    assert f"install -d -m 0750 -o root -g {PLAN_USER} /etc/tilebridge-edge" in steps
 
 
 def test_server_install_plan(tmp_path: Path) -> None:
