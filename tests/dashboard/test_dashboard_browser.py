@@ -16,10 +16,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.broker import free_port
+from devtools.stack import wait_for
 from edge_agent.simulate import SyntheticScan
 from server_ingest.dashboard.server import DashboardServer
 from server_ingest.dashboard.settings import DashboardSettings
-from tests.dashboard.stack import DEVICE, release, running_stack, scan, wait_for
+from tests.dashboard.stack import DEVICE, release, running_stack, scan
 from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import ImagePhase, ImageStatus

@@ -14,11 +14,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.broker import free_port
+from devtools.stack import wait_for
 from edge_agent.agent import EdgeAgent
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.metrics import _TimedBackend
-from tests.dashboard.stack import DEVICE, running_stack, scan, wait_for
+from tests.dashboard.stack import DEVICE, running_stack, scan
 from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.errors import TransientError
 from tilebridge_protocol.messages import OpenManifest

@@ -16,8 +16,9 @@ from uuid import UUID
 import pytest
 from pydantic import BaseModel
 
+from devtools.stack import wait_for
 from edge_agent.simulate import SyntheticScan
-from tests.dashboard.stack import DEVICE, StatusCollector, running_stack, scan, wait_for
+from tests.dashboard.stack import DEVICE, StatusCollector, running_stack, scan
 from tilebridge_protocol.status import DeviceStatus, ImageStatus, IngestStatus
 from tilebridge_protocol.topics import (
     DeviceTopic,

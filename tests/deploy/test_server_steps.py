@@ -24,8 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devtools.broker import Mosquitto, free_port
-from devtools.stack import Program
-from tests.dashboard.stack import wait_for
+from devtools.stack import Program, wait_for
 from tilebridge_protocol.topics import DeviceTopic, device_topic
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,13 +23,14 @@ from ome_zarr_models.v05.image import Image
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.broker import free_port
+from devtools.stack import wait_for
 from edge_agent.agent import EdgeAgent
 from edge_agent.client import EdgeApiError, EdgeClient
 from edge_agent.http import EdgeService, check_binding, create_app, serve_http, start_server
 from edge_agent.omewriter import OMEWriterConfig
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from tests.edge.test_omewriter import Stack, running_stack, scan_spec, wait_for
+from tests.edge.test_omewriter import Stack, running_stack, scan_spec
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest

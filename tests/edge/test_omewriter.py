@@ -4,8 +4,7 @@ backends and their memory bound, failure isolation, metadata handling, the bandw
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,6 @@ from tilebridge_storage.archive import ArchiveBackend
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 
 # -- helpers shared by the edge tests -------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
