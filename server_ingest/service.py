@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import resource
 import threading
-from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -156,6 +155,3 @@ class IngestService:
                 self._publish_status()
             except Exception:
                 log.exception("status report")
-
-    def describe(self) -> dict[str, Any]:
-        return {"instance": self.settings.instance, "backends": list(self.settings.backends)}

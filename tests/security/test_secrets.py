@@ -115,7 +115,6 @@ def test_a_scan_through_a_secured_broker_leaks_no_secret(
             masked_json(ingest_settings), masked_json(agent_settings),
             repr(ingest_settings), str(agent_settings), repr(agent_settings.broker),
             ingest.status().model_dump_json(), agent.status().model_dump_json(),
-            json.dumps(ingest.describe(), default=str),
         ]  # fmt: skip
 
     late = secured.connected("monitor")  # what the broker keeps: every retained status

@@ -6,6 +6,7 @@ and `read_back`. Modelled on zarr-python's `zarr.testing.store.StoreTests`.
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.storage.manifests import make_manifest, make_tiles
-from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import StorageBackend, StoredImage
@@ -164,3 +165,24 @@ class StorageContract:
         assert s1.location != s2.location
         self.read_back(backend, s1, one, tiles_one)
         self.read_back(backend, s2, two, tiles_two)
+
+    def check_finish_retried_after_a_full_disk(
+        self, backend: StorageBackend, monkeypatch: pytest.MonkeyPatch, owner: object, name: str
+    ) -> None:
+        """For file backends: make `owner.name` (something `finish()` calls) fail once with
+        ENOSPC; `finish()` must raise TransientError, and a second `finish()` must succeed."""
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels)
+        real = getattr(owner, name)
+
+        def full(*args: Any, **kwargs: Any) -> None:
+            monkeypatch.setattr(owner, name, real)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(owner, name, full)
+        with pytest.raises(TransientError):
+            writer.finish()
+        self.read_back(backend, writer.finish(), manifest, tiles)

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import errno
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from ome_types import from_xml
 
 from tests.storage.contract import StorageContract, Tiles
 from tests.storage.manifests import make_manifest, make_tiles
-from tilebridge_protocol.errors import PermanentError, TransientError
+from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage import ome_tiff
 from tilebridge_storage.base import StorageBackend, StoredImage
@@ -71,21 +69,7 @@ class TestOmeTiff(StorageContract):
     def test_finish_can_be_retried_after_a_full_disk(
         self, backend: StorageBackend, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        manifest = self.manifest()
-        tiles = make_tiles(manifest)
-        writer = backend.open_image(self.device, manifest)
-        for key, pixels in tiles.items():
-            writer.write_tile(key, pixels)
-        real = ome_tiff.os.replace
-
-        def full(*args: Any) -> None:
-            monkeypatch.setattr(ome_tiff.os, "replace", real)
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(ome_tiff.os, "replace", full)
-        with pytest.raises(TransientError):
-            writer.finish()
-        self.read_back(backend, writer.finish(), manifest, tiles)
+        self.check_finish_retried_after_a_full_disk(backend, monkeypatch, ome_tiff.os, "replace")
 
 
 def test_float_pixels_and_key_values(tmp_path: Path) -> None:

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import errno
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from ome_zarr_models.v05.image import Image
 from tests.storage.contract import StorageContract, Tiles
 from tests.storage.manifests import make_tiles
 from tests.storage.test_mosaic import plane_of
-from tilebridge_protocol.errors import PermanentError, TransientError
+from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage import ome_zarr
 from tilebridge_storage.base import StorageBackend, StoredImage
@@ -70,21 +68,9 @@ class TestOmeZarr(StorageContract):
     def test_finish_can_be_retried_after_a_full_disk(
         self, backend: StorageBackend, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        manifest = self.manifest()
-        tiles = make_tiles(manifest)
-        writer = backend.open_image(self.device, manifest)
-        for key, pixels in tiles.items():
-            writer.write_tile(key, pixels)
-        real = ome_zarr.downsample_level
-
-        def full(*args: Any) -> None:
-            monkeypatch.setattr(ome_zarr, "downsample_level", real)
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(ome_zarr, "downsample_level", full)
-        with pytest.raises(TransientError):
-            writer.finish()
-        self.read_back(backend, writer.finish(), manifest, tiles)
+        self.check_finish_retried_after_a_full_disk(
+            backend, monkeypatch, ome_zarr, "downsample_level"
+        )
 
 
 def test_per_tile_layout_is_refused(tmp_path: Path) -> None:
