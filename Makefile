@@ -22,6 +22,7 @@ test: system test-system venv omero lint typecheck pytest
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(PY) -m mypy

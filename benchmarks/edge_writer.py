@@ -37,9 +37,9 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.framing import Codec, encode_tile
 from tilebridge_protocol.keys import TileKey
+from tilebridge_runtime.mqtt import BrokerSettings
 
 MiB = 1024 * 1024
 TILE = 2048

@@ -38,9 +38,10 @@ from devtools.stack import Watcher, ingest_program, wait_for, wait_ingest_online
 from edge_agent.agent import EdgeAgent
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.topics import INGEST_STATUS_FILTER
+from tilebridge_runtime.mqtt import BrokerSettings
 
 MiB = 1024 * 1024
 console = Console()
@@ -102,7 +103,7 @@ def tilebridge_drain(
     agent.buffer.add_close(manifest.image_id)
     agent.buffer.close()
     ingest = ingest_program(broker, workdir, backends=["archive"], instance="bench").start("run")
-    watcher = Watcher(broker, "tilebridge/v1/ingest/+/status")
+    watcher = Watcher(broker, INGEST_STATUS_FILTER)
     wait_ingest_online(watcher, "bench")
     watcher.close()
     live = AgentSettings(**{**settings.model_dump(), "broker": BrokerSettings(port=broker.port)})
@@ -141,7 +142,7 @@ from pathlib import Path
 from edge_agent.agent import EdgeAgent
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_runtime.mqtt import BrokerSettings
 port, spool, tiles = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 proc = psutil.Process(); peak = {"buffering": 0, "draining": 0}; phase = ["buffering"]
 def sample():

@@ -23,6 +23,7 @@ from devtools.broker import Mosquitto
 from devtools.stack import Watcher, agent_program, ingest_program, wait_ingest_online
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.topics import INGEST_STATUS_FILTER
 
 REPO = Path(__file__).resolve().parents[1]
 console = Console()
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("tilebridge demo: edge -> broker -> ingest -> archive")
     with Mosquitto(args.workdir / "broker") as broker:
         console.print(f"Mosquitto on 127.0.0.1:{broker.port} (config: mosquitto/tilebridge.conf)")
-        watcher = Watcher(broker, "tilebridge/v1/ingest/+/status")
+        watcher = Watcher(broker, INGEST_STATUS_FILTER)
         ingest = ingest_program(broker, args.workdir).start("run")
         try:
             wait_ingest_online(watcher)

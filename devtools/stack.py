@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.broker import Mosquitto
+from tilebridge_protocol.topics import ingest_status_topic
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -185,7 +186,7 @@ class Watcher:
 
 
 def wait_ingest_online(watcher: Watcher, instance: str = "ingest-1", timeout: float = 30) -> None:
-    topic = f"tilebridge/v1/ingest/{instance}/status"
+    topic = ingest_status_topic(instance)
     wait_for(
         lambda: (
             (watcher.latest(topic) or {}).get("state") == "online"

@@ -22,6 +22,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.errors import TilebridgeError
 from tilebridge_protocol.messages import ImageState
+from tilebridge_runtime.process import exit_when_a_thread_dies
 
 console = Console(stderr=True)
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(settings: AgentSettings) -> int:
+    exit_when_a_thread_dies()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

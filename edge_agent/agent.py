@@ -16,12 +16,12 @@ from edge_agent.buffer import DiskBuffer
 from edge_agent.metrics import serve_metrics
 from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
-from tilebridge_protocol.broker import MqttConnection
 from tilebridge_protocol.errors import TilebridgeError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, ImageAck, OpenManifest, utcnow
 from tilebridge_protocol.status import BackendProgress, DeviceStatus, Liveness
 from tilebridge_protocol.topics import DeviceTopic, device_topic
+from tilebridge_runtime.mqtt import MqttConnection
 
 log = logging.getLogger(__name__)
 

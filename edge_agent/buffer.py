@@ -37,7 +37,7 @@ from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.framing import tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest, TileDigest, decode_open
-from tilebridge_storage.files import atomic_write, disk_errors, fsync_dir
+from tilebridge_runtime.durable import atomic_write, disk_errors, fsync_dir
 
 ItemKind = Literal["open", "tile", "close"]
 

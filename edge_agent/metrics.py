@@ -8,14 +8,31 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from edge_agent.agent import EdgeAgent
+from edge_agent.buffer import DiskBuffer
+from edge_agent.publisher import Publisher
+from edge_agent.settings import AgentSettings
+from tilebridge_runtime.mqtt import MqttConnection
+
+
+class EdgeAgent(Protocol):
+    """What the metrics read of the agent (its parts, never its internals)."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def settings(self) -> AgentSettings: ...
+    @property
+    def buffer(self) -> DiskBuffer: ...
+    @property
+    def publisher(self) -> Publisher: ...
+    @property
+    def connection(self) -> MqttConnection: ...
 
 
 class EdgeCollector(Collector):

@@ -23,12 +23,11 @@ import paho.mqtt.client as mqtt
 from edge_agent.buffer import DiskBuffer, Item
 from edge_agent.ratelimit import throttle
 from edge_agent.settings import AgentSettings
-from tilebridge_protocol.broker import MqttConnection
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.framing import encode_tile
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
-    ErrorAck,
+    AnyAck,
     ImageAck,
     ImageState,
     ManifestState,
@@ -39,7 +38,13 @@ from tilebridge_protocol.messages import (
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.status import IngestStatus, Liveness
-from tilebridge_protocol.topics import INGEST_STATUS_FILTER, DeviceTopic, device_topic
+from tilebridge_protocol.topics import (
+    INGEST_STATUS_FILTER,
+    DeviceTopic,
+    device_topic,
+    parse_ingest_status_topic,
+)
+from tilebridge_runtime.mqtt import MqttConnection
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,7 @@ class Publisher:
         self.counters = Counters()
         self.last_error: str | None = None
         self._on_image_done = on_image_done
-        self._acks: queue.Queue[TileAck | OpenAck | ImageAck | ErrorAck] = queue.Queue()
+        self._acks: queue.Queue[AnyAck] = queue.Queue()
         self._flights: dict[FlightKey, Flight] = {}
         self._by_mid: dict[int, FlightKey] = {}
         self._inflight_bytes = 0
@@ -128,7 +133,7 @@ class Publisher:
             except ProtocolError as exc:
                 self.last_error = f"unreadable ack: {exc}"
                 log.warning(self.last_error)
-        elif msg.topic.startswith("tilebridge/v1/ingest/"):
+        elif parse_ingest_status_topic(msg.topic) is not None:
             try:
                 status = IngestStatus.model_validate_json(msg.payload)
             except ValueError:

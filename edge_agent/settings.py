@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.framing import DEFAULT_CHUNK_SIZE, Codec
 from tilebridge_protocol.topics import check_device_id
+from tilebridge_runtime.mqtt import BrokerSettings
 
 MiB = 1024 * 1024
 

@@ -16,6 +16,7 @@ from server_ingest import admin
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import TilebridgeError
+from tilebridge_runtime.process import exit_when_a_thread_dies
 
 console = Console(stderr=True)
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(settings: IngestSettings) -> int:
+    exit_when_a_thread_dies()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

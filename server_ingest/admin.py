@@ -35,9 +35,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.topics import check_device_id
+from tilebridge_runtime.mqtt import BrokerSettings
 
 BROKER_DIR = Path("/etc/mosquitto/tilebridge")
 PASSWORD_FILE = BROKER_DIR / "passwd"

@@ -27,6 +27,7 @@ from tilebridge_protocol.errors import ProtocolError, TransientError
 from tilebridge_protocol.framing import ChunkHeader, decode_chunk, peek_identity
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
+    AnyAck,
     CloseManifest,
     ErrorAck,
     ImageAck,
@@ -44,7 +45,7 @@ from tilebridge_protocol.topics import DeviceTopic, device_topic, parse_device_t
 
 log = logging.getLogger(__name__)
 
-Ack = TileAck | OpenAck | ImageAck | ErrorAck
+Ack = AnyAck
 
 
 class Outbox(Protocol):
@@ -128,6 +129,15 @@ class Ingest:
             # Not acknowledged: the device keeps the data and sends it again after its timeout.
             self.stats.last_error = f"{kind.value} from {device} not staged: {exc}"
             log.error(self.stats.last_error)
+        except Exception as exc:
+            # A bug or an input nobody foresaw must cost this one message, never the broker
+            # thread: every other device depends on it. The device is told; nothing is staged.
+            log.exception("unexpected error on %s from %s", kind.value, device)
+            detail = _clip(f"the ingest failed on this message: {type(exc).__name__}: {exc}")
+            self._note_rejection(ReasonCode.INTERNAL_ERROR, f"{kind.value} from {device}: {detail}")
+            self.outbox.ack(
+                device, ErrorAck(reason=ReasonCode.INTERNAL_ERROR, detail=detail, topic=topic)
+            )
 
     # -- open -------------------------------------------------------------------------------
 
@@ -370,7 +380,7 @@ class Ingest:
     def _close(self, device: str, payload: bytes) -> None:
         close = _decoded(decode_close, payload)
         record = self._record(close.image_id)
-        topic = f"dev/{device}/close"
+        topic = device_topic(device, DeviceTopic.CLOSE)
         if record is None or record.manifest is None:
             reason = ReasonCode.UNKNOWN_IMAGE if record is None else ReasonCode.INVALID_MANIFEST
             self.outbox.ack(device, ErrorAck(image_id=close.image_id, reason=reason,

@@ -10,20 +10,38 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server_ingest.ingest import Ingest
+from server_ingest.settings import IngestSettings
+from server_ingest.staging import Staging
+from server_ingest.storer import Storer
 from tilebridge_protocol.errors import TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.mqtt import MqttConnection
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 
-if TYPE_CHECKING:
-    from server_ingest.service import IngestService
+
+class IngestService(Protocol):
+    """What the metrics read of the service (its parts, never its internals)."""
+
+    @property
+    def settings(self) -> IngestSettings: ...
+    @property
+    def ingest(self) -> Ingest: ...
+    @property
+    def storer(self) -> Storer: ...
+    @property
+    def staging(self) -> Staging: ...
+    @property
+    def connection(self) -> MqttConnection: ...
+
 
 T = TypeVar("T")
 
@@ -170,7 +188,7 @@ class _Attempt:
 
 class _TimedWriter(ImageWriter):
     def __init__(self, inner: ImageWriter, attempt: _Attempt) -> None:
-        super().__init__(inner.device, inner.manifest)
+        super().__init__(inner.device, inner.manifest, inner.backend_name)
         self._inner = inner
         self._attempt = attempt
 
@@ -188,9 +206,10 @@ class _TimedWriter(ImageWriter):
 
 
 class _TimedBackend(StorageBackend):
-    name = "timed"
+    kind = "timed"
 
     def __init__(self, inner: StorageBackend, metrics: StoreMetrics) -> None:
+        super().__init__(inner.name)
         self.inner = inner
         self._metrics = metrics
 
@@ -204,11 +223,7 @@ class _TimedBackend(StorageBackend):
 
 
 def timed(backend: StorageBackend, metrics: StoreMetrics) -> StorageBackend:
-    # `name` is a class attribute the storer and the ledger key on, so the proxy's class
-    # must carry the wrapped backend's name.
-    cls = type(f"Timed{type(backend).__name__}", (_TimedBackend,), {"name": backend.name})
-    proxy: StorageBackend = cls(backend, metrics)
-    return proxy
+    return _TimedBackend(backend, metrics)
 
 
 def serve_metrics(service: IngestService, stop: threading.Event) -> None:

@@ -15,7 +15,6 @@ from server_ingest.metrics import serve_metrics
 from server_ingest.settings import IngestSettings
 from server_ingest.staging import Staging
 from server_ingest.storer import Storer
-from tilebridge_protocol.broker import MqttConnection, expiring
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import ImagePhase, ImageStatus, IngestStatus, Liveness
 from tilebridge_protocol.topics import (
@@ -26,6 +25,7 @@ from tilebridge_protocol.topics import (
     image_status_topic,
     ingest_status_topic,
 )
+from tilebridge_runtime.mqtt import MqttConnection, expiring
 
 log = logging.getLogger(__name__)
 

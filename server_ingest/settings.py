@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.topics import check_device_id
+from tilebridge_runtime.mqtt import BrokerSettings
 from tilebridge_storage.omero_backend.settings import OmeroSettings
 
 MiB = 1024 * 1024

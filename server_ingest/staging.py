@@ -21,7 +21,7 @@ from tilebridge_protocol.framing import tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_protocol.topics import check_device_id
-from tilebridge_storage.files import disk_errors, fsync_dir
+from tilebridge_runtime.durable import disk_errors, fsync_dir
 
 
 class Staging:

@@ -30,11 +30,11 @@ from uuid import UUID
 
 from server_ingest.ledger import Ledger, Phase
 from server_ingest.staging import Staging
-from tilebridge_protocol.broker import Backoff
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
+from tilebridge_runtime.backoff import Backoff
 from tilebridge_storage.base import ImageWriter, StorageBackend
 
 log = logging.getLogger(__name__)

@@ -166,14 +166,40 @@ def peek_identity(message: bytes) -> tuple[UUID, TileKey] | None:
 
 
 def _decode_payload(codec: Codec, payload: memoryview, raw_length: int) -> bytes:
+    """The raw bytes of a payload, never allocating more than `raw_length` (+1 to detect a
+    longer stream): the header is the only thing that sizes a buffer, whatever a zstd frame
+    claims about itself."""
     if codec is Codec.RAW:
         if len(payload) != raw_length:
             raise ProtocolError(ReasonCode.MALFORMED, "raw payload length differs from header")
         return bytes(payload)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_length)
-    except zstandard.ZstdError as exc:
+        # python-zstandard sizes its output by the frame's declared content size and ignores
+        # `max_output_size` when one is declared (a 17-byte frame can ask for 1 TiB): check the
+        # declaration against the header first, then decode as a stream with a hard cap.
+        declared = zstandard.get_frame_parameters(payload).content_size
+        if declared not in (zstandard.CONTENTSIZE_UNKNOWN, raw_length):
+            raise ProtocolError(
+                ReasonCode.MALFORMED,
+                f"zstd frame declares {declared} bytes, header says {raw_length}",
+            )
+        reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False)
+        with reader:
+            raw = _read_capped(reader, raw_length + 1)
+    except ProtocolError:
+        raise
+    except (zstandard.ZstdError, ValueError, OverflowError, MemoryError) as exc:
         raise ProtocolError(ReasonCode.MALFORMED, f"zstd payload: {exc}") from None
     if len(raw) != raw_length:
         raise ProtocolError(ReasonCode.MALFORMED, "decoded payload length differs from header")
     return raw
+
+
+def _read_capped(reader: zstandard.ZstdDecompressionReader, cap: int) -> bytes:
+    out = bytearray()
+    while len(out) < cap:
+        block = reader.read(cap - len(out))
+        if not block:
+            break
+        out += block
+    return bytes(out)

@@ -241,8 +241,10 @@ class ErrorAck(_Message):
     topic: Text
 
 
-Ack = Annotated[TileAck | OpenAck | ImageAck | ErrorAck, Field(discriminator="kind")]
-_ACK = TypeAdapter[TileAck | OpenAck | ImageAck | ErrorAck](Ack)
+AnyAck = TileAck | OpenAck | ImageAck | ErrorAck
+"""Every ack the ingest sends; `decode_ack` tells them apart by `kind`."""
+Ack = Annotated[AnyAck, Field(discriminator="kind")]
+_ACK = TypeAdapter[AnyAck](Ack)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -285,7 +287,7 @@ def decode_close(payload: bytes) -> CloseManifest:
     return _validate(CloseManifest, _load_json(payload), "close")  # type: ignore[no-any-return]
 
 
-def decode_ack(payload: bytes) -> TileAck | OpenAck | ImageAck | ErrorAck:
+def decode_ack(payload: bytes) -> AnyAck:
     return _validate(_ACK, _load_json(payload), "ack")  # type: ignore[no-any-return]
 
 

@@ -32,3 +32,6 @@ class ReasonCode(StrEnum):
     """The storage backend refused the image permanently; the data stays staged."""
     LOST_STATE = "lost_state"
     """The receiver lost a partial tile (e.g. it restarted): send the tile again."""
+    INTERNAL_ERROR = "internal_error"
+    """The receiver failed on this message for a reason of its own (a bug); it was not
+    processed and is logged for an admin. Sending it again is safe but may fail the same way."""

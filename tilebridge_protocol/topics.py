@@ -75,6 +75,14 @@ def ingest_status_topic(instance: str) -> str:
 INGEST_STATUS_FILTER = f"{ROOT}/ingest/+/status"
 
 
+def parse_ingest_status_topic(topic: str) -> str | None:
+    """The instance of an ingest status topic, or None if `topic` is not one."""
+    parts = topic.split("/")
+    if len(parts) == 5 and "/".join(parts[:3]) == f"{ROOT}/ingest" and parts[4] == "status":
+        return parts[3]
+    return None
+
+
 def image_status_topic(device: str, image_id: UUID) -> str:
     return f"{ROOT}/image/{check_device_id(device)}/{image_id}/status"
 

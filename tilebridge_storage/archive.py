@@ -19,8 +19,9 @@ import tifffile
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.durable import atomic_write, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.files import atomic_write, image_path, remove
+from tilebridge_storage.paths import image_path
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -29,18 +30,20 @@ SUFFIX = ".ome.tif"
 class ArchiveBackend(StorageBackend):
     """docstring inherited"""
 
-    name = "archive"
+    kind = "archive"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        super().__init__(name)
         self.root = Path(root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
-        return _ArchiveWriter(device, manifest, image_path(self.root, device, manifest, SUFFIX))
+        path = image_path(self.root, device, manifest, SUFFIX)
+        return _ArchiveWriter(device, manifest, self.name, path)
 
 
 class _ArchiveWriter(ImageWriter):
-    def __init__(self, device: str, manifest: OpenManifest, path: Path) -> None:
-        super().__init__(device, manifest)
+    def __init__(self, device: str, manifest: OpenManifest, backend: str, path: Path) -> None:
+        super().__init__(device, manifest, backend)
         self.path = path
         self.tiles: dict[TileKey, np.ndarray[Any, Any] | _Staged] = {}
         self.stored: StoredImage | None = None
@@ -61,7 +64,7 @@ class _ArchiveWriter(ImageWriter):
             return self.stored
         self.require_complete(self.tiles)
         atomic_write(self.path, self._write_file)
-        self.stored = StoredImage(ArchiveBackend.name, str(self.path))
+        self.stored = StoredImage(self.backend_name, str(self.path))
         self.tiles.clear()
         return self.stored
 

@@ -2,7 +2,9 @@
 
 Every backend (local archive, OME-TIFF per tile, OME-Zarr mosaic, stitched TIFF, OMERO) is a
 `StorageBackend` that opens one `ImageWriter` per image. The contract below is what the
-ingest and the edge rely on; `tests/storage/contract.py` checks it for every backend.
+ingest and the edge rely on; `tilebridge_storage.testing.StorageContract` checks it for every
+backend (a third-party backend subclasses it too). Backends are made by name through
+`tilebridge_storage.registry`.
 
 Lifecycle of one image::
 
@@ -16,10 +18,13 @@ Promises every backend keeps:
 * `open_image` never fails because an earlier attempt of the same `image_id` crashed half
   way: a new attempt replaces whatever partial output the old one left.
 * `write_tile` takes the keys of `manifest.tile_keys()` in any order. `pixels` is a 2-D array
-  `(tile_height, tile_width)` of the manifest's dtype (any byte order). The caller keeps it
-  valid and unchanged until `finish()` or `abort()` returns, so a backend that must write in
-  its own order (OMERO pyramids, the archive) may keep a reference instead of a copy; the
-  server passes read-only memory maps of staged tiles, which cost no memory.
+  `(tile_height, tile_width)` of the manifest's dtype (any byte order).
+* Who owns `pixels`: the caller must not change them until `finish()` or `abort()` returns.
+  A backend whose registry entry says `keeps_references` (it must write in its own order:
+  OMERO pyramids, the archive) may keep a reference instead of a copy, so the caller counts
+  those bytes as held until then (the server passes read-only memory maps of staged tiles,
+  which cost no memory). Any other backend is done with `pixels` when `write_tile`
+  returns, and the caller may reuse or release them at once.
   Writing a key again with identical pixels changes nothing. A key outside the manifest, or
   pixels of the wrong shape or dtype, raise `PermanentError` and change nothing.
 * `finish()` requires every tile; with tiles missing it raises `PermanentError` naming them.
@@ -60,9 +65,11 @@ class StoredImage:
 class ImageWriter(ABC):
     """Writes one image. See the module docstring for the contract."""
 
-    def __init__(self, device: str, manifest: OpenManifest) -> None:
+    def __init__(self, device: str, manifest: OpenManifest, backend_name: str) -> None:
         self.device = device
         self.manifest = manifest
+        self.backend_name = backend_name
+        """The `name` of the backend that opened this writer (what `StoredImage` names)."""
 
     @abstractmethod
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None: ...
@@ -109,9 +116,16 @@ class ImageWriter(ABC):
 
 
 class StorageBackend(ABC):
-    """A kind of storage; opens one writer per image."""
+    """A storage target; opens one writer per image.
 
-    name: ClassVar[str]
+    `kind` names the implementation in the registry (`tilebridge_storage.registry`); `name`
+    names this target in status, locations and the ledger. They are equal unless the
+    composition root names targets itself (two OMERO servers, say)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self.kind
 
     @abstractmethod
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter: ...

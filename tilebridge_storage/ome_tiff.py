@@ -30,14 +30,9 @@ from ome_types import model as ome
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.files import (
-    disk_errors,
-    fsync_dir,
-    fsync_file,
-    image_path,
-    remove,
-)
+from tilebridge_storage.paths import image_path
 
 SUFFIX = ".ome.tif"
 MICROMETER = ome.UnitsLength.MICROMETER
@@ -49,13 +44,15 @@ CLASSIC_TIFF_LIMIT = 2**31
 class OmeTiffBackend(StorageBackend):
     """docstring inherited"""
 
-    name = "ome_tiff"
+    kind = "ome_tiff"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        super().__init__(name)
         self.root = Path(root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
-        return _OmeTiffWriter(device, manifest, image_path(self.root, device, manifest, ""))
+        path = image_path(self.root, device, manifest, "")
+        return _OmeTiffWriter(device, manifest, self.name, path)
 
 
 @dataclass
@@ -67,8 +64,8 @@ class _Position:
 
 
 class _OmeTiffWriter(ImageWriter):
-    def __init__(self, device: str, manifest: OpenManifest, path: Path) -> None:
-        super().__init__(device, manifest)
+    def __init__(self, device: str, manifest: OpenManifest, backend: str, path: Path) -> None:
+        super().__init__(device, manifest, backend)
         self.path = path
         self.partial = path.with_name(f".{path.name}.partial")
         self.written: set[TileKey] = set()
@@ -108,7 +105,7 @@ class _OmeTiffWriter(ImageWriter):
                 os.replace(self.partial, self.path)
                 self.renamed = True
             fsync_dir(self.path.parent)
-        self.stored = StoredImage(OmeTiffBackend.name, str(self.path))
+        self.stored = StoredImage(self.backend_name, str(self.path))
         return self.stored
 
     def abort(self) -> None:

@@ -32,9 +32,10 @@ from zarr.storage import LocalStore
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.files import disk_errors, fsync_dir, fsync_file, image_path, remove
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
+from tilebridge_storage.paths import image_path
 
 SUFFIX = ".ome.zarr"
 AXES = ("t", "c", "z", "y", "x")
@@ -44,21 +45,24 @@ COLORS = ("0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00")
 class OmeZarrBackend(StorageBackend):
     """docstring inherited"""
 
-    name = "ome_zarr"
+    kind = "ome_zarr"
 
-    def __init__(self, root: Path, chunk: int = 512) -> None:
+    def __init__(self, root: Path, chunk: int = 512, name: str | None = None) -> None:
+        super().__init__(name)
         self.root = Path(root)
         self.chunk = chunk
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)
         path = image_path(self.root, device, manifest, SUFFIX)
-        return _OmeZarrWriter(device, manifest, path, self.chunk)
+        return _OmeZarrWriter(device, manifest, self.name, path, self.chunk)
 
 
 class _OmeZarrWriter(ImageWriter):
-    def __init__(self, device: str, manifest: OpenManifest, path: Path, chunk: int) -> None:
-        super().__init__(device, manifest)
+    def __init__(
+        self, device: str, manifest: OpenManifest, backend: str, path: Path, chunk: int
+    ) -> None:
+        super().__init__(device, manifest, backend)
         self.path = path
         self.partial = path.with_name(f".{path.name}.partial")
         self.chunk = chunk
@@ -93,7 +97,7 @@ class _OmeZarrWriter(ImageWriter):
                 self.renamed = True
             fsync_dir(self.path.parent)
         self.group = self.level0 = None
-        self.stored = StoredImage(OmeZarrBackend.name, str(self.path))
+        self.stored = StoredImage(self.backend_name, str(self.path))
         return self.stored
 
     def _build(self) -> None:

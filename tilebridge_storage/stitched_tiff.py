@@ -26,9 +26,10 @@ import tifffile
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.files import atomic_write, disk_errors, image_path, remove
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
+from tilebridge_storage.paths import image_path
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -38,9 +39,10 @@ Canvas = np.memmap[Any, np.dtype[Any]]
 class StitchedTiffBackend(StorageBackend):
     """docstring inherited"""
 
-    name = "stitched_tiff"
+    kind = "stitched_tiff"
 
-    def __init__(self, root: Path, tile: int = 512) -> None:
+    def __init__(self, root: Path, tile: int = 512, name: str | None = None) -> None:
+        super().__init__(name)
         if tile % 16:
             raise ValueError(f"TIFF tiles are multiples of 16 pixels, not {tile}")
         self.root = Path(root)
@@ -49,12 +51,14 @@ class StitchedTiffBackend(StorageBackend):
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)
         path = image_path(self.root, device, manifest, SUFFIX)
-        return _StitchedTiffWriter(device, manifest, path, self.tile)
+        return _StitchedTiffWriter(device, manifest, self.name, path, self.tile)
 
 
 class _StitchedTiffWriter(ImageWriter):
-    def __init__(self, device: str, manifest: OpenManifest, path: Path, tile: int) -> None:
-        super().__init__(device, manifest)
+    def __init__(
+        self, device: str, manifest: OpenManifest, backend: str, path: Path, tile: int
+    ) -> None:
+        super().__init__(device, manifest, backend)
         self.path = path
         self.staging = path.with_name(f".{path.name}.staging")
         self.tile = tile
@@ -91,7 +95,7 @@ class _StitchedTiffWriter(ImageWriter):
             atomic_write(self.path, lambda tmp: self._write_tiff(tmp, levels))
         self.canvas = None
         remove(self.staging)
-        self.stored = StoredImage(StitchedTiffBackend.name, str(self.path))
+        self.stored = StoredImage(self.backend_name, str(self.path))
         return self.stored
 
     def abort(self) -> None:

@@ -12,19 +12,16 @@ from edge_agent.agent import EdgeAgent
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.framing import Codec
 from tilebridge_protocol.messages import Layout, Name
+from tilebridge_storage import registry
 
 MiB = 1024 * 1024
 SERVER = "omero"
 """Status name of the stream to the server (`write_omero`)."""
-LOCAL_BACKENDS: dict[str, tuple[str, str, str]] = {
-    # status name: (config flag, module, class), imported only when enabled
-    "ome_tiff": ("write_tiff", "tilebridge_storage.ome_tiff", "OmeTiffBackend"),
-    "ome_zarr": ("write_zarr", "tilebridge_storage.ome_zarr", "OmeZarrBackend"),
-    "stitched_tiff": (
-        "write_stitched_tiff",
-        "tilebridge_storage.stitched_tiff",
-        "StitchedTiffBackend",
-    ),
+LOCAL_BACKENDS: dict[str, str] = {
+    # backend kind (tilebridge_storage.registry): the config flag that turns it on
+    "ome_tiff": "write_tiff",
+    "ome_zarr": "write_zarr",
+    "stitched_tiff": "write_stitched_tiff",
 }
 
 
@@ -72,7 +69,11 @@ class OMEWriterConfig(BaseModel):
                 "write_tiff, write_zarr, write_stitched_tiff, write_omero are all false: "
                 "enable at least one"
             )
-        mosaics = [f for f in ("write_zarr", "write_stitched_tiff") if getattr(self, f)]
+        mosaics = [
+            flag
+            for kind, flag in LOCAL_BACKENDS.items()
+            if registry.KINDS[kind].mosaic_only and getattr(self, flag)
+        ]
         if self.layout is Layout.PER_TILE and mosaics:
             raise ValueError(
                 f"layout per_tile keeps positions apart, but {' and '.join(mosaics)} "
@@ -82,7 +83,7 @@ class OMEWriterConfig(BaseModel):
 
     @property
     def targets(self) -> list[str]:
-        local = [name for name, (flag, *_) in LOCAL_BACKENDS.items() if getattr(self, flag)]
+        local = [name for name, flag in LOCAL_BACKENDS.items() if getattr(self, flag)]
         return [*local, SERVER] if self.write_omero else local
 
     @property

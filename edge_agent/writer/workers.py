@@ -7,7 +7,6 @@ reach the budget.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import queue
 import threading
@@ -17,10 +16,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edge_agent.writer.config import LOCAL_BACKENDS, SERVER, OMEWriterConfig
+from edge_agent.writer.config import SERVER, OMEWriterConfig
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_protocol.status import BackendProgress
+from tilebridge_storage import registry
 from tilebridge_storage.base import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ def backend_factories(
     if backends is not None:
         return {name: _constant(backend) for name, backend in backends.items()}
     return {
-        name: _importer(name, config.output_dir / name) for name in config.targets if name != SERVER
+        name: _importer(name, registry.folder_for(config.output_dir, name))
+        for name in config.targets
+        if name != SERVER
     }
 
 
@@ -44,15 +46,9 @@ def _constant(backend: StorageBackend) -> Callable[[], StorageBackend]:
     return lambda: backend
 
 
-def _importer(name: str, root: Path) -> Callable[[], StorageBackend]:
-    # Imported in the worker, so a backend that cannot load fails alone, like any other fault.
-    _, module, cls = LOCAL_BACKENDS[name]
-
-    def build() -> StorageBackend:
-        backend: StorageBackend = getattr(importlib.import_module(module), cls)(root)
-        return backend
-
-    return build
+def _importer(name: str, folder: Path) -> Callable[[], StorageBackend]:
+    # Made in the worker, so a backend that cannot load fails alone, like any other fault.
+    return lambda: registry.create(name, folder=folder)
 
 
 class Budget:

@@ -6,12 +6,12 @@ import paho.mqtt.client as mqtt
 
 from server_ingest.dashboard.board import StatusBoard
 from server_ingest.dashboard.settings import DashboardSettings
-from tilebridge_protocol.broker import MqttConnection
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,
     IMAGE_STATUS_FILTER,
     INGEST_STATUS_FILTER,
 )
+from tilebridge_runtime.mqtt import MqttConnection
 
 STATUS_FILTERS = (DEVICE_STATUS_FILTER, INGEST_STATUS_FILTER, IMAGE_STATUS_FILTER)
 

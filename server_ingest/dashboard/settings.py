@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tilebridge_protocol.broker import BrokerSettings
+from tilebridge_runtime.mqtt import BrokerSettings
 
 
 class DashboardSettings(BaseSettings):

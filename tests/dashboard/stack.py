@@ -21,12 +21,12 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
-from tilebridge_protocol.broker import BrokerSettings, MqttConnection
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,
     IMAGE_STATUS_FILTER,
     INGEST_STATUS_FILTER,
 )
+from tilebridge_runtime.mqtt import BrokerSettings, MqttConnection
 
 DEVICE = "scope-7"
 

@@ -21,10 +21,10 @@ from edge_agent.simulate import SyntheticScan
 from server_ingest.dashboard.server import DashboardServer
 from server_ingest.dashboard.settings import DashboardSettings
 from tests.dashboard.stack import DEVICE, release, running_stack, scan
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import ImagePhase, ImageStatus
 from tilebridge_protocol.topics import image_status_topic
+from tilebridge_runtime.mqtt import BrokerSettings
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

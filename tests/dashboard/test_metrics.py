@@ -20,10 +20,10 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.metrics import _TimedBackend
 from tests.dashboard.stack import DEVICE, running_stack, scan
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.errors import TransientError
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_protocol.topics import DeviceTopic, device_topic
+from tilebridge_runtime.mqtt import BrokerSettings
 from tilebridge_storage.base import ImageWriter
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from edge_agent.buffer import DiskBuffer
-from tests.storage.manifests import make_manifest, make_tiles
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
+from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
 
 def _bytes(pixels: np.ndarray) -> bytes:  # type: ignore[type-arg]
@@ -52,7 +52,7 @@ def test_a_crash_loses_nothing_and_unfinished_items_come_back(tmp_path: Path) ->
         import os, signal, numpy as np
         from pathlib import Path
         from edge_agent.buffer import DiskBuffer
-        from tests.storage.manifests import make_manifest, make_tiles
+        from tilebridge_storage.testing.manifests import make_manifest, make_tiles
         from tilebridge_protocol.messages import decode_open
         manifest = decode_open({manifest.to_bytes()!r})
         buffer = DiskBuffer(Path({str(tmp_path)!r}))

@@ -29,8 +29,8 @@ from tests.edge.test_http import check_archive, check_ome_zarr, check_stitched_t
 from tests.edge.test_omewriter import running_stack, scan_spec
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.durable import disk_errors
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.files import disk_errors
 from tilebridge_storage.ome_tiff import OmeTiffBackend
 from tilebridge_storage.ome_zarr import OmeZarrBackend
 from tilebridge_storage.stitched_tiff import StitchedTiffBackend
@@ -57,9 +57,11 @@ def small_filesystem(path: Path) -> Iterator[bool]:
 class QuotaBackend(StorageBackend):
     """The fallback: `inner`, whose writes fail like a full disk past `quota` bytes."""
 
+    kind = "quota"
+
     def __init__(self, inner: StorageBackend, quota: int) -> None:
+        super().__init__(inner.name)
         self.inner, self.quota, self.used = inner, quota, 0
-        self.name = inner.name  # type: ignore[misc]
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         inner, backend = self.inner.open_image(device, manifest), self
@@ -78,7 +80,7 @@ class QuotaBackend(StorageBackend):
             def abort(self) -> None:
                 inner.abort()
 
-        return Writer(device, manifest)
+        return Writer(device, manifest, self.name)
 
 
 @pytest.mark.slow

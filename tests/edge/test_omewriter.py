@@ -24,11 +24,11 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.framing import Codec
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.mqtt import BrokerSettings
 from tilebridge_storage.archive import ArchiveBackend
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 
@@ -98,9 +98,10 @@ def agent(tmp_path: Path) -> Iterator[EdgeAgent]:
 class GateBackend(StorageBackend):
     """Holds every write until `gate` is set; records what it got."""
 
-    name = "gate"
+    kind = "gate"
 
     def __init__(self) -> None:
+        super().__init__()
         self.gate = threading.Event()
         self.tiles: dict[TileKey, np.ndarray[Any, Any]] = {}
 
@@ -120,15 +121,16 @@ class GateBackend(StorageBackend):
             def abort(self) -> None:
                 backend.tiles.clear()
 
-        return Writer(device, manifest)
+        return Writer(device, manifest, self.name)
 
 
 class FailingBackend(StorageBackend):
     """Refuses the `fail_at`-th tile like a full disk."""
 
-    name = "failing"
+    kind = "failing"
 
     def __init__(self, fail_at: int) -> None:
+        super().__init__()
         self.fail_at = fail_at
         self.aborted = False
 
@@ -149,7 +151,7 @@ class FailingBackend(StorageBackend):
             def abort(self) -> None:
                 backend.aborted = True
 
-        return Writer(device, manifest)
+        return Writer(device, manifest, self.name)
 
 
 SMALL = SyntheticScan(columns=3, rows=2, tile_size=64, channels=2)

@@ -17,7 +17,6 @@ from devtools.stack import wait_for
 from edge_agent.buffer import DiskBuffer
 from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
-from tests.storage.manifests import make_manifest, make_tiles
 from tilebridge_protocol.framing import decode_chunk
 from tilebridge_protocol.messages import (
     ImageAck,
@@ -29,6 +28,7 @@ from tilebridge_protocol.messages import (
     TileState,
 )
 from tilebridge_protocol.reasons import ReasonCode
+from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
 
 class FakeConnection:

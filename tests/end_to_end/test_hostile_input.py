@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -26,10 +27,10 @@ from tests.end_to_end.conftest import (
     start_ingest,
     wait_committed,
 )
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.framing import HEADER_SIZE, encode_tile
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import ImageState
+from tilebridge_runtime.mqtt import BrokerSettings
 
 ACKS = "tilebridge/v1/dev/scope-1/ack"
 
@@ -167,6 +168,68 @@ def test_malformed_oversize_and_unknown_version_are_refused_and_the_ingest_goes_
             writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
         writer.finalize()
         wait_committed(watcher, manifest.image_id, manifest.tile_count)
+        result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
+    assert result.state is ImageState.COMPLETE
+    assert_archive_intact(tmp_path)
+
+
+def _poison_chunk() -> bytes:
+    """105-odd bytes that used to stop ingestion: a correctly checksummed chunk whose zstd
+    frame declares 1 TiB of content (python-zstandard allocated it, MemoryError escaped the
+    handler and killed the broker thread)."""
+    import struct
+
+    from tilebridge_protocol.framing import ChunkHeader, Codec, encode_chunk
+
+    frame = (
+        b"\x28\xb5\x2f\xfd\xe0"
+        + struct.pack("<Q", 1 << 40)
+        + (1 | (1 << 1) | ((128 * 1024) << 3)).to_bytes(3, "little")
+        + b"\x00"
+    )
+    header = ChunkHeader(uuid4(), TileKey(0), 0, 1, 0, 1 << 20, 1 << 20, bytes(16), Codec.ZSTD)
+    return encode_chunk(header, frame)
+
+
+def test_a_poison_chunk_even_retained_never_stops_the_ingest(
+    broker: Mosquitto, watcher: Watcher, programs: dict[str, Program], tmp_path: Path
+) -> None:
+    ingest = start_ingest(programs, broker, tmp_path)
+    device = RawDevice(broker)
+    try:
+        device.send("chunk", _poison_chunk())
+        # Retained on the device's own chunk topic: delivered to the ingest at every start.
+        info = device.client.publish(
+            "tilebridge/v1/dev/scope-1/chunk", _poison_chunk(), qos=1, retain=True
+        )
+        wait_for(lambda: info.mid in device.pubacks, 10, "PUBACK of the retained poison")
+        wait_for(
+            lambda: [a for a in _acks(watcher) if a["reason"] == "malformed"][1:],
+            30,
+            "both poison chunks refused",
+        )
+    finally:
+        device.close()
+    refusal = next(a for a in _acks(watcher) if a["reason"] == "malformed")
+    assert refusal["state"] == "rejected" and "declares 1099511627776 bytes" in refusal["detail"]
+    ingest.stop()
+    start_ingest(programs, broker, tmp_path)  # the retained poison arrives again at once
+    wait_for(
+        lambda: len([a for a in _acks(watcher) if a["reason"] == "malformed"]) >= 3,
+        30,
+        "the retained poison refused after the restart",
+    )
+    assert programs["ingest"].running
+    settings = AgentSettings(
+        broker=BrokerSettings(port=broker.port), spool_dir=tmp_path / "spool", min_free_bytes=0,
+        chunk_size=32 * 1024, **FAST_RETRY,
+    )  # fmt: skip
+    manifest = SCAN.manifest()
+    with EdgeAgent(settings) as agent:
+        writer = TileScanWriter(agent, manifest)
+        for key in manifest.tile_keys():
+            writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
+        writer.finalize()
         result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
     assert result.state is ImageState.COMPLETE
     assert_archive_intact(tmp_path)

@@ -91,7 +91,7 @@ class Harness:
 
 
 def tiles_for(manifest: OpenManifest, seed: int = 0) -> dict[TileKey, np.ndarray[Any, Any]]:
-    from tests.storage.manifests import make_tiles
+    from tilebridge_storage.testing.manifests import make_tiles
 
     return make_tiles(manifest, seed)
 

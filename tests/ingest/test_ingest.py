@@ -14,7 +14,6 @@ import tifffile
 
 from server_ingest.settings import Limits
 from tests.ingest.harness import DEVICE, Harness, chunks, close_for, tiles_for
-from tests.storage.manifests import make_manifest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     ErrorAck,
@@ -25,6 +24,7 @@ from tilebridge_protocol.messages import (
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.topics import DeviceTopic
+from tilebridge_storage.testing.manifests import make_manifest
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ def test_a_failed_image_still_counts_against_the_quota_after_a_restart(tmp_path:
     from tilebridge_storage.base import StorageBackend
 
     class Refusing(StorageBackend):
-        name = "refusing"
+        kind = "refusing"
 
         def open_image(self, device: str, manifest: object) -> Any:
             raise PermanentError("no room for this image anywhere")

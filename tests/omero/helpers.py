@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from tests.storage.manifests import make_manifest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest
 from tilebridge_storage.mosaic import assemble
 from tilebridge_storage.omero_backend.settings import DevicePolicy, OmeroSettings
+from tilebridge_storage.testing.manifests import make_manifest
 
 Tiles = dict[TileKey, np.ndarray[Any, Any]]
 DEVICE = "scope-1"

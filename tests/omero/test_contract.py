@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("omero")
 
 from tests.omero.helpers import digest, expected_pixels, images_of, read_pixels, settings_for
-from tests.storage.contract import StorageContract, Tiles
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.omero_backend.backend import OmeroBackend
+from tilebridge_storage.testing.contract import StorageContract, Tiles
 
 
 class TestOmeroContract(StorageContract):

@@ -21,8 +21,8 @@ from edge_agent.simulate import SyntheticScan
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
 from tests.omero.helpers import digest, expected_pixels, read_pixels, settings_for
-from tilebridge_protocol.broker import BrokerSettings
 from tilebridge_protocol.messages import ImageState
+from tilebridge_runtime.mqtt import BrokerSettings
 
 
 def test_a_simulated_scan_flows_from_the_edge_into_omero(

@@ -30,13 +30,13 @@ from tests.omero.helpers import (
     unique_manifest,
 )
 from tests.omero_standin_tests.helpers import create_image
-from tests.storage.manifests import make_tiles
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import ImageWriter, StoredImage
 from tilebridge_storage.omero_backend.backend import OmeroBackend
 from tilebridge_storage.omero_backend.provenance import image_description
 from tilebridge_storage.omero_backend.settings import DevicePolicy, OmeroSettings
+from tilebridge_storage.testing.manifests import make_tiles
 
 IDLE_S = 1.5
 

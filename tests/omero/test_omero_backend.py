@@ -25,7 +25,6 @@ from tests.omero.helpers import (
     standin,
     unique_manifest,
 )
-from tests.storage.manifests import make_tiles
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import PROTOCOL_VERSION, OpenManifest
@@ -34,6 +33,7 @@ from tilebridge_storage.omero_backend.backend import OmeroBackend
 from tilebridge_storage.omero_backend.metadata import METADATA_NS
 from tilebridge_storage.omero_backend.provenance import PROVENANCE_NS
 from tilebridge_storage.omero_backend.settings import DevicePolicy
+from tilebridge_storage.testing.manifests import make_tiles
 
 
 @pytest.fixture

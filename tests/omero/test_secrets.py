@@ -12,11 +12,11 @@ from pydantic import SecretStr, ValidationError
 pytest.importorskip("omero")
 
 from tests.omero.helpers import DEVICE, settings_for, unique_manifest
-from tests.storage.manifests import make_tiles
 from tilebridge_protocol.errors import PermanentError, TransientError
-from tilebridge_protocol.secrets import masked_json
+from tilebridge_runtime.secrets import masked_json
 from tilebridge_storage.omero_backend.backend import OmeroBackend
 from tilebridge_storage.omero_backend.settings import Credentials, DevicePolicy, OmeroSettings
+from tilebridge_storage.testing.manifests import make_tiles
 
 WRONG = "wrong-Secret-4711"
 

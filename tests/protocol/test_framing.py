@@ -94,3 +94,58 @@ def test_chunk_geometry_covers_the_tile_exactly() -> None:
     assert chunk_geometry(0, 4) == [(0, 0)]
     with pytest.raises(ValueError):
         chunk_geometry(10, 0)
+
+
+def _zstd_chunk(payload: bytes, raw_length: int, tile_bytes: int | None = None) -> bytes:
+    """A correctly checksummed chunk that carries `payload` as its zstd data."""
+    from tilebridge_protocol.framing import ChunkHeader, encode_chunk
+
+    header = ChunkHeader(
+        uuid4(), TileKey(0), 0, 1, 0, tile_bytes or raw_length, raw_length, bytes(16), Codec.ZSTD
+    )
+    return encode_chunk(header, payload)
+
+
+def _frame_declaring(content_size: int) -> bytes:
+    """A 17-byte zstd frame whose header claims `content_size` bytes (one RLE block)."""
+    import struct
+
+    descriptor = 0xE0  # 8-byte content size field, single segment, no checksum, no dictionary
+    block = 1 | (1 << 1) | ((128 * 1024) << 3)  # last block, RLE, 128 KiB
+    return (
+        b"\x28\xb5\x2f\xfd"
+        + bytes([descriptor])
+        + struct.pack("<Q", content_size)
+        + block.to_bytes(3, "little")
+        + b"\x00"
+    )
+
+
+def test_a_frame_declaring_a_huge_size_is_refused_before_any_allocation() -> None:
+    # The poison chunk of issue 11: python-zstandard would allocate the declared 1 TiB.
+    message = _zstd_chunk(_frame_declaring(1 << 40), raw_length=1024)
+    assert len(message) < 200
+    with pytest.raises(ProtocolError) as err:
+        decode_chunk(message)
+    assert err.value.reason is ReasonCode.MALFORMED
+    assert "declares 1099511627776 bytes" in err.value.detail
+
+
+def test_a_decompression_bomb_is_cut_off_at_the_header_length() -> None:
+    import zstandard
+
+    # 64 MiB of zeros without a declared size, in a chunk whose header says 64 KiB.
+    stream = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    bomb = b"".join(stream.compress(bytes(1 << 20)) for _ in range(64)) + stream.flush()
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(ProtocolError) as err:
+        decode_chunk(_zstd_chunk(bomb, raw_length=64 * 1024, tile_bytes=1 << 26))
+    assert err.value.reason is ReasonCode.MALFORMED
+    assert "length differs" in err.value.detail
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x28\xb5\x2f\xfd", b"not zstd at all", bytes(64)])
+def test_garbage_zstd_payloads_are_malformed(payload: bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_chunk(_zstd_chunk(payload, raw_length=1000))
+    assert err.value.reason is ReasonCode.MALFORMED

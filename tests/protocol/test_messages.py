@@ -5,7 +5,6 @@ from uuid import uuid4
 
 import pytest
 
-from tests.storage.manifests import make_manifest
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
@@ -19,6 +18,7 @@ from tilebridge_protocol.messages import (
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.topics import DeviceTopic, device_topic, parse_device_topic
+from tilebridge_storage.testing.manifests import make_manifest
 
 
 def test_open_manifest_round_trips() -> None:

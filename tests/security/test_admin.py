@@ -17,8 +17,8 @@ from edge_agent.settings import AgentSettings
 from server_ingest import admin
 from server_ingest.__main__ import main
 from tests.security.conftest import SecuredBroker, Tls, start_secured, wait_until
-from tilebridge_protocol.broker import BrokerSettings, MqttConnection
 from tilebridge_protocol.topics import UPSTREAM, DeviceTopic, device_filter, device_topic
+from tilebridge_runtime.mqtt import BrokerSettings, MqttConnection
 
 
 @pytest.fixture

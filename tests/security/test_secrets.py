@@ -25,22 +25,22 @@ from server_ingest.admin import write_secret
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
 from tests.security.conftest import SecuredBroker, start_secured, wait_until
-from tilebridge_protocol.broker import BrokerSettings, MqttConnection
 from tilebridge_protocol.messages import ImageState
-from tilebridge_protocol.secrets import (
-    MASK,
-    RedactingFilter,
-    masked,
-    masked_json,
-    redact,
-    secret_file_problem,
-)
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,
     IMAGE_STATUS_FILTER,
     INGEST_STATUS_FILTER,
     DeviceTopic,
     device_topic,
+)
+from tilebridge_runtime.mqtt import BrokerSettings, MqttConnection
+from tilebridge_runtime.secrets import (
+    MASK,
+    RedactingFilter,
+    masked,
+    masked_json,
+    redact,
+    secret_file_problem,
 )
 
 DEVICE = "scope-a"

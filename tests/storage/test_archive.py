@@ -6,11 +6,11 @@ import numpy as np
 import tifffile
 from ome_types import from_xml
 
-from tests.storage.contract import StorageContract, Tiles
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.archive import ArchiveBackend
 from tilebridge_storage.base import StorageBackend, StoredImage
+from tilebridge_storage.testing.contract import StorageContract, Tiles
 
 
 class TestArchive(StorageContract):
@@ -49,7 +49,7 @@ def test_staged_tiles_cost_no_file_descriptors_until_written(tmp_path: Path) -> 
     open would exhaust the process's file descriptors."""
     import os
 
-    from tests.storage.manifests import make_manifest
+    from tilebridge_storage.testing.manifests import make_manifest
 
     manifest = make_manifest(rows=10, columns=30, tile=(8, 8))  # 300 positions, 1200 tiles
     writer = ArchiveBackend(tmp_path / "archive").open_image("scope-1", manifest)

@@ -6,10 +6,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.storage.contract import Tiles
-from tests.storage.manifests import make_manifest
 from tilebridge_protocol.messages import OpenManifest, PixelSize, StagePosition
 from tilebridge_storage.mosaic import Rect, assemble, downsample, plan, pyramid_shapes
+from tilebridge_storage.testing.contract import Tiles
+from tilebridge_storage.testing.manifests import make_manifest
 
 
 def manifest(

@@ -7,13 +7,13 @@ import pytest
 import tifffile
 from ome_types import from_xml
 
-from tests.storage.contract import StorageContract, Tiles
-from tests.storage.manifests import make_manifest, make_tiles
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage import ome_tiff
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.ome_tiff import OmeTiffBackend
+from tilebridge_storage.testing.contract import StorageContract, Tiles
+from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
 
 class TestOmeTiff(StorageContract):

@@ -8,8 +8,6 @@ import pytest
 import zarr
 from ome_zarr_models.v05.image import Image
 
-from tests.storage.contract import StorageContract, Tiles
-from tests.storage.manifests import make_tiles
 from tests.storage.test_mosaic import plane_of
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.messages import OpenManifest
@@ -17,6 +15,8 @@ from tilebridge_storage import ome_zarr
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample
 from tilebridge_storage.ome_zarr import OmeZarrBackend
+from tilebridge_storage.testing.contract import StorageContract, Tiles
+from tilebridge_storage.testing.manifests import make_tiles
 
 CHUNK = 32
 """Small chunks, so the contract's 91 x 179 canvas gets a real pyramid."""

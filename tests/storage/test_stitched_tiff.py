@@ -8,7 +8,6 @@ import pytest
 import tifffile
 from ome_types import from_xml
 
-from tests.storage.contract import StorageContract, Tiles
 from tests.storage.test_mosaic import plane_of
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.messages import OpenManifest
@@ -16,6 +15,7 @@ from tilebridge_storage import stitched_tiff
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample, plan
 from tilebridge_storage.stitched_tiff import StitchedTiffBackend
+from tilebridge_storage.testing.contract import StorageContract, Tiles
 
 TILE = 32
 """Small tiles, so the contract's 91 x 179 canvas gets a real pyramid."""

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 class OmeroBackend(StorageBackend):
     """docstring inherited"""
 
-    name = "omero"
+    kind = "omero"
 
-    def __init__(self, settings: OmeroSettings) -> None:
+    def __init__(self, settings: OmeroSettings, name: str | None = None) -> None:
+        super().__init__(name)
         self.settings = settings
         self.pool = SessionPool(settings)
         # Two writers must not both create the same missing project or dataset.
@@ -61,7 +62,7 @@ class OmeroBackend(StorageBackend):
             "image %s: writing to OMERO Image:%s in Dataset:%d",
             manifest.image_id, ",".join(str(i.image_id) for i in images), target.dataset_id,
         )  # fmt: skip
-        writer = _OmeroWriter(device, manifest, session, target)
+        writer = _OmeroWriter(device, manifest, self.name, session, target)
         for image in images:
             writer.add_sink(
                 image.image_id,
@@ -78,9 +79,14 @@ class OmeroBackend(StorageBackend):
 
 class _OmeroWriter(ImageWriter):
     def __init__(
-        self, device: str, manifest: OpenManifest, session: OmeroSession, target: Target
+        self,
+        device: str,
+        manifest: OpenManifest,
+        backend: str,
+        session: OmeroSession,
+        target: Target,
     ) -> None:
-        super().__init__(device, manifest)
+        super().__init__(device, manifest, backend)
         self.session = session
         self.target = target
         self.tiles: dict[TileKey, np.ndarray[Any, Any]] = {}
@@ -147,7 +153,7 @@ class _OmeroWriter(ImageWriter):
                 ids[f"image_{sink.indices[0]}"] = image_id
         images = ",".join(str(i) for i in self.image_ids)
         self.stored = StoredImage(
-            backend=OmeroBackend.name,
+            backend=self.backend_name,
             location=f"omero:Image:{images} dataset:{self.target.dataset_id}",
             ids=ids,
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from tilebridge_protocol.errors import PermanentError
-from tilebridge_protocol.secrets import secret_file_problem
+from tilebridge_runtime.secrets import secret_file_problem
 
 log = logging.getLogger(__name__)
 

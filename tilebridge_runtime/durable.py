@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tilebridge_protocol.errors import PermanentError, TransientError
-from tilebridge_protocol.messages import OpenManifest
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,13 +28,21 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EINTR})
+"""Disk faults that pass by themselves (space is freed, the device recovers)."""
+
+
 @contextmanager
 def disk_errors(what: str) -> Iterator[None]:
-    """Turn OS errors into tilebridge's typed errors: a full disk may pass, EACCES will not."""
+    """Turn OS errors into tilebridge's typed errors: a full disk may pass, EACCES will not.
+
+    An OSError without an errno is a short write reported by a library (numpy's `tofile`
+    says "262144 requested and 196152 written" when the disk fills): that is a full disk
+    too, so it is transient. Only an error the OS names as lasting is permanent."""
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN):
+        if exc.errno is None or exc.errno in TRANSIENT_ERRNOS:
             raise TransientError(f"{what}: {exc.strerror or exc}") from exc
         raise PermanentError(f"{what}: {exc.strerror or exc}") from exc
 
@@ -66,14 +73,3 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def image_path(root: Path, device: str, manifest: OpenManifest, suffix: str) -> Path:
-    """`root/<device>/<experiment>/<image_name>_<id8><suffix>`; names are validated by the
-    protocol (no separators), and the result is checked to stay under `root`."""
-    name = f"{manifest.image_name}_{manifest.image_id.hex[:8]}{suffix}"
-    path = root / device / manifest.experiment / name
-    resolved_root = root.resolve()
-    if resolved_root not in path.resolve().parents:
-        raise PermanentError(f"refusing to write outside {root}: {path}")
-    return path

@@ -1,9 +1,9 @@
-"""How both sides reach the broker: connection settings, the paho client, reconnect backoff."""
+"""How both services reach the broker: connection settings, the paho client, a network
+thread that reconnects with jittered backoff."""
 
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 from collections.abc import Callable
@@ -16,6 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from tilebridge_runtime.backoff import Backoff
 
 # A persistent session outlives a disconnect by this long; the broker's
 # `persistent_client_expiration` may cut it shorter.
@@ -74,24 +76,6 @@ def expiring(seconds: int) -> Properties:
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.MessageExpiryInterval = seconds
     return props
-
-
-class Backoff:
-    """Exponential backoff with full jitter: 'try again' delays that spread out retries."""
-
-    def __init__(self, first_s: float = 0.5, max_s: float = 60.0, rng: random.Random | None = None):
-        self.first_s = first_s
-        self.max_s = max_s
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.max_s, self.first_s * 2**self.attempt)
-        self.attempt += 1
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class MqttConnection:

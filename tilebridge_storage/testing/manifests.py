@@ -56,10 +56,11 @@ def make_tiles(manifest: OpenManifest, seed: int = 0) -> dict[TileKey, np.ndarra
     """Distinct, non-constant content per tile, so a misplaced tile is caught."""
     rng = np.random.default_rng(seed)
     dtype = manifest.dtype.numpy
-    high = min(np.iinfo(dtype).max, 60000) if dtype.kind in "ui" else 1.0
-    return {
-        key: rng.integers(0, high, (manifest.tile_height, manifest.tile_width)).astype(dtype)
-        if dtype.kind in "ui"
-        else rng.random((manifest.tile_height, manifest.tile_width)).astype(dtype)
-        for key in manifest.tile_keys()
-    }
+    shape = (manifest.tile_height, manifest.tile_width)
+
+    def tile() -> np.ndarray[Any, Any]:
+        if dtype.kind in "ui":
+            return rng.integers(0, min(int(np.iinfo(dtype).max), 60000), shape).astype(dtype)
+        return rng.random(shape).astype(dtype)
+
+    return {key: tile() for key in manifest.tile_keys()}

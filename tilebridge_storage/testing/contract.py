@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -15,11 +16,12 @@ from uuid import uuid4
 import numpy as np
 import pytest
 
-from tests.storage.manifests import make_manifest, make_tiles
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_storage import registry
 from tilebridge_storage.base import StorageBackend, StoredImage
+from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
 Tiles = dict[TileKey, np.ndarray[Any, Any]]
 
@@ -28,6 +30,9 @@ class StorageContract:
     """Subclass and implement `make_backend` and `read_back`."""
 
     device = "scope-1"
+    keeps_references: bool | None = None
+    """Whether the backend may keep `write_tile`'s pixels until `finish()` (base.py). None:
+    what the registry says of the backend's kind (a third-party backend sets it)."""
 
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         raise NotImplementedError
@@ -49,9 +54,9 @@ class StorageContract:
         return make_manifest(**overrides)
 
     @pytest.fixture
-    def backend(self, tmp_path: Path) -> StorageBackend:
+    def backend(self, tmp_path: Path) -> Iterator[StorageBackend]:
         backend = self.make_backend(tmp_path)
-        yield backend  # type: ignore[misc]
+        yield backend
         backend.close()
 
     def test_tiles_in_any_order_are_stored_intact(self, backend: StorageBackend) -> None:
@@ -153,6 +158,25 @@ class StorageContract:
             writer.write_tile(key, tiles[key])
         writer.abort()
         assert self.leftovers(backend, manifest) == []
+
+    def test_pixels_are_the_callers_again_unless_references_are_kept(
+        self, backend: StorageBackend
+    ) -> None:
+        """The ownership rule of base.py: a backend that does not keep references is done
+        with a tile's pixels when `write_tile` returns, so the caller may reuse the buffer
+        (a camera does) without changing what is stored."""
+        keeps = self.keeps_references
+        if keeps is None:
+            keeps = registry.KINDS[backend.kind].keeps_references
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        buffer = np.empty_like(next(iter(tiles.values())))
+        for key, pixels in tiles.items():
+            buffer[...] = pixels
+            writer.write_tile(key, buffer if not keeps else pixels.copy())
+            buffer[...] = 0  # the camera's next frame lands in the same buffer
+        self.read_back(backend, writer.finish(), manifest, tiles)
 
     def test_two_images_do_not_mix(self, backend: StorageBackend) -> None:
         one, two = self.manifest(), self.manifest(image_id=uuid4(), image_name="second")
