@@ -158,12 +158,32 @@ class OpenManifest(_Message):
         return self.channels[c] if self.channels else f"C{c}"
 
 
+class PlaneMeta(BaseModel):
+    """What the acquisition measured when it took one tile (every field optional).
+
+    The manifest holds the *planned* stage position of each tile; this is where the stage
+    really was, and when and how long the camera exposed. Backends store it per plane
+    (OME `Plane` PositionX/Y/Z, ExposureTime, DeltaT; OMERO PlaneInfo)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    x_um: float | None = Field(default=None, allow_inf_nan=False)
+    y_um: float | None = Field(default=None, allow_inf_nan=False)
+    z_um: float | None = Field(default=None, allow_inf_nan=False)
+    """Measured stage position, µm."""
+    exposure_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    delta_t_s: float | None = Field(default=None, allow_inf_nan=False)
+    """Seconds from the manifest's `acquired_at` to this exposure."""
+
+
 class TileDigest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tile: TileKey
     digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
     """xxh3_128 of the tile's raw little-endian bytes, hex."""
+    meta: PlaneMeta | None = None
+    """What was measured when the tile was taken, if the acquisition said."""
 
 
 class CloseManifest(_Message):
@@ -180,6 +200,10 @@ class CloseManifest(_Message):
         if len({d.tile for d in self.digests}) != len(self.digests):
             raise ValueError("a tile is listed twice")
         return self
+
+    def planes(self) -> dict[TileKey, PlaneMeta]:
+        """Measured metadata by tile, for the tiles that have any."""
+        return {d.tile: d.meta for d in self.digests if d.meta is not None}
 
 
 class TileState(StrEnum):

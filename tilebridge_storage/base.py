@@ -10,6 +10,7 @@ Lifecycle of one image::
 
     writer = backend.open_image(device, manifest)   # once per attempt
     writer.write_tile(key, pixels)                  # every key of the manifest, any order
+    writer.add_planes(planes)                       # measured metadata, any time before finish
     stored = writer.finish()                        # all tiles written -> durable result
     # or writer.abort() to discard a partial attempt
 
@@ -30,6 +31,10 @@ Promises every backend keeps:
 * `finish()` requires every tile; with tiles missing it raises `PermanentError` naming them.
   Its result is durable when it returns (files fsynced / the server confirmed). Calling it
   again returns an equal `StoredImage` and changes nothing. After it, `write_tile` raises.
+* `add_planes(planes)` may be called any number of times before `finish()`; each call adds
+  (or replaces) the measured metadata of the tiles it names (`PlaneMeta`: stage position,
+  exposure, time). `finish()` stores what it has in `self.planes` with the planes, where the
+  format has a place for it; a tile without metadata keeps its planned position.
 * `abort()` removes partial output; it is safe to call at any time, more than once.
 * Faults say whether to retry: `TransientError` (unreachable, disk full, timeout: the caller
   keeps its data and tries again later) or `PermanentError` (permission, invalid target).
@@ -40,7 +45,7 @@ Promises every backend keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,7 +53,7 @@ import numpy as np
 
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class ImageWriter(ABC):
         self.manifest = manifest
         self.backend_name = backend_name
         """The `name` of the backend that opened this writer (what `StoredImage` names)."""
+        self.planes: dict[TileKey, PlaneMeta] = {}
+        """Measured metadata per tile, given by `add_planes` (see the contract)."""
 
     @abstractmethod
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None: ...
@@ -79,6 +86,15 @@ class ImageWriter(ABC):
 
     @abstractmethod
     def abort(self) -> None: ...
+
+    def add_planes(self, planes: Mapping[TileKey, PlaneMeta]) -> None:
+        """Record measured metadata for `finish()` to store (see the contract)."""
+        for key, meta in planes.items():
+            if not self.manifest.has_tile(key):
+                raise PermanentError(
+                    f"tile {tuple(key)} is not part of image {self.manifest.image_id}"
+                )
+            self.planes[key] = meta
 
     def admit(
         self, key: TileKey, pixels: np.ndarray[Any, Any], written: Collection[TileKey], done: bool

@@ -99,3 +99,30 @@ def test_topics_round_trip_and_refuse_foreign_ones() -> None:
             parse_device_topic(bad)
     with pytest.raises(ProtocolError):
         device_topic("a/b", DeviceTopic.ACK)
+
+
+def test_a_close_carries_measured_plane_metadata_and_stays_compatible() -> None:
+    from tilebridge_protocol.messages import PlaneMeta, TileDigest, decode_close
+
+    digest = "0" * 32
+    measured = PlaneMeta(x_um=101.5, y_um=-3.25, z_um=12.0, exposure_ms=20.0, delta_t_s=1.5)
+    close = CloseManifest(
+        image_id=uuid4(),
+        tile_count=2,
+        digests=(
+            TileDigest(tile=TileKey(0), digest=digest, meta=measured),
+            TileDigest(tile=TileKey(1), digest=digest),
+        ),
+    )
+    again = decode_close(close.to_bytes())
+    assert again == close
+    assert again.planes() == {TileKey(0): measured}
+    # A close from an edge that sends no metadata is still valid.
+    plain = json.loads(close.to_bytes())
+    for entry in plain["digests"]:
+        entry.pop("meta")
+    assert decode_close(json.dumps(plain).encode()).planes() == {}
+    with pytest.raises(ProtocolError):
+        bad = json.loads(close.to_bytes())
+        bad["digests"][0]["meta"]["exposure_ms"] = -1
+        decode_close(json.dumps(bad).encode())

@@ -18,7 +18,7 @@ import pytest
 
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_storage import registry
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.testing.manifests import make_manifest, make_tiles
@@ -177,6 +177,16 @@ class StorageContract:
             writer.write_tile(key, buffer if not keeps else pixels.copy())
             buffer[...] = 0  # the camera's next frame lands in the same buffer
         self.read_back(backend, writer.finish(), manifest, tiles)
+
+    def test_plane_metadata_outside_the_image_is_refused(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        writer = backend.open_image(self.device, manifest)
+        outside = TileKey(len(manifest.positions), 0, 0, 0)
+        with pytest.raises(PermanentError):
+            writer.add_planes({outside: PlaneMeta(z_um=1.0)})
+        writer.add_planes({TileKey(0): PlaneMeta(z_um=1.0, exposure_ms=5.0)})
+        assert writer.planes == {TileKey(0): PlaneMeta(z_um=1.0, exposure_ms=5.0)}
+        writer.abort()
 
     def test_two_images_do_not_mix(self, backend: StorageBackend) -> None:
         one, two = self.manifest(), self.manifest(image_id=uuid4(), image_name="second")
