@@ -79,11 +79,24 @@ class IngestStatus(_Status):
 
 
 class ImagePhase(StrEnum):
+    """Where an image is in the ingest's lifecycle (docs/architecture.md draws it)."""
+
     RECEIVING = "receiving"
+    """Open accepted; tiles arriving (and fed to the backends as they come)."""
     STORING = "storing"
+    """Close in, every tile committed: the backends are finishing the image."""
     COMPLETE = "complete"
+    """Every backend holds the image; the staged tiles are gone."""
     FAILED = "failed"
+    """A backend refused the image for good, or the close contradicts staged tiles; the
+    tiles stay staged for an administrator."""
     REJECTED = "rejected"
+    """The open manifest was refused; nothing of the image is accepted."""
+    EXPIRED = "expired"
+    """No close and no tile for `image_ttl_s`: no longer counted as open. Committed tiles
+    stay staged; the device revives the image by sending its open again."""
+    DISCARDED = "discarded"
+    """An administrator discarded the image and its staged tiles."""
 
 
 class ImageStatus(_Status):

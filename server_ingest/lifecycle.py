@@ -1,0 +1,455 @@
+"""The lifecycle of one image: `step(image, event, policy) -> Step(image, effects)`, pure.
+
+No I/O, no threads, no clock: time arrives in the events. The core (core.py) applies the
+events of every image in order and carries out the effects, which are data.
+
+    (none) --Opened--> RECEIVING --Closed + every tile staged--> STORING --StoreDone--> COMPLETE
+    (none) --OpenRefused--> REJECTED --Opened--> RECEIVING        (a second chance)
+    RECEIVING/STORING --StoreFailed--> FAILED --Retry--> RECEIVING/STORING
+    RECEIVING --Closed with staged tiles contradicting it--> FAILED
+    RECEIVING --Tick after image_ttl_s without news--> EXPIRED --Opened--> RECEIVING
+    any but COMPLETE/REJECTED --Discard--> DISCARDED
+
+Rules kept by construction (tests/ingest/test_lifecycle.py checks every pair):
+
+* An ack that lets the device forget something (open accepted, tile committed, image
+  complete or failed) is only ever sent in the `then` of a `Persist`: after the records that
+  justify it are durable. Refusals are sent at once; they let the device forget nothing.
+* Only `StoreFailed` (a backend's permanent refusal) and a contradicting close fail an image.
+  A full disk, an unreachable or crashing OMERO are `StoreDelayed`: retried, never failed.
+* A failed image is answered `failed` only once its close is in and every tile is staged, so
+  the device never drops a tile the server lacks.
+* An image leaves memory (`Forget`) only after its last record is durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from server_ingest.ledger.records import (
+    BackendStored,
+    CloseReceived,
+    ImageKey,
+    ImageOpened,
+    ImageRefused,
+    PhaseSet,
+    Record,
+    TileStaged,
+)
+from tilebridge_protocol.framing import tile_digest
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import (
+    AnyAck,
+    CloseManifest,
+    ErrorAck,
+    ImageAck,
+    ImageState,
+    ManifestState,
+    OpenAck,
+    OpenManifest,
+    TileAck,
+    TileState,
+)
+from tilebridge_protocol.reasons import ReasonCode
+from tilebridge_protocol.status import ImagePhase as Phase
+from tilebridge_protocol.topics import DeviceTopic, device_topic
+
+DISCARDED_DETAIL = "discarded by an administrator"
+
+
+@dataclass(frozen=True)
+class Policy:
+    image_ttl_s: float = 24 * 3600.0
+    """A receiving image without a tile or a close for this long expires."""
+    keep_staged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    key: ImageKey
+    phase: Phase
+    manifest_id: bytes | None = None
+    """Digest of the accepted open manifest: a repeated open must match it."""
+    tile_count: int = 0
+    committed: int = 0
+    """Tiles sealed in staging (their commit acks follow their records' durability)."""
+    closed: bool = False
+    locations: tuple[tuple[str, str], ...] = ()
+    reason: ReasonCode | None = None
+    detail: str | None = None
+    delayed: str | None = None
+    """Why storing waits (a backend unreachable); None while all is well."""
+    last_seen: float = 0.0
+
+    @property
+    def all_in(self) -> bool:
+        return self.closed and self.committed >= self.tile_count > 0
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    at: float
+    manifest: OpenManifest
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRefused:
+    at: float
+    reason: ReasonCode
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A tile is sealed in staging (verified, fsynced); the core never posts one twice."""
+
+    at: float
+    tile: TileKey
+    digest: bytes
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    at: float
+    close: CloseManifest
+    conflicts: int
+    """Staged tiles whose digest differs from the close's (counted by the core)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One backend finished the image."""
+
+    backend: str
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDone:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDelayed:
+    backend: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFailed:
+    at: float
+    backend: str
+    reason: ReasonCode
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Admin: try a failed image again (issue 13 adds the command)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Admin: drop the image and its staged tiles (issue 13 adds the command)."""
+
+    at: float
+
+
+Event = (
+    Opened | OpenRefused | Staged | Closed | Stored | StoreDone | StoreDelayed | StoreFailed
+    | Tick | Retry | Discard
+)  # fmt: skip
+
+
+# -- effects ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    ack: AnyAck
+
+
+@dataclass(frozen=True, slots=True)
+class StoreBegin:
+    """Open the backends' writers and feed them every tile staged so far."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTile:
+    tile: TileKey
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFinish:
+    """Every tile is staged and the close is in: finish every backend (with its planes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCancel:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveStaging:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """The image may leave memory: the ledger answers for it from now on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    records: tuple[Record, ...]
+    then: tuple[Effect, ...] = ()
+
+
+Effect = (
+    Send | StoreBegin | StoreTile | StoreFinish | StoreCancel | Publish | RemoveStaging | Forget
+    | Persist
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    image: Image | None
+    effects: tuple[Effect, ...] = ()
+
+
+def manifest_id(manifest: OpenManifest) -> bytes:
+    return tile_digest(manifest.to_bytes())
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def step(image: Image | None, key: ImageKey, event: Event, policy: Policy) -> Step:
+    """The next state of the image `key` (None: unknown) after `event`, and what to do."""
+    if image is None:
+        return _unknown(key, event)
+    if isinstance(event, Opened):
+        return _opened(image, event)
+    if isinstance(event, OpenRefused):
+        return Step(image, (_refuse_open(key, event.reason, event.detail),))
+    if image.phase is Phase.DISCARDED:
+        return _discarded(image, event)
+    if isinstance(event, Staged):
+        return _staged(image, event)
+    if isinstance(event, Closed):
+        return _closed(image, event)
+    if isinstance(event, Stored):
+        if image.phase not in (Phase.RECEIVING, Phase.STORING):
+            return Step(image)
+        locations = (*[kv for kv in image.locations if kv[0] != event.backend],
+                     (event.backend, event.location))  # fmt: skip
+        record = BackendStored(key, event.backend, event.location)
+        return Step(replace(image, locations=locations), (Persist((record,)),))
+    if isinstance(event, StoreDone):
+        return _store_done(image, event, policy)
+    if isinstance(event, StoreDelayed):
+        if image.phase not in (Phase.RECEIVING, Phase.STORING):
+            return Step(image)
+        return Step(replace(image, delayed=f"{event.backend}: {event.detail}"), (Publish(True),))
+    if isinstance(event, StoreFailed):
+        if image.phase not in (Phase.RECEIVING, Phase.STORING):
+            return Step(image)
+        return _fail(image, event.at, event.reason, f"{event.backend}: {event.detail}")
+    if isinstance(event, Tick):
+        return _tick(image, event, policy)
+    if isinstance(event, Retry):
+        return _retry(image, event)
+    return _discard(image, event)
+
+
+def _unknown(key: ImageKey, event: Event) -> Step:
+    if isinstance(event, Opened):
+        image = Image(key, Phase.RECEIVING, manifest_id(event.manifest),
+                      event.manifest.tile_count, last_seen=event.at)  # fmt: skip
+        accepted = Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED))
+        persist = Persist((ImageOpened(key, event.manifest, event.at),), (accepted, Publish(True)))
+        return Step(image, (persist, StoreBegin()))
+    if isinstance(event, OpenRefused):
+        image = Image(key, Phase.REJECTED, reason=event.reason, detail=event.detail,
+                      last_seen=event.at)  # fmt: skip
+        record = ImageRefused(key, event.reason, event.detail, event.at)
+        refusal = _refuse_open(key, event.reason, event.detail)
+        return Step(image, (refusal, Persist((record,), (Publish(True), Forget()))))
+    if isinstance(event, Closed):
+        return Step(None, (Send(_error(key, ReasonCode.UNKNOWN_IMAGE, "close for an image "
+                                       "without an accepted open: send open first")),))  # fmt: skip
+    return Step(None)
+
+
+def _opened(image: Image, event: Opened) -> Step:
+    key = image.key
+    same = image.manifest_id == manifest_id(event.manifest)
+    if image.phase in (Phase.REJECTED, Phase.EXPIRED) and (same or image.manifest_id is None):
+        # A second chance: a refused image with a valid open now, an expired one revived.
+        revived = replace(image, phase=Phase.RECEIVING, manifest_id=manifest_id(event.manifest),
+                          tile_count=event.manifest.tile_count, reason=None, detail=None,
+                          last_seen=event.at)  # fmt: skip
+        accepted = Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED))
+        persist = Persist((ImageOpened(key, event.manifest, event.at),), (accepted, Publish(True)))
+        return Step(revived, (persist, StoreBegin()))
+    if image.phase is Phase.DISCARDED:
+        return Step(image, (_refuse_open(key, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL),))
+    if not same:
+        detail = "this image id is already open with another manifest"
+        return Step(image, (_refuse_open(key, ReasonCode.CONFLICT, detail),))
+    if image.phase is Phase.REJECTED:  # refused with this very manifest before
+        return Step(image, (_refuse_open(key, image.reason or ReasonCode.INVALID_MANIFEST,
+                                         image.detail or ""),))  # fmt: skip
+    then: tuple[Effect, ...] = (Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED)),)
+    then += _final_ack(image)
+    return Step(replace(image, last_seen=max(image.last_seen, event.at)), (Persist((), then),))
+
+
+def _staged(image: Image, event: Staged) -> Step:
+    if image.phase not in (Phase.RECEIVING, Phase.FAILED):
+        return Step(image)
+    key = image.key
+    image = replace(image, committed=image.committed + 1, last_seen=event.at)
+    record = TileStaged(key, event.tile, event.digest, event.nbytes)
+    ack = Send(TileAck(image_id=key.image_id, tile=event.tile, state=TileState.COMMITTED))
+    if image.phase is Phase.FAILED:
+        return Step(image, (Persist((record,), (ack, *_final_ack(image))),))
+    if image.all_in:
+        return _start_storing(image, event.at, (record,), (ack,), (StoreTile(event.tile),))
+    return Step(image, (Persist((record,), (ack, Publish())), StoreTile(event.tile)))
+
+
+def _closed(image: Image, event: Closed) -> Step:
+    key = image.key
+    if image.phase in (Phase.REJECTED, Phase.EXPIRED):
+        reason = ReasonCode.INVALID_MANIFEST if image.phase is Phase.REJECTED else (
+            ReasonCode.UNKNOWN_IMAGE)  # fmt: skip
+        return Step(image, (Send(_error(key, reason, "close for an image without an accepted "
+                                        "open: send open first")),))  # fmt: skip
+    if image.closed or image.phase is Phase.COMPLETE:
+        return Step(image, (Persist((), _final_ack(image)),) if _final_ack(image) else ())
+    image = replace(image, closed=True, last_seen=event.at)
+    record = CloseReceived(key, event.close)
+    if image.phase is Phase.FAILED:
+        return Step(image, (Persist((record,), _final_ack(image)),))
+    if event.conflicts:
+        detail = f"{event.conflicts} staged tiles differ from the close digests"
+        failed = _fail(image, event.at, ReasonCode.CONFLICT, detail)
+        return Step(failed.image, (Persist((record,)), StoreCancel(), *failed.effects))
+    if image.all_in:
+        return _start_storing(image, event.at, (record,), (), ())
+    return Step(image, (Persist((record,), (Publish(True),)),))
+
+
+def _start_storing(image: Image, at: float, records: tuple[Record, ...],
+                   then: tuple[Effect, ...], before: tuple[Effect, ...]) -> Step:  # fmt: skip
+    image = replace(image, phase=Phase.STORING)
+    records = (*records, PhaseSet(image.key, Phase.STORING, at))
+    return Step(image, (Persist(records, (*then, Publish(True))), *before, StoreFinish()))
+
+
+def _store_done(image: Image, event: StoreDone, policy: Policy) -> Step:
+    if image.phase is not Phase.STORING:
+        return Step(image)
+    image = replace(image, phase=Phase.COMPLETE, delayed=None)
+    record = PhaseSet(image.key, Phase.COMPLETE, event.at)
+    then = (*_final_ack(image), Publish(True))
+    if not policy.keep_staged:
+        then += (RemoveStaging(),)
+    return Step(image, (Persist((record,), (*then, Forget())),))
+
+
+def _fail(image: Image, at: float, reason: ReasonCode, detail: str) -> Step:
+    image = replace(image, phase=Phase.FAILED, reason=reason, detail=detail, delayed=None)
+    record = PhaseSet(image.key, Phase.FAILED, at, reason, detail)
+    return Step(image, (Persist((record,), (*_final_ack(image), Publish(True))),))
+
+
+def _tick(image: Image, event: Tick, policy: Policy) -> Step:
+    if image.phase is not Phase.RECEIVING or event.at - image.last_seen < policy.image_ttl_s:
+        return Step(image)
+    detail = f"no tile and no close for {policy.image_ttl_s:.0f} s"
+    image = replace(image, phase=Phase.EXPIRED, reason=None, detail=detail)
+    record = PhaseSet(image.key, Phase.EXPIRED, event.at, None, detail)
+    then: tuple[Effect, ...] = (Publish(True),)
+    if image.committed == 0:  # nothing to keep: the ledger remembers it, revivable by an open
+        then += (RemoveStaging(), Forget())
+    return Step(image, (StoreCancel(), Persist((record,), then)))
+
+
+def _retry(image: Image, event: Retry) -> Step:
+    if image.phase is not Phase.FAILED:
+        return Step(image)
+    image = replace(image, phase=Phase.RECEIVING, reason=None, detail=None, last_seen=event.at)
+    record = PhaseSet(image.key, Phase.RECEIVING, event.at)
+    if image.all_in:
+        return _start_storing(image, event.at, (record,), (), (StoreBegin(),))
+    return Step(image, (Persist((record,), (Publish(True),)), StoreBegin()))
+
+
+def _discard(image: Image, event: Discard) -> Step:
+    if image.phase in (Phase.COMPLETE, Phase.REJECTED):
+        return Step(image)
+    key = image.key
+    image = replace(image, phase=Phase.DISCARDED, reason=ReasonCode.NOT_PERMITTED,
+                    detail=DISCARDED_DETAIL, delayed=None)  # fmt: skip
+    record = PhaseSet(key, Phase.DISCARDED, event.at, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL)
+    # Rejecting the open tells the device to set the whole image aside, whatever it holds.
+    refusal = Send(OpenAck(image_id=key.image_id, state=ManifestState.REJECTED,
+                           reason=ReasonCode.NOT_PERMITTED, detail=DISCARDED_DETAIL))  # fmt: skip
+    then = (refusal, Publish(True), RemoveStaging(), Forget())
+    return Step(image, (StoreCancel(), Persist((record,), then)))
+
+
+def _discarded(image: Image, event: Event) -> Step:
+    if isinstance(event, Closed):
+        return Step(image, (_refuse_open(image.key, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL),))
+    return Step(image)
+
+
+def _final_ack(image: Image) -> tuple[Effect, ...]:
+    """The image ack, if the image is finished and the device may now let go of it."""
+    image_id = image.key.image_id
+    if image.phase is Phase.COMPLETE:
+        return (Send(ImageAck(image_id=image_id, state=ImageState.COMPLETE,
+                              locations=dict(image.locations))),)  # fmt: skip
+    if image.phase is Phase.FAILED and image.all_in:
+        return (Send(ImageAck(image_id=image_id, state=ImageState.FAILED, reason=image.reason,
+                              detail=_clip(image.detail))),)  # fmt: skip
+    return ()
+
+
+def _refuse_open(key: ImageKey, reason: ReasonCode, detail: str) -> Send:
+    return Send(OpenAck(image_id=key.image_id, state=ManifestState.REJECTED, reason=reason,
+                        detail=_clip(detail)))  # fmt: skip
+
+
+def _error(key: ImageKey, reason: ReasonCode, detail: str) -> ErrorAck:
+    return ErrorAck(image_id=key.image_id, reason=reason, detail=detail,
+                    topic=device_topic(key.device, DeviceTopic.CLOSE))  # fmt: skip
+
+
+MAX_DETAIL = 900
+"""Reasons quote the input; keep them within an ack's 1024-character `detail`."""
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_DETAIL:
+        return text
+    return f"{text[: MAX_DETAIL - 3]}..."
