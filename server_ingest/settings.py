@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tilebridge_protocol.messages import MAX_JSON_BYTES
 from tilebridge_protocol.topics import check_device_id
 from tilebridge_runtime.mqtt import BrokerSettings
 from tilebridge_storage.omero_backend.settings import OmeroSettings
@@ -21,17 +22,32 @@ MiB = 1024 * 1024
 
 
 class Limits(BaseModel):
-    """What one image and one device may ask of this server."""
+    """What one image and one device may ask of this server (docs/security.md: each limit,
+    what trips it and what an admin sees). Every limit is checked before the work it bounds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_chunk_bytes: int = Field(default=8 * MiB, ge=4096)
+    max_chunks_per_tile: int = Field(default=65536, ge=1)
     max_tile_bytes: int = Field(default=512 * MiB, ge=1)
     max_tiles_per_image: int = Field(default=100_000, ge=1)
     max_image_bytes: int = Field(default=1024 * 1024 * MiB, ge=1)
     max_partial_tiles_per_device: int = Field(default=512, ge=1)
     """Tiles being reassembled at once per device; more is refused until some complete."""
     max_staged_bytes_per_device: int = Field(default=2048 * 1024 * MiB, ge=1)
+    max_open_images_per_device: int = Field(default=32, ge=1)
+    """Images receiving at once per device (opened, not yet closed and stored)."""
+    max_declared_bytes_per_device: int = Field(default=2048 * 1024 * MiB, ge=1)
+    """Sum of the declared sizes of a device's receiving images."""
+    max_manifest_bytes_per_device: int = Field(default=64 * MiB, ge=MAX_JSON_BYTES)
+    """Open manifests a device's images keep in memory, counted as their JSON size."""
+    message_rate_per_device: float = Field(default=5000.0, gt=0)
+    """Messages per second per device (token bucket), sustained."""
+    message_burst_per_device: int = Field(default=10000, ge=1)
+    max_parked_bytes_per_device: int = Field(default=256 * MiB, ge=MAX_JSON_BYTES)
+    """Messages held while the ledger is asked about their image (milliseconds, normally)."""
+    image_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    """A receiving image without a tile or a close for this long expires (revivable)."""
 
 
 class IngestSettings(BaseSettings):
@@ -56,6 +72,13 @@ class IngestSettings(BaseSettings):
     """Retained status of a finished image expires from the broker after this long."""
     store_retry_s: float = Field(default=5.0, gt=0)
     store_retry_max_s: float = Field(default=300.0, gt=0)
+    inbox_messages: int = Field(default=256, ge=1)
+    """Device messages waiting for the core; when full, the broker connection waits."""
+    staging_workers: int = Field(default=2, ge=1, le=64)
+    storer_workers: int = Field(default=2, ge=1, le=64)
+    dead_letters_max: int = Field(default=1000, ge=1)
+    dead_letter_payload_bytes: int = Field(default=64 * 1024, ge=0)
+    """How much of a dead-lettered message is kept (its full size is recorded)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """Serve Prometheus metrics on this port (all interfaces); None: no metrics endpoint."""
 

@@ -9,6 +9,7 @@ disk. Partial files are not trusted after a restart: the device sends those tile
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -49,11 +50,13 @@ class Staging:
             flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else 0)
             fd = os.open(path, flags, 0o640)
             try:
-                os.pwrite(fd, data, offset)
+                _pwrite_all(fd, data, offset)
             finally:
                 os.close(fd)
 
-    def seal(self, device: str, image_id: UUID, key: TileKey, digest: bytes) -> bool:
+    def seal(
+        self, device: str, image_id: UUID, key: TileKey, digest: bytes, tile_bytes: int
+    ) -> bool:
         """Verify the reassembled tile against `digest`, then make it durable.
 
         Returns False (and drops the partial file) when the bytes do not match.
@@ -63,7 +66,7 @@ class Staging:
             fd = os.open(part, os.O_RDWR)
             try:
                 data = _read_all(fd)
-                if tile_digest(data) != digest:
+                if len(data) != tile_bytes or tile_digest(data) != digest:
                     os.unlink(part)
                     return False
                 os.fdatasync(fd)
@@ -74,6 +77,7 @@ class Staging:
         return True
 
     def discard(self, device: str, image_id: UUID, key: TileKey) -> None:
+        """Drop a tile's partial file, and its sealed file if it was not accepted."""
         self._part_path(device, image_id, key).unlink(missing_ok=True)
 
     def load(self, device: str, manifest: OpenManifest, key: TileKey) -> np.ndarray[Any, Any]:
@@ -96,8 +100,17 @@ class Staging:
             count += 1
         return count
 
-    def bytes_used(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*/*/*") if p.is_file())
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data`: a short write (the disk filling up) is continued, and one that
+    makes no progress is a full disk, never a silently truncated chunk (issue 12, cause 6)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "no progress writing a chunk")
+        view, offset = view[written:], offset + written
 
 
 def _read_all(fd: int) -> bytes:

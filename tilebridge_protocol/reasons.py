@@ -32,6 +32,12 @@ class ReasonCode(StrEnum):
     """The storage backend refused the image permanently; the data stays staged."""
     LOST_STATE = "lost_state"
     """The receiver lost a partial tile (e.g. it restarted): send the tile again."""
+    RATE_LIMITED = "rate_limited"
+    """The device sends more messages per second than the server's policy allows; the
+    message was not processed: send it again later (the device's timeouts do)."""
+    UNAVAILABLE = "unavailable"
+    """The receiver cannot take this now (its disk is full, it is busy); nothing was kept:
+    send it again later (the device's timeouts do)."""
     INTERNAL_ERROR = "internal_error"
     """The receiver failed on this message for a reason of its own (a bug); it was not
     processed and is logged for an admin. Sending it again is safe but may fail the same way."""

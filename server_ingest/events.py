@@ -1,0 +1,115 @@
+"""What arrives in the core's inbox: device messages from the network thread, and the
+results of the work the core handed out (staging, ledger, storer). Frozen data only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from server_ingest.ledger.records import ImageKey, StoredImage
+from server_ingest.lifecycle import Event as LifecycleEvent
+from tilebridge_protocol.keys import TileKey
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A device message as the broker delivered it."""
+
+    topic: str
+    payload: bytes
+    retained: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TileRef:
+    """One reassembly of one tile; `generation` tells a restarted reassembly from the old."""
+
+    key: ImageKey
+    tile: TileKey
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkWritten:
+    ref: TileRef
+    chunk_index: int
+    error: str | None = None
+    """Why the chunk is not on disk (e.g. the disk is full); None: written."""
+
+
+class Seal(Enum):
+    SEALED = "sealed"
+    MISMATCH = "mismatch"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TileSealed:
+    ref: TileRef
+    outcome: Seal
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StagingDone:
+    """A staging job that answers nothing (removing an image's files) finished."""
+
+    key: ImageKey
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """Every record of these Persist tokens (and all before them) is on disk."""
+
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Looked:
+    key: ImageKey
+    image: StoredImage | None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerTrouble:
+    detail: str | None
+    """Why the ledger cannot write now (retrying); None: writing again."""
+
+
+@dataclass(frozen=True, slots=True)
+class ForImage:
+    """A lifecycle event about one image (from the storer or an admin)."""
+
+    key: ImageKey
+    event: LifecycleEvent
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    backend: str
+    state: str
+    """"ok", or the last error."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreAttempt:
+    """One try at writing one image into one backend, for the metrics."""
+
+    backend: str
+    outcome: str
+    """"ok", "retry" (transient fault) or "failed" (permanent)."""
+    seconds: float
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Barrier:
+    """Posted by `Engine.wait_idle`: set `done` once nothing is in flight."""
+
+    token: int
+
+
+InboxItem = (
+    Inbound | ChunkWritten | TileSealed | StagingDone | Durable | Looked | LedgerTrouble
+    | ForImage | BackendHealth | StoreAttempt | Barrier
+)  # fmt: skip
