@@ -35,7 +35,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.omewriter import OMEWriter, OMEWriterConfig
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.service import IngestService
+from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.framing import Codec, encode_tile
 from tilebridge_protocol.keys import TileKey

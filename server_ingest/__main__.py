@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from server_ingest import admin
-from server_ingest.service import IngestService
+from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import TilebridgeError
 from tilebridge_runtime.process import exit_when_a_thread_dies

@@ -19,7 +19,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.api import FrameMetadata, TileScanWriter
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.service import IngestService
+from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,

@@ -22,7 +22,7 @@ from edge_agent.omewriter import FrameInfo, OMEWriter, OMEWriterConfig
 from edge_agent.ratelimit import TokenBucket, throttle
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.service import IngestService
+from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.framing import Codec

@@ -1,23 +1,27 @@
-"""An Ingest wired to real staging, ledger and archive, with acks captured in a list."""
+"""The ingest's engine (core, staging, ledger, storer) wired to real files, a real SQLite
+ledger and a real archive, with its answers captured in a list instead of a broker."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import numpy as np
 
-from server_ingest.ingest import Ack, ImageProgress, Ingest
-from server_ingest.ledger import ImageRecord, Ledger
-from server_ingest.settings import Limits
-from server_ingest.staging import Staging
-from server_ingest.storer import Storer
+from server_ingest.app import Engine
+from server_ingest.events import Inbound
+from server_ingest.settings import IngestSettings, Limits
+from server_ingest.state import Snapshot
 from tilebridge_protocol.framing import encode_tile, tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
+    AnyAck,
     CloseManifest,
     ImageAck,
     OpenManifest,
@@ -25,32 +29,36 @@ from tilebridge_protocol.messages import (
     TileDigest,
     TileState,
 )
+from tilebridge_protocol.status import ImageStatus
 from tilebridge_protocol.topics import DeviceTopic, device_topic
 from tilebridge_storage.archive import ArchiveBackend
+from tilebridge_storage.base import StorageBackend
 
 DEVICE = "scope-1"
 
 
 class Recorder:
+    """An outbox that keeps every ack and image status."""
+
     def __init__(self) -> None:
-        self.acks: list[tuple[str, Ack]] = []
-        self.statuses: list[tuple[ImageRecord, ImageProgress]] = []
+        self.acks: list[tuple[str, AnyAck]] = []
+        self.statuses: list[ImageStatus] = []
         self.changed = threading.Condition()
 
-    def ack(self, device: str, ack: Ack) -> None:
+    def ack(self, device: str, ack: AnyAck) -> None:
         with self.changed:
             self.acks.append((device, ack))
             self.changed.notify_all()
 
-    def image_changed(self, record: ImageRecord, progress: ImageProgress) -> None:
-        self.statuses.append((record, progress))
+    def image_status(self, status: ImageStatus, done: bool) -> None:
+        with self.changed:
+            self.statuses.append(status)
+            self.changed.notify_all()
 
     def tile_acks(self, state: TileState | None = None) -> list[TileAck]:
-        return [
-            a
-            for _, a in self.acks
-            if isinstance(a, TileAck) and (state is None or a.state is state)
-        ]
+        with self.changed:
+            acks = [a for _, a in self.acks]
+        return [a for a in acks if isinstance(a, TileAck) and (state is None or a.state is state)]
 
     def wait_image_ack(self, image_id: UUID, timeout: float = 20) -> ImageAck:
         deadline = time.monotonic() + timeout
@@ -66,28 +74,44 @@ class Recorder:
 
 
 class Harness:
-    def __init__(self, root: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        limits: Limits | None = None,
+        backends: Sequence[StorageBackend] | None = None,
+        **settings: Any,
+    ) -> None:
         self.root = root
         self.recorder = Recorder()
-        self.ledger = Ledger(root / "ledger.sqlite")
-        self.staging = Staging(root / "staging")
-        self.storer = Storer(
-            [ArchiveBackend(root / "archive")], self.ledger, self.staging, retry_s=0.1
+        self.settings = IngestSettings(
+            data_dir=root, limits=limits or Limits(), store_retry_s=0.1, **settings
         )
-        self.ingest = Ingest(
-            self.ledger, self.staging, self.recorder, self.storer, limits or Limits()
-        )
-        self.storer.listener = self.ingest
-        self.storer.start()
+        self.backends = list(backends) if backends is not None else [ArchiveBackend(root / "archive")]
+        self.engine = Engine(self.settings, self.recorder, self.backends).start()
+        self.staging = self.engine.staging
 
     def close(self) -> None:
-        self.ingest.close()
-        self.storer.stop()
-        self.ledger.close()
+        self.engine.stop()
 
     def send(self, kind: DeviceTopic, payload: bytes, device: str = DEVICE) -> None:
-        self.ingest.handle(device_topic(device, kind), payload)
-        self.ingest.wait_idle()
+        self.engine.handle(Inbound(device_topic(device, kind), payload))
+        self.engine.wait_idle()
+
+    @property
+    def stats(self) -> Snapshot:
+        return self.engine.snapshot()
+
+    def tile_rows(self, image_id: UUID, device: str = DEVICE) -> int:
+        with closing(sqlite3.connect(self.settings.ledger_path)) as db:
+            row = db.execute("SELECT COUNT(*) FROM tiles WHERE device = ? AND image_id = ?",
+                             (device, str(image_id))).fetchone()  # fmt: skip
+        return int(row[0])
+
+    def phase(self, image_id: UUID, device: str = DEVICE) -> tuple[str, str | None, str | None]:
+        with closing(sqlite3.connect(self.settings.ledger_path)) as db:
+            row = db.execute("SELECT phase, reason, detail FROM images WHERE device = ? AND "
+                             "image_id = ?", (device, str(image_id))).fetchone()  # fmt: skip
+        return tuple(row) if row else ("", None, None)  # type: ignore[return-value]
 
 
 def tiles_for(manifest: OpenManifest, seed: int = 0) -> dict[TileKey, np.ndarray[Any, Any]]:

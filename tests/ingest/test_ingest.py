@@ -14,6 +14,7 @@ import tifffile
 
 from server_ingest.settings import Limits
 from tests.ingest.harness import DEVICE, Harness, chunks, close_for, tiles_for
+from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     ErrorAck,
@@ -24,6 +25,7 @@ from tilebridge_protocol.messages import (
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.topics import DeviceTopic
+from tilebridge_storage.base import StorageBackend
 from tilebridge_storage.testing.manifests import make_manifest
 
 
@@ -73,7 +75,7 @@ def test_shuffled_duplicated_chunks_of_all_tiles_store_the_image_once(harness: H
         np.testing.assert_array_equal(stored[key], pixels)
     committed = {a.tile for a in harness.recorder.tile_acks(TileState.COMMITTED)}
     assert committed == set(tiles)
-    assert harness.ledger.tile_count(manifest.image_id) == manifest.tile_count
+    assert harness.tile_rows(manifest.image_id) == manifest.tile_count
     assert not harness.staging.image_dir(DEVICE, manifest.image_id).exists()
 
 
@@ -114,7 +116,7 @@ def test_a_resent_committed_tile_is_acked_again_not_stored_twice(tmp_path: Path)
             again.send(DeviceTopic.CHUNK, message)
         acks = again.recorder.tile_acks()
         assert [(a.tile, a.state) for a in acks] == [(key, TileState.COMMITTED)]
-        assert again.ledger.tile_count(manifest.image_id) == 1
+        assert again.tile_rows(manifest.image_id) == 1
     finally:
         again.close()
 
@@ -131,15 +133,30 @@ def test_same_tile_with_other_content_is_a_conflict(harness: Harness) -> None:
     assert (last.state, last.reason) == (TileState.REJECTED, ReasonCode.CONFLICT)
 
 
-def test_an_image_id_cannot_be_taken_over_by_another_device(harness: Harness) -> None:
+def test_an_image_id_cannot_be_squatted_by_another_device(harness: Harness) -> None:
+    """Image ids are the device's own: an intruder opening the id first (with junk) gets an
+    image of its own, and the rightful device's image is untouched."""
     manifest = make_manifest()
-    key, pixels = next(iter(tiles_for(manifest).items()))
+    tiles = tiles_for(manifest)
+    junk = make_manifest(image_id=manifest.image_id, rows=1, columns=1)
+    harness.send(DeviceTopic.OPEN, junk.to_bytes(), device="intruder")
+    key = next(iter(tiles))
+    harness.send(DeviceTopic.CHUNK, chunks(manifest, key, tiles[key] + 1)[0], device="intruder")
     harness.send(DeviceTopic.OPEN, manifest.to_bytes())
-    harness.send(DeviceTopic.OPEN, manifest.to_bytes(), device="intruder")
-    harness.send(DeviceTopic.CHUNK, chunks(manifest, key, pixels)[0], device="intruder")
-    intruder = [a for d, a in harness.recorder.acks if d == "intruder"]
-    assert isinstance(intruder[0], OpenAck) and intruder[0].state is ManifestState.REJECTED
-    assert intruder[1].state is TileState.REJECTED and intruder[1].reason is ReasonCode.CONFLICT  # type: ignore[union-attr]
+    for k, pixels in tiles.items():
+        for message in chunks(manifest, k, pixels):
+            harness.send(DeviceTopic.CHUNK, message)
+    harness.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
+    ack = harness.recorder.wait_image_ack(manifest.image_id)
+    assert ack.state is ImageState.COMPLETE
+    stored = _archive_tiles(ack.locations["archive"], manifest)
+    for k, pixels in tiles.items():
+        np.testing.assert_array_equal(stored[k], pixels)
+    mine = [a for d, a in harness.recorder.acks if d == DEVICE]
+    assert isinstance(mine[0], OpenAck) and mine[0].state is ManifestState.ACCEPTED
+    assert not [a for a in mine if getattr(a, "reason", None) is not None]
+    assert harness.tile_rows(manifest.image_id, "intruder") == 0
+    assert harness.phase(manifest.image_id, "intruder")[0] == "receiving"
 
 
 @pytest.mark.parametrize(
@@ -164,7 +181,7 @@ def test_bad_messages_get_a_reason_code_and_the_ingest_goes_on(
     device, ack = harness.recorder.acks[-1]
     assert device == DEVICE
     assert isinstance(ack, ErrorAck) and ack.reason is reason
-    assert harness.ingest.stats.rejections[reason.value] == 1
+    assert harness.stats.rejections[reason.value] == 1
     test_chunks_before_open_ask_for_the_manifest(harness)  # still answering
 
 
@@ -202,20 +219,26 @@ def test_oversize_chunk_and_image_limits(tmp_path: Path) -> None:
         harness.close()
 
 
+class Unreachable(StorageBackend):
+    kind = "archive"
+
+    def open_image(self, device: str, manifest: object) -> Any:
+        raise TransientError("the archive volume is not mounted")
+
+
 def test_restart_while_storing_finishes_the_image(tmp_path: Path) -> None:
     manifest = make_manifest()
     tiles = tiles_for(manifest)
-    first = Harness(tmp_path)
-    first.storer.stop()  # nothing gets stored: as if killed after the last commit
+    first = Harness(tmp_path, backends=[Unreachable()])  # nothing gets stored
     first.send(DeviceTopic.OPEN, manifest.to_bytes())
     for key, pixels in tiles.items():
         for message in chunks(manifest, key, pixels):
             first.send(DeviceTopic.CHUNK, message)
     first.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
-    first.ledger.close()
-    second = Harness(tmp_path)
+    first.close()
+    assert first.phase(manifest.image_id)[0] == "storing"
+    second = Harness(tmp_path)  # restarted: it resumes storing what was staged
     try:
-        assert second.ingest.recover() == [manifest.image_id]
         ack = second.recorder.wait_image_ack(manifest.image_id)
         assert ack.state is ImageState.COMPLETE
         stored = _archive_tiles(ack.locations["archive"], manifest)
@@ -225,21 +248,18 @@ def test_restart_while_storing_finishes_the_image(tmp_path: Path) -> None:
         second.close()
 
 
+class Refusing(StorageBackend):
+    kind = "refusing"
+
+    def open_image(self, device: str, manifest: object) -> Any:
+        raise PermanentError("no room for this image anywhere")
+
+
 def test_a_failed_image_still_counts_against_the_quota_after_a_restart(tmp_path: Path) -> None:
-    from tilebridge_protocol.errors import PermanentError
-    from tilebridge_storage.base import StorageBackend
-
-    class Refusing(StorageBackend):
-        kind = "refusing"
-
-        def open_image(self, device: str, manifest: object) -> Any:
-            raise PermanentError("no room for this image anywhere")
-
     manifest = make_manifest(rows=1, columns=2)
     tiles = tiles_for(manifest)
     limits = Limits(max_staged_bytes_per_device=manifest.tile_count * manifest.tile_bytes)
-    first = Harness(tmp_path, limits)
-    first.storer.backends[:] = [Refusing()]
+    first = Harness(tmp_path, limits, backends=[Refusing()])
     first.send(DeviceTopic.OPEN, manifest.to_bytes())
     for key, pixels in tiles.items():
         for message in chunks(manifest, key, pixels):
@@ -249,7 +269,6 @@ def test_a_failed_image_still_counts_against_the_quota_after_a_restart(tmp_path:
     first.close()
     second = Harness(tmp_path, limits)  # restarted: the failed image's tiles are still staged
     try:
-        second.ingest.recover()
         other = make_manifest(rows=1, columns=1)
         second.send(DeviceTopic.OPEN, other.to_bytes())
         key, pixels = next(iter(tiles_for(other).items()))

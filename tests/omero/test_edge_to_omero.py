@@ -18,7 +18,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.api import FrameMetadata, TileScanWriter
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.service import IngestService
+from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
 from tests.omero.helpers import digest, expected_pixels, read_pixels, settings_for
 from tilebridge_protocol.messages import ImageState

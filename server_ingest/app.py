@@ -1,0 +1,185 @@
+"""The ingest's composition root: builds every part from the settings and wires them.
+
+No part wires itself or knows who calls it: each gets what it talks to in its constructor.
+
+    network thread ──Inbound──▶ Inbox ──▶ Core (ingest-core) ──▶ Outbox (acks, image status)
+                                  ▲            │ jobs, records, commands
+        events (results) ─────────┴── Stager (ingest-stage-n), LedgerWriter (ingest-ledger),
+                                      Storer (ingest-storer-n)
+
+`Engine` is everything but the broker (the tests drive it directly); `IngestService` adds the
+broker connection, the status reporter and the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import resource
+import threading
+from collections.abc import Sequence
+
+from server_ingest.backends import build_backends
+from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe
+from server_ingest.core import Core, Inbox
+from server_ingest.events import Barrier, Inbound
+from server_ingest.ledger.base import Ledger
+from server_ingest.ledger.sqlite import SqliteLedger
+from server_ingest.ledger.writer import LedgerWriter
+from server_ingest.lifecycle import Policy
+from server_ingest.metrics import IngestCollector, MetricsServer
+from server_ingest.ports import Outbox
+from server_ingest.settings import IngestSettings
+from server_ingest.stager import Stager
+from server_ingest.staging import Staging
+from server_ingest.state import Snapshot
+from server_ingest.storer import Storer
+from tilebridge_protocol.messages import utcnow
+from tilebridge_protocol.status import IngestStatus, Liveness
+from tilebridge_protocol.topics import ingest_status_topic
+from tilebridge_runtime.mqtt import MqttConnection
+from tilebridge_storage.base import StorageBackend
+
+log = logging.getLogger(__name__)
+
+
+def raise_open_file_limit() -> None:
+    """Backends may hold a memory map (one file descriptor) per staged tile of an image that
+    is still being written; the usual soft limit of 1024 is far too low for big mosaics."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class Engine:
+    """Staging, ledger, storer and the core, wired; device messages go in with `handle`."""
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        outbox: Outbox,
+        backends: Sequence[StorageBackend] | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.settings = settings
+        limits = settings.limits
+        self.inbox = Inbox(settings.inbox_messages)
+        self.ledger = ledger or SqliteLedger(settings.ledger_path, settings.dead_letters_max)
+        self.staging = Staging(settings.staging_dir)
+        self.ledger_writer = LedgerWriter(self.ledger, self.inbox.post)
+        self.stager = Stager(self.staging, self.inbox.post, settings.staging_workers)
+        self.storer = Storer(
+            build_backends(settings) if backends is None else backends, self.staging,
+            self.inbox.post, settings.store_retry_s, settings.store_retry_max_s,
+            settings.storer_workers,
+        )  # fmt: skip
+        policy = Policy(limits.image_ttl_s, settings.keep_staged)
+        self._barriers: dict[int, threading.Event] = {}
+        self._barrier_tokens = itertools.count(1)
+        self.core = Core(
+            self.inbox, limits, policy, self.ledger_writer, self.stager, self.storer, outbox,
+            settings.dead_letter_payload_bytes, on_idle=self._idle,
+        )  # fmt: skip
+        self._started = False
+
+    def start(self) -> Engine:
+        dropped = self.staging.drop_partials()
+        if dropped:
+            log.info("dropped %d partial tiles from before the restart; devices resend them",
+                     dropped)  # fmt: skip
+        recovered = self.ledger.recover()
+        self.ledger_writer.start()
+        self.stager.start()
+        self.storer.start()
+        self.core.recover(recovered)
+        self.core.start()
+        self._started = True
+        if recovered:
+            log.info("holding %d images from before the restart", len(recovered))
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self.core.stop()
+            self.stager.stop()
+            self.storer.stop()
+            self.ledger_writer.stop()
+        self.ledger.close()
+
+    def handle(self, message: Inbound) -> None:
+        """Put a device message into the core's inbox (blocks while the inbox is full)."""
+        self.inbox.from_network(message)
+
+    def snapshot(self) -> Snapshot:
+        return self.core.snapshot
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Wait until nothing the core handed out is in flight (tests, benchmarks)."""
+        token = next(self._barrier_tokens)
+        done = self._barriers[token] = threading.Event()
+        self.inbox.post(Barrier(token))
+        if not done.wait(timeout):
+            raise TimeoutError("the ingest did not become idle")
+        del self._barriers[token]
+
+    def _idle(self, token: int) -> None:
+        event = self._barriers.get(token)
+        if event is not None:
+            event.set()
+
+
+class IngestService:
+    """The running ingest: the engine behind a broker connection, status and metrics."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.status_topic = ingest_status_topic(settings.instance)
+        offline = IngestStatus(at=utcnow(), instance=settings.instance, state=Liveness.OFFLINE)
+        self.connection = MqttConnection(
+            settings.broker,
+            client_id=f"tb-ingest-{settings.instance}",
+            name="ingest-mqtt",
+            on_connected=self._connected,
+            on_message=lambda message: self.engine.handle(inbound(message)),
+            will=(self.status_topic, offline.to_bytes()),
+        )
+        self.engine = Engine(settings, MqttOutbox(self.connection, settings.image_status_ttl_s))
+        self.storer = self.engine.storer
+        self.reporter = StatusReporter(self.connection, self.status_topic, settings.instance,
+                                       self.engine.snapshot, settings.status_interval_s)  # fmt: skip
+        self.metrics = None
+        if settings.metrics_port is not None:
+            collector = IngestCollector(settings.instance, self.engine.snapshot,
+                                        self.connection.connected.is_set)  # fmt: skip
+            self.metrics = MetricsServer(settings.metrics_port, collector)
+
+    def start(self) -> IngestService:
+        raise_open_file_limit()
+        if self.metrics is not None:
+            self.metrics.start()
+        self.engine.start()
+        self.connection.start()
+        self.reporter.start()
+        return self
+
+    def stop(self) -> None:
+        self.reporter.stop()
+        offline = self.status(Liveness.OFFLINE)
+        self.connection.stop(final=(self.status_topic, offline.to_bytes()))
+        self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    def status(self, state: Liveness = Liveness.ONLINE) -> IngestStatus:
+        return self.reporter.status(state)
+
+    def __enter__(self) -> IngestService:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _connected(self, client: object) -> None:
+        subscribe(client)  # type: ignore[arg-type]
+        self.reporter.publish()

@@ -1,0 +1,97 @@
+"""The ingest's side of the broker: what it subscribes to, how answers and status go out, and
+the thread ("ingest-status") that publishes the instance's retained status."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from server_ingest.events import Inbound
+from server_ingest.state import Snapshot
+from server_ingest.status import ingest_status
+from tilebridge_protocol.messages import AnyAck
+from tilebridge_protocol.status import ImageStatus, IngestStatus, Liveness
+from tilebridge_protocol.topics import (
+    UPSTREAM,
+    DeviceTopic,
+    device_filter,
+    device_topic,
+    image_status_topic,
+)
+from tilebridge_runtime.mqtt import MqttConnection, expiring
+
+log = logging.getLogger(__name__)
+
+
+def subscribe(client: mqtt.Client) -> None:
+    client.subscribe([(device_filter(kind), 1) for kind in UPSTREAM])
+
+
+def inbound(message: mqtt.MQTTMessage) -> Inbound:
+    return Inbound(message.topic, bytes(message.payload), bool(message.retain))
+
+
+class MqttOutbox:
+    """Acks on the device's ack topic; image status retained (expiring once the image is done,
+    so the broker does not keep every image's status forever). Called from the core thread;
+    paho only queues here, the connection's thread writes the socket."""
+
+    def __init__(self, connection: MqttConnection, image_status_ttl_s: int) -> None:
+        self._connection = connection
+        self._ttl = image_status_ttl_s
+
+    def ack(self, device: str, ack: AnyAck) -> None:
+        self._connection.publish(device_topic(device, DeviceTopic.ACK), ack.to_bytes())
+
+    def image_status(self, status: ImageStatus, done: bool) -> None:
+        self._connection.publish(
+            image_status_topic(status.device, status.image_id), status.to_bytes(),
+            retain=True, properties=expiring(self._ttl) if done else None,
+        )  # fmt: skip
+
+
+class StatusReporter:
+    """Publishes the instance's retained status every `interval_s` from the core's snapshot."""
+
+    def __init__(
+        self,
+        connection: MqttConnection,
+        topic: str,
+        instance: str,
+        snapshot: Callable[[], Snapshot],
+        interval_s: float,
+    ) -> None:
+        self._connection = connection
+        self._topic = topic
+        self._instance = instance
+        self._snapshot = snapshot
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ingest-status", daemon=True)
+
+    def status(self, state: Liveness = Liveness.ONLINE) -> IngestStatus:
+        c = self._connection
+        return ingest_status(self._instance, self._snapshot(), state, c.connected.is_set(),
+                             c.last_error)  # fmt: skip
+
+    def publish(self) -> None:
+        if self._connection.connected.is_set():
+            self._connection.publish(self._topic, self.status().to_bytes(), retain=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.publish()
+            except Exception:  # a status report must never end the reporter
+                log.exception("status report")

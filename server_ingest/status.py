@@ -1,0 +1,51 @@
+"""What the ingest tells monitors: an image's retained status, built from the core's book, and
+the instance's own status, built from the core's snapshot."""
+
+from __future__ import annotations
+
+from server_ingest.state import ImageBook, Snapshot
+from tilebridge_protocol.messages import utcnow
+from tilebridge_protocol.status import ImagePhase, ImageStatus, IngestStatus, Liveness
+
+
+def image_status(book: ImageBook) -> ImageStatus:
+    image, m = book.image, book.manifest
+    error = image.delayed or (f"{image.reason.value}: {image.detail}" if image.reason else None)
+    if image.phase is ImagePhase.EXPIRED:
+        error = image.detail
+    complete = image.phase is ImagePhase.COMPLETE
+    return ImageStatus(
+        at=utcnow(),
+        device=image.key.device,
+        image_id=image.key.image_id,
+        experiment=m.experiment,
+        image_name=m.image_name,
+        phase=image.phase,
+        tiles_total=m.tile_count,
+        tiles_received=image.committed + len(book.assemblies) + len(book.sealing),
+        tiles_committed=image.committed,
+        tiles_stored=m.tile_count if complete else 0,
+        locations=dict(image.locations),
+        error=error,
+    )
+
+
+def ingest_status(
+    instance: str,
+    snapshot: Snapshot,
+    state: Liveness,
+    connected: bool,
+    connection_error: str | None,
+) -> IngestStatus:
+    return IngestStatus(
+        at=utcnow(),
+        instance=instance,
+        state=state,
+        broker_connected=connected,
+        images_in_progress=snapshot.images_in_progress,
+        staging_bytes=snapshot.staging_bytes,
+        tiles_committed=snapshot.tiles_committed,
+        chunks_rejected=sum(snapshot.rejections.values()),
+        backends=dict(snapshot.backends),
+        last_error=snapshot.last_error or connection_error,
+    )
