@@ -70,24 +70,36 @@ class Engine:
         self.ledger_writer = LedgerWriter(self.ledger, self.inbox.post)
         self.stager = Stager(self.staging, self.inbox.post, settings.staging_workers)
         self.storer = Storer(
-            build_backends(settings) if backends is None else backends, self.staging,
-            self.inbox.post, settings.store_retry_s, settings.store_retry_max_s,
+            build_backends(settings) if backends is None else backends,
+            self.staging,
+            self.inbox.post,
+            settings.store_retry_s,
+            settings.store_retry_max_s,
             settings.storer_workers,
-        )  # fmt: skip
+        )
         policy = Policy(limits.image_ttl_s, settings.keep_staged)
         self._barriers: dict[int, threading.Event] = {}
         self._barrier_tokens = itertools.count(1)
         self.core = Core(
-            self.inbox, limits, policy, self.ledger_writer, self.stager, self.storer, outbox,
-            settings.dead_letter_payload_bytes, on_idle=self._idle,
-        )  # fmt: skip
+            self.inbox,
+            limits,
+            policy,
+            self.ledger_writer,
+            self.stager,
+            self.storer,
+            outbox,
+            settings.dead_letter_payload_bytes,
+            tuple(b.name for b in self.storer.backends),
+            on_idle=self._idle,
+        )
         self._started = False
 
     def start(self) -> Engine:
         dropped = self.staging.drop_partials()
         if dropped:
-            log.info("dropped %d partial tiles from before the restart; devices resend them",
-                     dropped)  # fmt: skip
+            log.info(
+                "dropped %d partial tiles from before the restart; devices resend them", dropped
+            )
         recovered = self.ledger.recover()
         self.ledger_writer.start()
         self.stager.start()
@@ -146,12 +158,18 @@ class IngestService:
         )
         self.engine = Engine(settings, MqttOutbox(self.connection, settings.image_status_ttl_s))
         self.storer = self.engine.storer
-        self.reporter = StatusReporter(self.connection, self.status_topic, settings.instance,
-                                       self.engine.snapshot, settings.status_interval_s)  # fmt: skip
+        self.reporter = StatusReporter(
+            self.connection,
+            self.status_topic,
+            settings.instance,
+            self.engine.snapshot,
+            settings.status_interval_s,
+        )
         self.metrics = None
         if settings.metrics_port is not None:
-            collector = IngestCollector(settings.instance, self.engine.snapshot,
-                                        self.connection.connected.is_set)  # fmt: skip
+            collector = IngestCollector(
+                settings.instance, self.engine.snapshot, self.connection.connected.is_set
+            )
             self.metrics = MetricsServer(settings.metrics_port, collector)
 
     def start(self) -> IngestService:

@@ -37,7 +37,7 @@ class TileAssembly:
     """chunk index -> (offset, length), reserved or written"""
     covered: int = 0
     """Bytes written."""
-    _by_offset: SortedDict = field(default_factory=SortedDict)  # type: ignore[type-arg]
+    _by_offset: SortedDict = field(default_factory=SortedDict)
     _written: set[int] = field(default_factory=set)
 
     @classmethod

@@ -48,9 +48,11 @@ class MqttOutbox:
 
     def image_status(self, status: ImageStatus, done: bool) -> None:
         self._connection.publish(
-            image_status_topic(status.device, status.image_id), status.to_bytes(),
-            retain=True, properties=expiring(self._ttl) if done else None,
-        )  # fmt: skip
+            image_status_topic(status.device, status.image_id),
+            status.to_bytes(),
+            retain=True,
+            properties=expiring(self._ttl) if done else None,
+        )
 
 
 class StatusReporter:
@@ -74,8 +76,9 @@ class StatusReporter:
 
     def status(self, state: Liveness = Liveness.ONLINE) -> IngestStatus:
         c = self._connection
-        return ingest_status(self._instance, self._snapshot(), state, c.connected.is_set(),
-                             c.last_error)  # fmt: skip
+        return ingest_status(
+            self._instance, self._snapshot(), state, c.connected.is_set(), c.last_error
+        )
 
     def publish(self) -> None:
         if self._connection.connected.is_set():

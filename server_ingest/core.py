@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from itertools import count
+from typing import Literal
 
 from server_ingest import events as ev
 from server_ingest.intake import Intake
@@ -81,12 +82,12 @@ class Inbox:
     def stop(self) -> None:
         self._queue.put(None)
 
-    def get(self, timeout: float) -> ev.InboxItem | None | bool:
-        """The next item; None to stop; False when `timeout` passed."""
+    def get(self, timeout: float) -> ev.InboxItem | Literal["stop", "timeout"]:
         try:
-            return self._queue.get(timeout=timeout)
+            item = self._queue.get(timeout=timeout)
         except queue.Empty:
-            return False
+            return "timeout"
+        return "stop" if item is None else item
 
     def release(self) -> None:
         self._slots.release()
@@ -96,15 +97,25 @@ class Inbox:
 
 
 class Core:
-    def __init__(self, inbox: Inbox, limits: Limits, policy: Policy, ledger: LedgerPort,
-                 stager: StagerPort, storer: StorerPort, outbox: Outbox,
-                 dead_letter_bytes: int = 64 * 1024,
-                 on_idle: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        inbox: Inbox,
+        limits: Limits,
+        policy: Policy,
+        ledger: LedgerPort,
+        stager: StagerPort,
+        storer: StorerPort,
+        outbox: Outbox,
+        dead_letter_bytes: int = 64 * 1024,
+        backends: tuple[str, ...] = (),
+        on_idle: Callable[[int], None] | None = None,
+    ) -> None:
         self.inbox, self.limits, self.policy = inbox, limits, policy
         self._ledger, self._stager, self._storer, self._outbox = ledger, stager, storer, outbox
         self._dead_letter_bytes = dead_letter_bytes
         self._on_idle = on_idle
         self.state = CoreState(limits)
+        self.state.stats.backends.update(dict.fromkeys(backends, "ok"))
         self.intake = Intake(self.state, self, limits)
         self.snapshot = Snapshot()
         self._tokens = count(1)
@@ -141,9 +152,9 @@ class Core:
     def _run(self) -> None:
         while True:
             item = self.inbox.get(timeout=self._tick_s)
-            if item is None:
+            if item == "stop":
                 return
-            if item is not False:
+            if item != "timeout":
                 self._handle(item)
             if time.monotonic() - self._ticked >= self._tick_s:
                 self._tick()
@@ -153,9 +164,10 @@ class Core:
                     if self._on_idle:
                         self._on_idle(token)
                 self._waiting.clear()
-            if self._dirty and (self.inbox.empty()
-                                or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S):
-                self._publish_snapshot()  # fmt: skip
+            if self._dirty and (
+                self.inbox.empty() or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S
+            ):
+                self._publish_snapshot()
 
     def _handle(self, item: ev.InboxItem) -> None:
         self._dirty = True
@@ -173,8 +185,8 @@ class Core:
                 self.intake.sealed(item)
         elif isinstance(item, ev.Durable):
             for token in item.tokens:
-                device, key, then = self._pending.pop(token, (None, None, ()))
-                self._execute(key, then, device)
+                device, about, then = self._pending.pop(token, (None, None, ()))
+                self._execute(about, then, device)
         elif isinstance(item, ev.Looked):
             self._looked(item)
         elif isinstance(item, ev.ForImage):
@@ -201,28 +213,42 @@ class Core:
                     self._rate_limited(device, message.topic)
                     return
                 if message.retained:
-                    raise ProtocolError(ReasonCode.MALFORMED, "a retained message on a device "
-                                        "topic: devices never retain, so it is not processed")  # fmt: skip
+                    raise ProtocolError(
+                        ReasonCode.MALFORMED,
+                        "a retained message on a device "
+                        "topic: devices never retain, so it is not processed",
+                    )
             self.intake.message(device, kind, message)
         except ProtocolError as exc:
             self.refuse(device, exc.reason, f"{kind.value} from {device}: {exc.detail}")
-            self.send(device, ErrorAck(reason=exc.reason, detail=_clip(exc.detail),
-                                       topic=message.topic))  # fmt: skip
+            self.send(
+                device, ErrorAck(reason=exc.reason, detail=_clip(exc.detail), topic=message.topic)
+            )
         except Exception as exc:
             # A bug or an input nobody foresaw costs this one message, never the ingest.
             log.exception("unexpected error on %s from %s", kind.value, device)
             detail = _clip(f"the ingest failed on this message: {type(exc).__name__}: {exc}")
             self.refuse(device, ReasonCode.INTERNAL_ERROR, f"{kind.value} from {device}: {detail}")
-            self.send(device, ErrorAck(reason=ReasonCode.INTERNAL_ERROR, detail=detail,
-                                       topic=message.topic))  # fmt: skip
-            letter = DeadLettered(time.time(), device, message.topic, ReasonCode.INTERNAL_ERROR,
-                                  detail, message.payload[: self._dead_letter_bytes],
-                                  len(message.payload))  # fmt: skip
+            self.send(
+                device,
+                ErrorAck(reason=ReasonCode.INTERNAL_ERROR, detail=detail, topic=message.topic),
+            )
+            letter = DeadLettered(
+                time.time(),
+                device,
+                message.topic,
+                ReasonCode.INTERNAL_ERROR,
+                detail,
+                message.payload[: self._dead_letter_bytes],
+                len(message.payload),
+            )
             self._persist(None, Persist((letter,)))
 
     def _rate_limited(self, device: str, topic: str) -> None:
-        detail = (f"{device} sends more than {self.limits.message_rate_per_device:g} messages/s "
-                  f"(burst {self.limits.message_burst_per_device}): not processed")  # fmt: skip
+        detail = (
+            f"{device} sends more than {self.limits.message_rate_per_device:g} messages/s "
+            f"(burst {self.limits.message_burst_per_device}): not processed"
+        )
         self.state.stats.rejections[ReasonCode.RATE_LIMITED.value] += 1
         if self.state.device(device).should_tell(ReasonCode.RATE_LIMITED, time.monotonic()):
             self.refuse(device, ReasonCode.RATE_LIMITED, detail, counted=True)

@@ -38,8 +38,8 @@ from tilebridge_protocol.topics import DeviceTopic, device_topic
 
 log = logging.getLogger(__name__)
 
-_PARKED = object()
 Located = tuple[ImageBook | None, Image | None]
+"""The image's book (if the core holds its tiles) and its lifecycle state (None: unknown)."""
 
 
 class Intake:
@@ -59,8 +59,8 @@ class Intake:
         else:
             raise ProtocolError(ReasonCode.MALFORMED, f"{kind.value} is not sent to the ingest")
 
-    def _locate(self, key: ImageKey, message: Inbound) -> Located | object:
-        """The image as held in memory, or _PARKED while the ledger is asked about it."""
+    def _locate(self, key: ImageKey, message: Inbound) -> Located | None:
+        """The image as held in memory, or None while the ledger is asked about it."""
         book = self.state.images.get(key)
         if book is not None:
             return book, book.image
@@ -69,7 +69,7 @@ class Intake:
             return None, image
         if key in self.state.absent:
             return None, None
-        return (None, None) if not self.driver.park(key, message) else _PARKED
+        return None if self.driver.park(key, message) else (None, None)
 
     # -- open -------------------------------------------------------------------------------
 
@@ -78,10 +78,13 @@ class Intake:
         held = state.manifest_bytes(device)
         if held + len(payload) > limits.max_manifest_bytes_per_device:
             self.driver.refuse(device, ReasonCode.QUOTA_EXCEEDED, "manifests")
-            detail = (f"{device} holds {held} bytes of manifests, the limit is "
-                      f"{limits.max_manifest_bytes_per_device}: open refused for now")  # fmt: skip
-            self.driver.send(device, _error(device, DeviceTopic.OPEN, ReasonCode.QUOTA_EXCEEDED,
-                                            detail, None))  # fmt: skip
+            detail = (
+                f"{device} holds {held} bytes of manifests, the limit is "
+                f"{limits.max_manifest_bytes_per_device}: open refused for now"
+            )
+            self.driver.send(
+                device, _error(device, DeviceTopic.OPEN, ReasonCode.QUOTA_EXCEEDED, detail, None)
+            )
             return
         try:
             manifest = _decoded(decode_open, payload)
@@ -94,23 +97,32 @@ class Intake:
                 raise
             self.driver.refuse(device, exc.reason, f"open of {image_id}: {exc.detail}")
             key = ImageKey(device, image_id)
-            if self._locate(key, message) is not _PARKED:
+            if self._locate(key, message) is not None:
                 self.driver.apply(key, OpenRefused(self.driver.now(), exc.reason, exc.detail))
             return
         key = ImageKey(device, manifest.image_id)
         located = self._locate(key, message)
-        if located is _PARKED:
+        if located is None:
             return
-        _, image = located  # type: ignore[misc]
+        _, image = located
         if image is None or image.phase in (Phase.REJECTED, Phase.EXPIRED):  # would start
             receiving = state.receiving(device)
-            refusal = check_admission(limits, len(receiving),
-                                      sum(image_bytes(b.manifest) for b in receiving),
-                                      held, manifest, len(payload))  # fmt: skip
+            refusal = check_admission(
+                limits,
+                len(receiving),
+                sum(image_bytes(b.manifest) for b in receiving),
+                held,
+                manifest,
+                len(payload),
+            )
             if refusal is not None:
                 self.driver.refuse(device, ReasonCode.QUOTA_EXCEEDED, refusal)
-                self.driver.send(device, _error(device, DeviceTopic.OPEN,
-                                                ReasonCode.QUOTA_EXCEEDED, refusal, key.image_id))  # fmt: skip
+                self.driver.send(
+                    device,
+                    _error(
+                        device, DeviceTopic.OPEN, ReasonCode.QUOTA_EXCEEDED, refusal, key.image_id
+                    ),
+                )
                 return
         self.driver.apply(key, Opened(self.driver.now(), manifest), manifest_size=len(payload))
 
@@ -123,56 +135,91 @@ class Intake:
             ident = peek_identity(message.payload)
             if ident is None:
                 raise
-            state = TileState.RETRANSMIT if exc.reason is ReasonCode.BAD_CHECKSUM else (
-                TileState.REJECTED)  # fmt: skip
+            state = (
+                TileState.RETRANSMIT
+                if exc.reason is ReasonCode.BAD_CHECKSUM
+                else (TileState.REJECTED)
+            )
             self._tile_refusal(device, ident[0], ident[1], state, exc.reason, exc.detail)
             return
         key, tile = ImageKey(device, header.image_id), header.tile
         located = self._locate(key, message)
-        if located is _PARKED:
+        if located is None:
             return
-        book, image = located  # type: ignore[misc]
+        book, image = located
         if image is None or image.phase is Phase.EXPIRED:
-            self._tile_refusal(device, key.image_id, tile, TileState.RETRANSMIT,
-                               ReasonCode.UNKNOWN_IMAGE, "no open manifest for this image: "
-                               "send open, then the tile")  # fmt: skip
+            self._tile_refusal(
+                device,
+                key.image_id,
+                tile,
+                TileState.RETRANSMIT,
+                ReasonCode.UNKNOWN_IMAGE,
+                "no open manifest for this image: send open, then the tile",
+            )
         elif image.phase is Phase.COMPLETE:
             if header.chunk_index == header.chunk_count - 1:  # a resend: ack again
                 self.driver.after_durable(device, _committed(key, tile))
         elif image.phase is Phase.REJECTED:
-            self._tile_refusal(device, key.image_id, tile, TileState.REJECTED,
-                               ReasonCode.INVALID_MANIFEST, f"the image was refused: "
-                               f"{image.reason}: {image.detail}")  # fmt: skip
+            self._tile_refusal(
+                device,
+                key.image_id,
+                tile,
+                TileState.REJECTED,
+                ReasonCode.INVALID_MANIFEST,
+                f"the image was refused: {image.reason}: {image.detail}",
+            )
         elif image.phase is Phase.DISCARDED or book is None:
-            self._tile_refusal(device, key.image_id, tile, TileState.REJECTED,
-                               ReasonCode.NOT_PERMITTED, image.detail or "discarded")  # fmt: skip
+            self._tile_refusal(
+                device,
+                key.image_id,
+                tile,
+                TileState.REJECTED,
+                ReasonCode.NOT_PERMITTED,
+                image.detail or "discarded",
+            )
         else:
             self._place(book, header, raw)
 
     def _place(self, book: ImageBook, header: ChunkHeader, raw: bytes) -> None:
         key, tile, m = book.image.key, header.tile, book.manifest
         device = key.device
-        problem = None if m.has_tile(tile) else ProtocolError(
-            ReasonCode.OUT_OF_RANGE, f"tile {tuple(tile)} is not in the manifest")  # fmt: skip
+        problem = (
+            None
+            if m.has_tile(tile)
+            else ProtocolError(
+                ReasonCode.OUT_OF_RANGE, f"tile {tuple(tile)} is not in the manifest"
+            )
+        )
         problem = problem or check_chunk(self.limits, header, m.tile_bytes)
         if problem is not None:
-            self._tile_refusal(device, key.image_id, tile, TileState.REJECTED, problem.reason,
-                               problem.detail)  # fmt: skip
+            self._tile_refusal(
+                device, key.image_id, tile, TileState.REJECTED, problem.reason, problem.detail
+            )
             return
         staged = book.staged.get(tile)
         if staged is not None:
             if staged != header.tile_digest:
-                self._tile_refusal(device, key.image_id, tile, TileState.REJECTED,
-                                   ReasonCode.CONFLICT, "this tile was already committed with "
-                                   "other content")  # fmt: skip
+                self._tile_refusal(
+                    device,
+                    key.image_id,
+                    tile,
+                    TileState.REJECTED,
+                    ReasonCode.CONFLICT,
+                    "this tile was already committed with other content",
+                )
             elif header.chunk_index == header.chunk_count - 1:
                 self.driver.after_durable(device, _committed(key, tile))
             return
         expected = book.close_digest(tile)
         if expected is not None and expected != header.tile_digest:
-            self._tile_refusal(device, key.image_id, tile, TileState.REJECTED,
-                               ReasonCode.CONFLICT, "the tile differs from its digest in the "
-                               "close manifest")  # fmt: skip
+            self._tile_refusal(
+                device,
+                key.image_id,
+                tile,
+                TileState.REJECTED,
+                ReasonCode.CONFLICT,
+                "the tile differs from its digest in the close manifest",
+            )
             return
         if tile in book.sealing:
             return  # a resend racing the seal of the same tile: its commit ack is on the way
@@ -191,14 +238,24 @@ class Intake:
             refusal = self._room_for_a_tile(device, m.tile_bytes)
             if refusal is not None:
                 self.driver.refuse(device, ReasonCode.QUOTA_EXCEEDED, refusal)
-                self.driver.send(device, _error(device, DeviceTopic.CHUNK,
-                                                ReasonCode.QUOTA_EXCEEDED, refusal, key.image_id))  # fmt: skip
+                self.driver.send(
+                    device,
+                    _error(
+                        device, DeviceTopic.CHUNK, ReasonCode.QUOTA_EXCEEDED, refusal, key.image_id
+                    ),
+                )
                 return
             self._generation += 1
             assembly = TileAssembly.start(header, self._generation)
             if assembly.add(header) is not Added.NEW:
-                self._tile_refusal(device, key.image_id, tile, TileState.REJECTED,
-                                   ReasonCode.OUT_OF_RANGE, "the chunk lies outside its tile")  # fmt: skip
+                self._tile_refusal(
+                    device,
+                    key.image_id,
+                    tile,
+                    TileState.REJECTED,
+                    ReasonCode.OUT_OF_RANGE,
+                    "the chunk lies outside its tile",
+                )
                 return
             book.assemblies[tile] = assembly
         assert assembly is not None
@@ -209,8 +266,10 @@ class Intake:
     def _room_for_a_tile(self, device: str, tile_bytes: int) -> str | None:
         partial = self.state.partial_tiles(device)
         if partial >= self.limits.max_partial_tiles_per_device:
-            return (f"{device} has {partial} tiles in reassembly, the limit is "
-                    f"{self.limits.max_partial_tiles_per_device}: tile not staged now")  # fmt: skip
+            return (
+                f"{device} has {partial} tiles in reassembly, the limit is "
+                f"{self.limits.max_partial_tiles_per_device}: tile not staged now"
+            )
         staged, quota = self.state.staged_bytes(device), self.limits.max_staged_bytes_per_device
         if staged + tile_bytes > quota:
             return f"{device} has {staged} bytes staged, quota {quota}: tile not staged now"
@@ -225,8 +284,9 @@ class Intake:
             assembly.failed(event.chunk_index)  # its resend must be taken (issue 12, cause 2)
             if not assembly.ranges:
                 del book.assemblies[tile]
-            self._unavailable(book.image.key, f"tile {tuple(tile)} of {book.image.key} not "
-                              f"staged: {event.error}")  # fmt: skip
+            self._unavailable(
+                book.image.key, f"tile {tuple(tile)} of {book.image.key} not staged: {event.error}"
+            )
             return
         assembly.written(event.chunk_index)
         if assembly.all_arrived:
@@ -241,19 +301,26 @@ class Intake:
         key, tile = event.ref.key, event.ref.tile
         del book.sealing[tile]
         if event.outcome is Seal.MISMATCH:
-            self._tile_refusal(key.device, key.image_id, tile, TileState.RETRANSMIT,
-                               ReasonCode.DIGEST_MISMATCH, "the reassembled tile does not "
-                               "match its digest")  # fmt: skip
+            self._tile_refusal(
+                key.device,
+                key.image_id,
+                tile,
+                TileState.RETRANSMIT,
+                ReasonCode.DIGEST_MISMATCH,
+                "the reassembled tile does not match its digest",
+            )
         elif event.outcome is Seal.FAILED:
             self._unavailable(key, f"tile {tuple(tile)} of {key} not staged: {event.detail}")
         elif book.image.phase in (Phase.RECEIVING, Phase.FAILED) and tile not in book.staged:
             book.staged[tile] = assembly.digest
             self.state.stats.tiles_committed += 1
-            self.driver.apply(key, Staged(self.driver.now(), tile, assembly.digest,
-                                          assembly.tile_bytes))  # fmt: skip
+            self.driver.apply(
+                key, Staged(self.driver.now(), tile, assembly.digest, assembly.tile_bytes)
+            )
 
-    def _assembly(self, ref: TileRef, sealing: bool) -> tuple[ImageBook | None,
-                                                              TileAssembly | None]:  # fmt: skip
+    def _assembly(
+        self, ref: TileRef, sealing: bool
+    ) -> tuple[ImageBook | None, TileAssembly | None]:
         book = self.state.images.get(ref.key)
         if book is None:
             return None, None
@@ -270,8 +337,10 @@ class Intake:
         device = self.state.device(key.device)
         if device.should_tell(ReasonCode.UNAVAILABLE, self.driver.now()):
             self.driver.refuse(key.device, ReasonCode.UNAVAILABLE, detail)
-            self.driver.send(key.device, _error(key.device, DeviceTopic.CHUNK,
-                                                ReasonCode.UNAVAILABLE, detail, key.image_id))  # fmt: skip
+            self.driver.send(
+                key.device,
+                _error(key.device, DeviceTopic.CHUNK, ReasonCode.UNAVAILABLE, detail, key.image_id),
+            )
 
     # -- close ------------------------------------------------------------------------------
 
@@ -279,38 +348,55 @@ class Intake:
         close = _decoded(decode_close, message.payload)
         key = ImageKey(device, close.image_id)
         located = self._locate(key, message)
-        if located is _PARKED:
+        if located is None:
             return
-        book, _ = located  # type: ignore[misc]
+        book, _ = located
         conflicts = 0
         if book is not None and book.image.phase in (Phase.RECEIVING, Phase.FAILED):
             m = book.manifest
             if close.tile_count != m.tile_count or {d.tile for d in close.digests} != set(
                 m.tile_keys()
             ):
-                raise ProtocolError(ReasonCode.INVALID_MANIFEST,
-                                    "close lists other tiles than open declared")  # fmt: skip
-            conflicts = sum(1 for d in close.digests
-                            if d.tile in book.staged and book.staged[d.tile].hex() != d.digest)  # fmt: skip
+                raise ProtocolError(
+                    ReasonCode.INVALID_MANIFEST, "close lists other tiles than open declared"
+                )
+            staged = book.staged
+            conflicts = len(
+                [d for d in close.digests if d.tile in staged and staged[d.tile].hex() != d.digest]
+            )
             if book.close is None:
                 book.close = close
         self.driver.apply(key, Closed(self.driver.now(), close, conflicts))
 
-    def _tile_refusal(self, device: str, image_id: UUID, tile: TileKey, state: TileState,
-                      reason: ReasonCode, detail: str) -> None:  # fmt: skip
+    def _tile_refusal(
+        self,
+        device: str,
+        image_id: UUID,
+        tile: TileKey,
+        state: TileState,
+        reason: ReasonCode,
+        detail: str,
+    ) -> None:
         self.driver.refuse(device, reason, f"chunk of {image_id} {tuple(tile)}: {detail}")
-        self.driver.send(device, TileAck(image_id=image_id, tile=tile, state=state,
-                                         reason=reason, detail=_clip(detail)))  # fmt: skip
+        self.driver.send(
+            device,
+            TileAck(image_id=image_id, tile=tile, state=state, reason=reason, detail=_clip(detail)),
+        )
 
 
 def _committed(key: ImageKey, tile: TileKey) -> TileAck:
     return TileAck(image_id=key.image_id, tile=tile, state=TileState.COMMITTED)
 
 
-def _error(device: str, kind: DeviceTopic, reason: ReasonCode, detail: str,
-           image_id: UUID | None) -> ErrorAck:  # fmt: skip
-    return ErrorAck(image_id=image_id, reason=reason, detail=_clip(detail) or "",
-                    topic=device_topic(device, kind))  # fmt: skip
+def _error(
+    device: str, kind: DeviceTopic, reason: ReasonCode, detail: str, image_id: UUID | None
+) -> ErrorAck:
+    return ErrorAck(
+        image_id=image_id,
+        reason=reason,
+        detail=_clip(detail) or "",
+        topic=device_topic(device, kind),
+    )
 
 
 def _peek_image_id(payload: bytes) -> UUID | None:

@@ -167,9 +167,18 @@ class Discard:
 
 
 Event = (
-    Opened | OpenRefused | Staged | Closed | Stored | StoreDone | StoreDelayed | StoreFailed
-    | Tick | Retry | Discard
-)  # fmt: skip
+    Opened
+    | OpenRefused
+    | Staged
+    | Closed
+    | Stored
+    | StoreDone
+    | StoreDelayed
+    | StoreFailed
+    | Tick
+    | Retry
+    | Discard
+)
 
 
 # -- effects ----------------------------------------------------------------------------------
@@ -222,9 +231,16 @@ class Persist:
 
 
 Effect = (
-    Send | StoreBegin | StoreTile | StoreFinish | StoreCancel | Publish | RemoveStaging | Forget
+    Send
+    | StoreBegin
+    | StoreTile
+    | StoreFinish
+    | StoreCancel
+    | Publish
+    | RemoveStaging
+    | Forget
     | Persist
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +273,10 @@ def step(image: Image | None, key: ImageKey, event: Event, policy: Policy) -> St
     if isinstance(event, Stored):
         if image.phase not in (Phase.RECEIVING, Phase.STORING):
             return Step(image)
-        locations = (*[kv for kv in image.locations if kv[0] != event.backend],
-                     (event.backend, event.location))  # fmt: skip
+        locations = (
+            *[kv for kv in image.locations if kv[0] != event.backend],
+            (event.backend, event.location),
+        )
         record = BackendStored(key, event.backend, event.location)
         return Step(replace(image, locations=locations), (Persist((record,)),))
     if isinstance(event, StoreDone):
@@ -280,20 +298,36 @@ def step(image: Image | None, key: ImageKey, event: Event, policy: Policy) -> St
 
 def _unknown(key: ImageKey, event: Event) -> Step:
     if isinstance(event, Opened):
-        image = Image(key, Phase.RECEIVING, manifest_id(event.manifest),
-                      event.manifest.tile_count, last_seen=event.at)  # fmt: skip
+        image = Image(
+            key,
+            Phase.RECEIVING,
+            manifest_id(event.manifest),
+            event.manifest.tile_count,
+            last_seen=event.at,
+        )
         accepted = Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED))
         persist = Persist((ImageOpened(key, event.manifest, event.at),), (accepted, Publish(True)))
         return Step(image, (persist, StoreBegin()))
     if isinstance(event, OpenRefused):
-        image = Image(key, Phase.REJECTED, reason=event.reason, detail=event.detail,
-                      last_seen=event.at)  # fmt: skip
+        image = Image(
+            key, Phase.REJECTED, reason=event.reason, detail=event.detail, last_seen=event.at
+        )
         record = ImageRefused(key, event.reason, event.detail, event.at)
         refusal = _refuse_open(key, event.reason, event.detail)
         return Step(image, (refusal, Persist((record,), (Publish(True), Forget()))))
     if isinstance(event, Closed):
-        return Step(None, (Send(_error(key, ReasonCode.UNKNOWN_IMAGE, "close for an image "
-                                       "without an accepted open: send open first")),))  # fmt: skip
+        return Step(
+            None,
+            (
+                Send(
+                    _error(
+                        key,
+                        ReasonCode.UNKNOWN_IMAGE,
+                        "close for an image without an accepted open: send open first",
+                    )
+                ),
+            ),
+        )
     return Step(None)
 
 
@@ -302,9 +336,15 @@ def _opened(image: Image, event: Opened) -> Step:
     same = image.manifest_id == manifest_id(event.manifest)
     if image.phase in (Phase.REJECTED, Phase.EXPIRED) and (same or image.manifest_id is None):
         # A second chance: a refused image with a valid open now, an expired one revived.
-        revived = replace(image, phase=Phase.RECEIVING, manifest_id=manifest_id(event.manifest),
-                          tile_count=event.manifest.tile_count, reason=None, detail=None,
-                          last_seen=event.at)  # fmt: skip
+        revived = replace(
+            image,
+            phase=Phase.RECEIVING,
+            manifest_id=manifest_id(event.manifest),
+            tile_count=event.manifest.tile_count,
+            reason=None,
+            detail=None,
+            last_seen=event.at,
+        )
         accepted = Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED))
         persist = Persist((ImageOpened(key, event.manifest, event.at),), (accepted, Publish(True)))
         return Step(revived, (persist, StoreBegin()))
@@ -314,8 +354,10 @@ def _opened(image: Image, event: Opened) -> Step:
         detail = "this image id is already open with another manifest"
         return Step(image, (_refuse_open(key, ReasonCode.CONFLICT, detail),))
     if image.phase is Phase.REJECTED:  # refused with this very manifest before
-        return Step(image, (_refuse_open(key, image.reason or ReasonCode.INVALID_MANIFEST,
-                                         image.detail or ""),))  # fmt: skip
+        return Step(
+            image,
+            (_refuse_open(key, image.reason or ReasonCode.INVALID_MANIFEST, image.detail or ""),),
+        )
     then: tuple[Effect, ...] = (Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED)),)
     then += _final_ack(image)
     return Step(replace(image, last_seen=max(image.last_seen, event.at)), (Persist((), then),))
@@ -338,10 +380,21 @@ def _staged(image: Image, event: Staged) -> Step:
 def _closed(image: Image, event: Closed) -> Step:
     key = image.key
     if image.phase in (Phase.REJECTED, Phase.EXPIRED):
-        reason = ReasonCode.INVALID_MANIFEST if image.phase is Phase.REJECTED else (
-            ReasonCode.UNKNOWN_IMAGE)  # fmt: skip
-        return Step(image, (Send(_error(key, reason, "close for an image without an accepted "
-                                        "open: send open first")),))  # fmt: skip
+        reason = (
+            ReasonCode.INVALID_MANIFEST
+            if image.phase is Phase.REJECTED
+            else (ReasonCode.UNKNOWN_IMAGE)
+        )
+        return Step(
+            image,
+            (
+                Send(
+                    _error(
+                        key, reason, "close for an image without an accepted open: send open first"
+                    )
+                ),
+            ),
+        )
     if image.closed or image.phase is Phase.COMPLETE:
         return Step(image, (Persist((), _final_ack(image)),) if _final_ack(image) else ())
     image = replace(image, closed=True, last_seen=event.at)
@@ -357,8 +410,13 @@ def _closed(image: Image, event: Closed) -> Step:
     return Step(image, (Persist((record,), (Publish(True),)),))
 
 
-def _start_storing(image: Image, at: float, records: tuple[Record, ...],
-                   then: tuple[Effect, ...], before: tuple[Effect, ...]) -> Step:  # fmt: skip
+def _start_storing(
+    image: Image,
+    at: float,
+    records: tuple[Record, ...],
+    then: tuple[Effect, ...],
+    before: tuple[Effect, ...],
+) -> Step:
     image = replace(image, phase=Phase.STORING)
     records = (*records, PhaseSet(image.key, Phase.STORING, at))
     return Step(image, (Persist(records, (*then, Publish(True))), *before, StoreFinish()))
@@ -407,12 +465,23 @@ def _discard(image: Image, event: Discard) -> Step:
     if image.phase in (Phase.COMPLETE, Phase.REJECTED):
         return Step(image)
     key = image.key
-    image = replace(image, phase=Phase.DISCARDED, reason=ReasonCode.NOT_PERMITTED,
-                    detail=DISCARDED_DETAIL, delayed=None)  # fmt: skip
+    image = replace(
+        image,
+        phase=Phase.DISCARDED,
+        reason=ReasonCode.NOT_PERMITTED,
+        detail=DISCARDED_DETAIL,
+        delayed=None,
+    )
     record = PhaseSet(key, Phase.DISCARDED, event.at, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL)
     # Rejecting the open tells the device to set the whole image aside, whatever it holds.
-    refusal = Send(OpenAck(image_id=key.image_id, state=ManifestState.REJECTED,
-                           reason=ReasonCode.NOT_PERMITTED, detail=DISCARDED_DETAIL))  # fmt: skip
+    refusal = Send(
+        OpenAck(
+            image_id=key.image_id,
+            state=ManifestState.REJECTED,
+            reason=ReasonCode.NOT_PERMITTED,
+            detail=DISCARDED_DETAIL,
+        )
+    )
     then = (refusal, Publish(True), RemoveStaging(), Forget())
     return Step(image, (StoreCancel(), Persist((record,), then)))
 
@@ -427,22 +496,42 @@ def _final_ack(image: Image) -> tuple[Effect, ...]:
     """The image ack, if the image is finished and the device may now let go of it."""
     image_id = image.key.image_id
     if image.phase is Phase.COMPLETE:
-        return (Send(ImageAck(image_id=image_id, state=ImageState.COMPLETE,
-                              locations=dict(image.locations))),)  # fmt: skip
+        return (
+            Send(
+                ImageAck(
+                    image_id=image_id, state=ImageState.COMPLETE, locations=dict(image.locations)
+                )
+            ),
+        )
     if image.phase is Phase.FAILED and image.all_in:
-        return (Send(ImageAck(image_id=image_id, state=ImageState.FAILED, reason=image.reason,
-                              detail=_clip(image.detail))),)  # fmt: skip
+        return (
+            Send(
+                ImageAck(
+                    image_id=image_id,
+                    state=ImageState.FAILED,
+                    reason=image.reason,
+                    detail=_clip(image.detail),
+                )
+            ),
+        )
     return ()
 
 
 def _refuse_open(key: ImageKey, reason: ReasonCode, detail: str) -> Send:
-    return Send(OpenAck(image_id=key.image_id, state=ManifestState.REJECTED, reason=reason,
-                        detail=_clip(detail)))  # fmt: skip
+    return Send(
+        OpenAck(
+            image_id=key.image_id, state=ManifestState.REJECTED, reason=reason, detail=_clip(detail)
+        )
+    )
 
 
 def _error(key: ImageKey, reason: ReasonCode, detail: str) -> ErrorAck:
-    return ErrorAck(image_id=key.image_id, reason=reason, detail=detail,
-                    topic=device_topic(key.device, DeviceTopic.CLOSE))  # fmt: skip
+    return ErrorAck(
+        image_id=key.image_id,
+        reason=reason,
+        detail=detail,
+        topic=device_topic(key.device, DeviceTopic.CLOSE),
+    )
 
 
 MAX_DETAIL = 900

@@ -77,8 +77,9 @@ def check_manifest(limits: Limits, m: OpenManifest) -> ProtocolError | None:
         (limits.max_declared_bytes_per_device, "the device's declared-bytes limit"),
     ):
         if size > limit:
-            return ProtocolError(ReasonCode.QUOTA_EXCEEDED, f"image of {size} bytes > {what} "
-                                 f"{limit}")  # fmt: skip
+            return ProtocolError(
+                ReasonCode.QUOTA_EXCEEDED, f"image of {size} bytes > {what} {limit}"
+            )
     return None
 
 
@@ -87,30 +88,40 @@ def check_admission(
 ) -> str | None:
     """Limits a new image must fit into now; they free up as the device's images finish."""
     if receiving >= limits.max_open_images_per_device:
-        return (f"{receiving} images are receiving, the limit is "
-                f"{limits.max_open_images_per_device}: open refused for now")  # fmt: skip
+        return (
+            f"{receiving} images are receiving, the limit is "
+            f"{limits.max_open_images_per_device}: open refused for now"
+        )
     if declared + image_bytes(m) > limits.max_declared_bytes_per_device:
-        return (f"{declared} bytes declared by receiving images, this one adds "
-                f"{image_bytes(m)}, the limit is {limits.max_declared_bytes_per_device}")  # fmt: skip
+        return (
+            f"{declared} bytes declared by receiving images, this one adds "
+            f"{image_bytes(m)}, the limit is {limits.max_declared_bytes_per_device}"
+        )
     if manifests + json_bytes > limits.max_manifest_bytes_per_device:
-        return (f"manifests of {manifests} bytes held, the limit is "
-                f"{limits.max_manifest_bytes_per_device}: open refused for now")  # fmt: skip
+        return (
+            f"manifests of {manifests} bytes held, the limit is "
+            f"{limits.max_manifest_bytes_per_device}: open refused for now"
+        )
     return None
 
 
 def check_chunk(limits: Limits, header: ChunkHeader, tile_bytes: int) -> ProtocolError | None:
     """A chunk that cannot belong to a tile of `tile_bytes` bytes as cut by an honest sender."""
     if header.tile_bytes != tile_bytes:
-        return ProtocolError(ReasonCode.OUT_OF_RANGE,
-                             f"tile of {header.tile_bytes} bytes, manifest says {tile_bytes}")  # fmt: skip
+        return ProtocolError(
+            ReasonCode.OUT_OF_RANGE,
+            f"tile of {header.tile_bytes} bytes, manifest says {tile_bytes}",
+        )
     count = header.chunk_count
     if count > limits.max_chunks_per_tile:
-        return ProtocolError(ReasonCode.QUOTA_EXCEEDED,
-                             f"{count} chunks per tile > {limits.max_chunks_per_tile}")  # fmt: skip
+        return ProtocolError(
+            ReasonCode.QUOTA_EXCEEDED, f"{count} chunks per tile > {limits.max_chunks_per_tile}"
+        )
     fewest = -(-tile_bytes // limits.max_chunk_bytes) if tile_bytes else 1
     if count < fewest or (tile_bytes and count > tile_bytes) or (not tile_bytes and count != 1):
-        return ProtocolError(ReasonCode.OUT_OF_RANGE,
-                             f"{count} chunks cannot make a tile of {tile_bytes} bytes")  # fmt: skip
+        return ProtocolError(
+            ReasonCode.OUT_OF_RANGE, f"{count} chunks cannot make a tile of {tile_bytes} bytes"
+        )
     if header.raw_length == 0 and tile_bytes:
         return ProtocolError(ReasonCode.OUT_OF_RANGE, "an empty chunk of a non-empty tile")
     return None

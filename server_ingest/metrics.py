@@ -8,7 +8,7 @@ two cannot disagree, and the data path is exactly the same with or without metri
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
@@ -32,26 +32,56 @@ class IngestCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s, instance = self._snapshot(), self._instance
-        yield _by("tilebridge_ingest_messages", "Device messages handled, by kind", "kind",
-                  instance, s.messages)  # fmt: skip
-        committed = CounterMetricFamily("tilebridge_ingest_tiles_committed",
-                                        "Tiles staged durably and acknowledged to their device",
-                                        labels=["instance"])  # fmt: skip
+        yield _by(
+            "tilebridge_ingest_messages",
+            "Device messages handled, by kind",
+            "kind",
+            instance,
+            s.messages,
+        )
+        committed = CounterMetricFamily(
+            "tilebridge_ingest_tiles_committed",
+            "Tiles staged durably and acknowledged to their device",
+            labels=["instance"],
+        )
         committed.add_metric([instance], s.tiles_committed)
         yield committed
-        yield _by("tilebridge_ingest_rejections", "Messages refused, by protocol reason code",
-                  "reason", instance, s.rejections)  # fmt: skip
-        yield _gauge("tilebridge_ingest_images_in_progress", "Images receiving or storing",
-                     instance, s.images_in_progress)  # fmt: skip
-        yield _gauge("tilebridge_ingest_store_queue", "Images being finished in the backends",
-                     instance, s.storing)  # fmt: skip
-        yield _gauge("tilebridge_ingest_staging_bytes", "Bytes of tiles staged on the ingest disk",
-                     instance, s.staging_bytes)  # fmt: skip
-        yield _gauge("tilebridge_ingest_broker_connected", "1 while connected to the broker",
-                     instance, int(self._connected()))  # fmt: skip
-        backends = GaugeMetricFamily("tilebridge_ingest_backend_ok",
-                                     "1 if the backend's last write succeeded, 0 if it failed",
-                                     labels=["instance", "backend"])  # fmt: skip
+        yield _by(
+            "tilebridge_ingest_rejections",
+            "Messages refused, by protocol reason code",
+            "reason",
+            instance,
+            s.rejections,
+        )
+        yield _gauge(
+            "tilebridge_ingest_images_in_progress",
+            "Images receiving or storing",
+            instance,
+            s.images_in_progress,
+        )
+        yield _gauge(
+            "tilebridge_ingest_store_queue",
+            "Images being finished in the backends",
+            instance,
+            s.storing,
+        )
+        yield _gauge(
+            "tilebridge_ingest_staging_bytes",
+            "Bytes of tiles staged on the ingest disk",
+            instance,
+            s.staging_bytes,
+        )
+        yield _gauge(
+            "tilebridge_ingest_broker_connected",
+            "1 while connected to the broker",
+            instance,
+            int(self._connected()),
+        )
+        backends = GaugeMetricFamily(
+            "tilebridge_ingest_backend_ok",
+            "1 if the backend's last write succeeded, 0 if it failed",
+            labels=["instance", "backend"],
+        )
         for name, state in sorted(s.backends.items()):
             backends.add_metric([instance, name], int(state == "ok"))
         yield backends
@@ -60,25 +90,36 @@ class IngestCollector(Collector):
             "Time to write one image into a backend, from open to durable finish",
             labels=["instance", "backend", "outcome"],
         )
-        retries = CounterMetricFamily("tilebridge_ingest_store_retries",
-                                      "Image writes that failed transiently and will be retried",
-                                      labels=["instance", "backend"])  # fmt: skip
+        retries = CounterMetricFamily(
+            "tilebridge_ingest_store_retries",
+            "Image writes that failed transiently and will be retried",
+            labels=["instance", "backend"],
+        )
         for (backend, outcome), counts in sorted(s.store_buckets.items()):
             bounds = [*(str(float(b)) for b in STORE_BUCKETS), "+Inf"]
-            seconds.add_metric([instance, backend, outcome], list(zip(bounds, counts, strict=True)),
-                               s.store_sums[(backend, outcome)])  # fmt: skip
+            seconds.add_metric(
+                [instance, backend, outcome],
+                list(zip(bounds, counts, strict=True)),
+                s.store_sums[(backend, outcome)],
+            )
             if outcome == "retry":
                 retries.add_metric([instance, backend], counts[-1])
         yield seconds
         yield retries
-        yield _by("tilebridge_ingest_stored_bytes", "Pixel bytes durably written into a backend",
-                  "backend", instance, s.stored_bytes)  # fmt: skip
+        yield _by(
+            "tilebridge_ingest_stored_bytes",
+            "Pixel bytes durably written into a backend",
+            "backend",
+            instance,
+            s.stored_bytes,
+        )
 
 
-def _by(name: str, doc: str, label: str, instance: str, values: dict[str, int] | object
-        ) -> CounterMetricFamily:  # fmt: skip
+def _by(
+    name: str, doc: str, label: str, instance: str, values: Mapping[str, int]
+) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=["instance", label])
-    for key, value in sorted(dict(values).items()):  # type: ignore[call-overload]
+    for key, value in sorted(values.items()):
         family.add_metric([instance, key], value)
     return family
 

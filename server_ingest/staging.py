@@ -101,7 +101,6 @@ class Staging:
         return count
 
 
-
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write all of `data`: a short write (the disk filling up) is continued, and one that
     makes no progress is a full disk, never a silently truncated chunk (issue 12, cause 6)."""

@@ -61,10 +61,18 @@ class ImageBook:
     def loaded(cls, stored: StoredImage, now: float) -> ImageBook:
         assert stored.manifest is not None
         m = stored.manifest
-        image = Image(stored.key, stored.phase, manifest_id(m), m.tile_count,
-                      committed=len(stored.tiles), closed=stored.close is not None,
-                      locations=tuple(stored.locations.items()), reason=stored.reason,
-                      detail=stored.detail, last_seen=now)  # fmt: skip
+        image = Image(
+            stored.key,
+            stored.phase,
+            manifest_id(m),
+            m.tile_count,
+            committed=len(stored.tiles),
+            closed=stored.close is not None,
+            locations=tuple(stored.locations.items()),
+            reason=stored.reason,
+            detail=stored.detail,
+            last_seen=now,
+        )
         return cls(image, m, stored.close, dict(stored.tiles), manifest_size=len(m.to_bytes()))
 
 
@@ -72,11 +80,18 @@ def finished_image(stored: StoredImage) -> Image:
     """A finished image as the lifecycle needs it (no tiles, no manifest kept)."""
     m = stored.manifest
     count = m.tile_count if m else 0
-    return Image(stored.key, stored.phase, manifest_id(m) if m else None, count,
-                 committed=count if stored.phase is Phase.COMPLETE else 0,
-                 closed=stored.close is not None or stored.phase is Phase.COMPLETE,
-                 locations=tuple(stored.locations.items()), reason=stored.reason,
-                 detail=stored.detail, last_seen=stored.updated)  # fmt: skip
+    return Image(
+        stored.key,
+        stored.phase,
+        manifest_id(m) if m else None,
+        count,
+        committed=count if stored.phase is Phase.COMPLETE else 0,
+        closed=stored.close is not None or stored.phase is Phase.COMPLETE,
+        locations=tuple(stored.locations.items()),
+        reason=stored.reason,
+        detail=stored.detail,
+        last_seen=stored.updated,
+    )
 
 
 @dataclass
@@ -88,7 +103,7 @@ class Stats:
     ledger_trouble: str | None = None
     backends: dict[str, str] = field(default_factory=dict)
     store_buckets: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-    store_sums: Counter[tuple[str, str]] = field(default_factory=Counter)
+    store_sums: dict[tuple[str, str], float] = field(default_factory=dict)
     stored_bytes: Counter[str] = field(default_factory=Counter)
 
     def observe_store(self, backend: str, outcome: str, seconds: float, nbytes: int) -> None:
@@ -96,7 +111,7 @@ class Stats:
         for n, bound in enumerate((*STORE_BUCKETS, float("inf"))):
             if seconds <= bound:
                 buckets[n] += 1
-        self.store_sums[(backend, outcome)] += seconds
+        self.store_sums[(backend, outcome)] = self.store_sums.get((backend, outcome), 0.0) + seconds
         if outcome == "ok":
             self.stored_bytes[backend] += nbytes
 
@@ -187,10 +202,15 @@ class CoreState:
         staged = sum(b.in_staging * b.manifest.tile_bytes for b in self.images.values())
         storing = sum(1 for b in self.images.values() if b.image.phase is Phase.STORING)
         return Snapshot(
-            MappingProxyType(dict(s.messages)), MappingProxyType(dict(s.rejections)),
-            s.tiles_committed, progress, staged, MappingProxyType(dict(s.backends)),
+            MappingProxyType(dict(s.messages)),
+            MappingProxyType(dict(s.rejections)),
+            s.tiles_committed,
+            progress,
+            staged,
+            MappingProxyType(dict(s.backends)),
             s.ledger_trouble or s.last_error,
             MappingProxyType({k: tuple(v) for k, v in s.store_buckets.items()}),
-            MappingProxyType(dict(s.store_sums)), MappingProxyType(dict(s.stored_bytes)),
+            MappingProxyType(dict(s.store_sums)),
+            MappingProxyType(dict(s.stored_bytes)),
             storing,
-        )  # fmt: skip
+        )

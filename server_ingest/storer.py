@@ -24,11 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 from server_ingest.events import BackendHealth, ForImage, InboxItem, StoreAttempt
 from server_ingest.ledger.records import ImageKey
-from server_ingest.lifecycle import StoreDelayed, StoreDone, Stored, StoreFailed
+from server_ingest.lifecycle import Stored, StoreDelayed, StoreDone, StoreFailed
 from server_ingest.staging import Staging
 from tilebridge_protocol.errors import PermanentError, TilebridgeError
 from tilebridge_protocol.keys import TileKey
@@ -135,12 +136,17 @@ class Storer:
     def _work(self, commands: queue.SimpleQueue[Command | None]) -> None:
         jobs: dict[ImageKey, _Job] = {}
         while True:
-            due = [lane.retry_at for j in jobs.values() for lane in j.lanes.values()
-                   if lane.writer is None]  # fmt: skip
-            command: Command | None | Literal["wake"]
+            due = [
+                lane.retry_at
+                for j in jobs.values()
+                for lane in j.lanes.values()
+                if lane.writer is None
+            ]
+            command: Command | Literal["wake"] | None
             try:
-                command = commands.get(timeout=max(0.0, min(due) - time.monotonic()) if due
-                                       else None)  # fmt: skip
+                command = commands.get(
+                    timeout=max(0.0, min(due) - time.monotonic()) if due else None
+                )
             except queue.Empty:
                 command = "wake"  # a retry is due
             if command is None:
@@ -170,17 +176,17 @@ class Storer:
             job.staged.append(command.tile)
             for lane in job.lanes.values():
                 if lane.writer is not None:
-                    self._guard(jobs, job, lane, lambda lane=lane: self._feed(job, lane))
+                    self._guard(jobs, job, lane, partial(self._feed, job, lane))
 
     def _advance(self, jobs: dict[ImageKey, _Job], job: _Job) -> None:
         now = time.monotonic()
         for lane in list(job.lanes.values()):
             if lane.writer is None and lane.retry_at <= now:
-                self._guard(jobs, job, lane, lambda lane=lane: self._open(job, lane))
+                self._guard(jobs, job, lane, partial(self._open, job, lane))
         if job.close is not None:
             for name, lane in list(job.lanes.items()):
                 if lane.writer is not None:
-                    self._guard(jobs, job, lane, lambda n=name, la=lane: self._finish(job, n, la))
+                    self._guard(jobs, job, lane, partial(self._finish, job, name, lane))
         if job.begin.key in jobs and not job.lanes and job.close is not None:
             del jobs[job.begin.key]
             self._post(ForImage(job.begin.key, StoreDone(time.time())))
@@ -216,8 +222,9 @@ class Storer:
         self._post(ForImage(job.begin.key, Stored(name, stored.location)))
         log.info("image %s stored in %s: %s", job.begin.key, name, stored.location)
 
-    def _guard(self, jobs: dict[ImageKey, _Job], job: _Job, lane: _Lane,
-               step: Callable[[], None]) -> None:  # fmt: skip
+    def _guard(
+        self, jobs: dict[ImageKey, _Job], job: _Job, lane: _Lane, step: Callable[[], None]
+    ) -> None:
         """Run `step`; a permanent refusal fails the image, anything else is retried."""
         key, name = job.begin.key, lane.backend.name
         try:
@@ -226,8 +233,9 @@ class Storer:
             self._attempt(lane, "failed")
             _abort(jobs.pop(key, job))
             log.error("image %s: %s refused it: %s", key, name, exc)
-            self._post(ForImage(key, StoreFailed(time.time(), name, ReasonCode.STORAGE_FAILED,
-                                                 str(exc))))  # fmt: skip
+            self._post(
+                ForImage(key, StoreFailed(time.time(), name, ReasonCode.STORAGE_FAILED, str(exc)))
+            )
         except Exception as exc:
             if lane.writer is not None:
                 _quiet_abort(lane.writer)
@@ -239,8 +247,9 @@ class Storer:
             if not isinstance(exc, TilebridgeError):
                 log.exception("image %s: %s failed unexpectedly; retrying", key, name)
                 detail = f"{type(exc).__name__}: {detail}"
-            log.warning("image %s: %s unavailable (%s); retrying in %.1f s", key, name, detail,
-                        delay)  # fmt: skip
+            log.warning(
+                "image %s: %s unavailable (%s); retrying in %.1f s", key, name, detail, delay
+            )
             self._attempt(lane, "retry")
             self._post(BackendHealth(name, detail))
             self._post(ForImage(key, StoreDelayed(name, detail)))

@@ -92,7 +92,13 @@ class DeadLettered:
 
 
 Record = (
-    ImageOpened | ImageRefused | TileStaged | CloseReceived | PhaseSet | BackendStored | DeadLettered
+    ImageOpened
+    | ImageRefused
+    | TileStaged
+    | CloseReceived
+    | PhaseSet
+    | BackendStored
+    | DeadLettered
 )
 
 

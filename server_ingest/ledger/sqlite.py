@@ -20,7 +20,6 @@ from server_ingest.ledger.records import (
     BackendStored,
     CloseReceived,
     DeadLetter,
-    DeadLettered,
     ImageKey,
     ImageOpened,
     ImageRefused,
@@ -90,8 +89,10 @@ def _to_v1(db: sqlite3.Connection) -> None:
 def _to_v2(db: sqlite3.Connection) -> None:
     """Images keyed by (device, image_id); reasons in two columns; locations in a table."""
     _script(db, _V2)
-    rows = db.execute("SELECT image_id, device, manifest, close, phase, error, locations, "
-                      "created, updated FROM images_v1").fetchall()  # fmt: skip
+    rows = db.execute(
+        "SELECT image_id, device, manifest, close, phase, error, locations, "
+        "created, updated FROM images_v1"
+    ).fetchall()
     for image_id, device, manifest, close, phase, error, locations, created, updated in rows:
         # The one place a "code: detail" string is read: the v1 rows that stored one.
         code, _, detail = (error or "").partition(": ")
@@ -103,12 +104,17 @@ def _to_v2(db: sqlite3.Connection) -> None:
             (device, image_id, phase, manifest, close, reason, detail or None, created, updated),
         )
         for backend, location in json.loads(locations).items():
-            db.execute("INSERT INTO locations VALUES (?, ?, ?, ?)",
-                       (device, image_id, backend, location))  # fmt: skip
-    tiles = db.execute("SELECT i.device, t.image_id, t.idx, t.z, t.c, t.t, t.digest, t.nbytes "
-                       "FROM tiles_v1 t JOIN images_v1 i USING (image_id)").fetchall()  # fmt: skip
-    db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   [(*row[:6], bytes.fromhex(row[6]), row[7]) for row in tiles])  # fmt: skip
+            db.execute(
+                "INSERT INTO locations VALUES (?, ?, ?, ?)", (device, image_id, backend, location)
+            )
+    tiles = db.execute(
+        "SELECT i.device, t.image_id, t.idx, t.z, t.c, t.t, t.digest, t.nbytes "
+        "FROM tiles_v1 t JOIN images_v1 i USING (image_id)"
+    ).fetchall()
+    db.executemany(
+        "INSERT INTO tiles VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*row[:6], bytes.fromhex(row[6]), row[7]) for row in tiles],
+    )
     db.execute("DROP TABLE images_v1")
     db.execute("DROP TABLE tiles_v1")
 
@@ -162,54 +168,75 @@ class SqliteLedger(Ledger):
     def _apply(self, r: Record) -> None:
         x = self._db.execute
         if isinstance(r, TileStaged):
-            x("INSERT OR IGNORE INTO tiles VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-              (*_key(r.key), *r.tile, r.digest, r.nbytes))  # fmt: skip
+            x(
+                "INSERT OR IGNORE INTO tiles VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*_key(r.key), *r.tile, r.digest, r.nbytes),
+            )
         elif isinstance(r, ImageOpened):
-            x("INSERT INTO images (device, image_id, phase, manifest, created, updated) "
-              "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET phase = excluded.phase, "
-              "manifest = excluded.manifest, reason = NULL, detail = NULL, "
-              "updated = excluded.updated",
-              (*_key(r.key), ImagePhase.RECEIVING.value, r.manifest.model_dump_json(),
-               r.at, r.at))  # fmt: skip
+            x(
+                "INSERT INTO images (device, image_id, phase, manifest, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET phase = excluded.phase, "
+                "manifest = excluded.manifest, reason = NULL, detail = NULL, "
+                "updated = excluded.updated",
+                (
+                    *_key(r.key),
+                    ImagePhase.RECEIVING.value,
+                    r.manifest.model_dump_json(),
+                    r.at,
+                    r.at,
+                ),
+            )
         elif isinstance(r, ImageRefused):
-            x("INSERT INTO images (device, image_id, phase, reason, detail, created, updated) "
-              "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET reason = excluded.reason, "
-              "detail = excluded.detail, updated = excluded.updated "
-              "WHERE images.phase = 'rejected'",
-              (*_key(r.key), ImagePhase.REJECTED.value, r.reason.value, r.detail, r.at,
-               r.at))  # fmt: skip
+            x(
+                "INSERT INTO images (device, image_id, phase, reason, detail, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET reason = excluded.reason, "
+                "detail = excluded.detail, updated = excluded.updated "
+                "WHERE images.phase = 'rejected'",
+                (*_key(r.key), ImagePhase.REJECTED.value, r.reason.value, r.detail, r.at, r.at),
+            )
         elif isinstance(r, CloseReceived):
-            x("UPDATE images SET close = ? WHERE device = ? AND image_id = ? AND close IS NULL",
-              (r.close.model_dump_json(), *_key(r.key)))  # fmt: skip
+            x(
+                "UPDATE images SET close = ? WHERE device = ? AND image_id = ? AND close IS NULL",
+                (r.close.model_dump_json(), *_key(r.key)),
+            )
         elif isinstance(r, PhaseSet):
-            x("UPDATE images SET phase = ?, reason = ?, detail = ?, updated = ? "
-              "WHERE device = ? AND image_id = ?",
-              (r.phase.value, r.reason.value if r.reason else None, r.detail, r.at,
-               *_key(r.key)))  # fmt: skip
+            x(
+                "UPDATE images SET phase = ?, reason = ?, detail = ?, updated = ? "
+                "WHERE device = ? AND image_id = ?",
+                (r.phase.value, r.reason.value if r.reason else None, r.detail, r.at, *_key(r.key)),
+            )
         elif isinstance(r, BackendStored):
-            x("INSERT OR REPLACE INTO locations VALUES (?, ?, ?, ?)",
-              (*_key(r.key), r.backend, r.location))  # fmt: skip
+            x(
+                "INSERT OR REPLACE INTO locations VALUES (?, ?, ?, ?)",
+                (*_key(r.key), r.backend, r.location),
+            )
         else:
-            x("INSERT INTO dead_letters (at, device, topic, reason, detail, payload, "
-              "payload_bytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
-              (r.at, r.device, r.topic, r.reason.value, r.detail, r.payload,
-               r.payload_bytes))  # fmt: skip
-            x("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
-              (self.dead_letters_max,))  # fmt: skip
+            x(
+                "INSERT INTO dead_letters (at, device, topic, reason, detail, payload, "
+                "payload_bytes) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (r.at, r.device, r.topic, r.reason.value, r.detail, r.payload, r.payload_bytes),
+            )
+            x(
+                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
+                (self.dead_letters_max,),
+            )
 
     # -- reading ------------------------------------------------------------------------------
 
     def recover(self) -> list[StoredImage]:
         marks = ",".join("?" * len(HOLDS_STAGED_TILES))
-        rows = self._rows(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE phase IN ({marks}) "
-                          "ORDER BY created", tuple(p.value for p in HOLDS_STAGED_TILES))  # fmt: skip
+        rows = self._rows(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE phase IN ({marks}) ORDER BY created",
+            tuple(p.value for p in HOLDS_STAGED_TILES),
+        )
         return [self._image(row) for row in rows]
 
     def lookup(self, keys: Iterable[ImageKey]) -> dict[ImageKey, StoredImage]:
         found = {}
         for key in keys:
-            rows = self._rows(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE device = ? AND "
-                              "image_id = ?", _key(key))  # fmt: skip
+            rows = self._rows(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE device = ? AND image_id = ?", _key(key)
+            )
             if rows:
                 found[key] = self._image(rows[0])
         return found
@@ -217,24 +244,32 @@ class SqliteLedger(Ledger):
     def images(
         self, phases: Iterable[ImagePhase] = (), device: str | None = None, limit: int = 1000
     ) -> list[StoredImage]:
-        where, args = [], []
-        phases = [p.value for p in phases]
-        if phases:
-            where.append(f"phase IN ({','.join('?' * len(phases))})")
-            args += phases
+        where: list[str] = []
+        args: list[object] = []
+        wanted = [p.value for p in phases]
+        if wanted:
+            where.append(f"phase IN ({','.join('?' * len(wanted))})")
+            args += wanted
         if device is not None:
             where.append("device = ?")
             args.append(device)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._rows(f"SELECT {_IMAGE_COLUMNS} FROM images {clause} "
-                          "ORDER BY updated DESC LIMIT ?", (*args, limit))  # fmt: skip
+        rows = self._rows(
+            f"SELECT {_IMAGE_COLUMNS} FROM images {clause} ORDER BY updated DESC LIMIT ?",
+            (*args, limit),
+        )
         return [self._image(row, tiles=False) for row in rows]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = self._rows("SELECT id, at, device, topic, reason, detail, payload, payload_bytes "
-                          "FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,))  # fmt: skip
-        return [DeadLetter(i, at, d, topic, ReasonCode(reason), detail, bytes(p), n)
-                for i, at, d, topic, reason, detail, p, n in rows]  # fmt: skip
+        rows = self._rows(
+            "SELECT id, at, device, topic, reason, detail, payload, payload_bytes "
+            "FROM dead_letters ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            DeadLetter(i, at, d, topic, ReasonCode(reason), detail, bytes(p), n)
+            for i, at, d, topic, reason, detail, p, n in rows
+        ]
 
     def _rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         with closing(self._db.cursor()) as cur:
@@ -244,19 +279,32 @@ class SqliteLedger(Ledger):
         device, image_id, phase, manifest, close, reason, detail, updated = row
         key = ImageKey(device, UUID(image_id))
         phase = ImagePhase(phase)
-        locations = dict(self._rows("SELECT backend, location FROM locations WHERE device = ? "
-                                    "AND image_id = ?", _key(key)))  # fmt: skip
+        locations = dict(
+            self._rows(
+                "SELECT backend, location FROM locations WHERE device = ? AND image_id = ?",
+                _key(key),
+            )
+        )
         digests: dict[TileKey, bytes] = {}
         if tiles and phase in HOLDS_STAGED_TILES:
-            digests = {TileKey(i, z, c, t): bytes(d) for i, z, c, t, d in self._rows(
-                "SELECT idx, z, c, t, digest FROM tiles WHERE device = ? AND image_id = ?",
-                _key(key))}  # fmt: skip
+            digests = {
+                TileKey(i, z, c, t): bytes(d)
+                for i, z, c, t, d in self._rows(
+                    "SELECT idx, z, c, t, digest FROM tiles WHERE device = ? AND image_id = ?",
+                    _key(key),
+                )
+            }
         return StoredImage(
-            key, phase,
+            key,
+            phase,
             OpenManifest.model_validate_json(manifest) if manifest else None,
             CloseManifest.model_validate_json(close) if close else None,
-            ReasonCode(reason) if reason else None, detail, updated, locations, digests,
-        )  # fmt: skip
+            ReasonCode(reason) if reason else None,
+            detail,
+            updated,
+            locations,
+            digests,
+        )
 
 
 def _key(key: ImageKey) -> tuple[str, str]:

@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from server_ingest.events import Durable, InboxItem, LedgerTrouble, Looked
@@ -86,12 +87,12 @@ class LedgerWriter:
             keys = [item.key for item in batch if isinstance(item, _Lookup)]
             writes = [item for item in batch if isinstance(item, _Write)]
             if keys:
-                done, found = self._until_done(lambda: self._ledger.lookup(keys), stopping)
-                for key in keys if done and found is not None else ():
-                    self._post(Looked(key, found.get(key)))
+                done, found = self._until_done(partial(self._ledger.lookup, keys), stopping)
+                for key in keys if done else ():
+                    self._post(Looked(key, (found or {}).get(key)))
             if writes:
                 records = [r for w in writes for r in w.records]
-                done, _ = self._until_done(lambda: self._ledger.write(records), stopping)
+                done, _ = self._until_done(partial(self._ledger.write, records), stopping)
                 if done:
                     self._post(Durable(tuple(w.token for w in writes)))
 

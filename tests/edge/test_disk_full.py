@@ -132,4 +132,4 @@ def test_a_full_disk_fails_one_backend_and_the_others_complete(tmp_path: Path) -
     }  # fmt: skip
     check_ome_zarr(Path(others["ome_zarr"]["location"]), manifest, tiles)
     check_stitched_tiff(Path(others["stitched_tiff"]["location"]), manifest, tiles)
-    check_archive(next(stack.archive.rglob(f"*_{image_id.hex[:8]}.ome.tif")), manifest, tiles)
+    check_archive(next(stack.archive.rglob(f"*_{image_id}.ome.tif")), manifest, tiles)

@@ -187,7 +187,7 @@ def test_a_scan_posted_over_http_lands_in_every_target(
     check_ome_tiff(Path(backends["ome_tiff"]["location"]), manifest, tiles)
     check_ome_zarr(Path(backends["ome_zarr"]["location"]), manifest, tiles)
     check_stitched_tiff(Path(backends["stitched_tiff"]["location"]), manifest, tiles)
-    archive = next(stack.archive.rglob(f"*_{image_id.hex[:8]}.ome.tif"))
+    archive = next(stack.archive.rglob(f"*_{image_id}.ome.tif"))
     assert str(archive) in backends["omero"]["location"]
     check_archive(archive, manifest, tiles)
 

@@ -86,7 +86,9 @@ class Harness:
         self.settings = IngestSettings(
             data_dir=root, limits=limits or Limits(), store_retry_s=0.1, **settings
         )
-        self.backends = list(backends) if backends is not None else [ArchiveBackend(root / "archive")]
+        self.backends = (
+            list(backends) if backends is not None else [ArchiveBackend(root / "archive")]
+        )
         self.engine = Engine(self.settings, self.recorder, self.backends).start()
         self.staging = self.engine.staging
 
@@ -103,14 +105,18 @@ class Harness:
 
     def tile_rows(self, image_id: UUID, device: str = DEVICE) -> int:
         with closing(sqlite3.connect(self.settings.ledger_path)) as db:
-            row = db.execute("SELECT COUNT(*) FROM tiles WHERE device = ? AND image_id = ?",
-                             (device, str(image_id))).fetchone()  # fmt: skip
+            row = db.execute(
+                "SELECT COUNT(*) FROM tiles WHERE device = ? AND image_id = ?",
+                (device, str(image_id)),
+            ).fetchone()
         return int(row[0])
 
     def phase(self, image_id: UUID, device: str = DEVICE) -> tuple[str, str | None, str | None]:
         with closing(sqlite3.connect(self.settings.ledger_path)) as db:
-            row = db.execute("SELECT phase, reason, detail FROM images WHERE device = ? AND "
-                             "image_id = ?", (device, str(image_id))).fetchone()  # fmt: skip
+            row = db.execute(
+                "SELECT phase, reason, detail FROM images WHERE device = ? AND image_id = ?",
+                (device, str(image_id)),
+            ).fetchone()
         return tuple(row) if row else ("", None, None)  # type: ignore[return-value]
 
 

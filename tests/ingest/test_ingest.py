@@ -76,6 +76,7 @@ def test_shuffled_duplicated_chunks_of_all_tiles_store_the_image_once(harness: H
     committed = {a.tile for a in harness.recorder.tile_acks(TileState.COMMITTED)}
     assert committed == set(tiles)
     assert harness.tile_rows(manifest.image_id) == manifest.tile_count
+    harness.engine.wait_idle()  # the staged tiles are removed once `complete` is durable
     assert not harness.staging.image_dir(DEVICE, manifest.image_id).exists()
 
 

@@ -1,39 +1,18 @@
-"""Stand-ins for the ingest's broker side: acks land in a list, storing is only recorded."""
+"""A stand-in for the ingest's broker side: acks and image status land in lists."""
 
 from __future__ import annotations
 
-from uuid import UUID
-
-from server_ingest.ingest import Ack, ImageProgress
-from server_ingest.ledger import ImageRecord
-from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import AnyAck
+from tilebridge_protocol.status import ImageStatus
 
 
 class FakeOutbox:
     def __init__(self) -> None:
-        self.acks: list[tuple[str, Ack]] = []
-        self.changes = 0
+        self.acks: list[tuple[str, AnyAck]] = []
+        self.statuses: list[ImageStatus] = []
 
-    def ack(self, device: str, ack: Ack) -> None:
+    def ack(self, device: str, ack: AnyAck) -> None:
         self.acks.append((device, ack))
 
-    def image_changed(self, record: ImageRecord, progress: ImageProgress) -> None:
-        self.changes += 1
-
-
-class FakeScheduler:
-    """The storer's interface; `submitted` lists the images handed over to be finished."""
-
-    def __init__(self) -> None:
-        self.begun: list[UUID] = []
-        self.ready: list[tuple[UUID, TileKey]] = []
-        self.submitted: list[UUID] = []
-
-    def begin(self, image_id: UUID) -> None:
-        self.begun.append(image_id)
-
-    def tile_ready(self, image_id: UUID, key: TileKey) -> None:
-        self.ready.append((image_id, key))
-
-    def finish(self, image_id: UUID) -> None:
-        self.submitted.append(image_id)
+    def image_status(self, status: ImageStatus, done: bool) -> None:
+        self.statuses.append(status)
