@@ -16,6 +16,7 @@ import numpy as np
 
 from server_ingest.app import Engine
 from server_ingest.events import Inbound
+from server_ingest.ledger.base import Ledger
 from server_ingest.settings import IngestSettings, Limits
 from server_ingest.state import Snapshot
 from tilebridge_protocol.framing import encode_tile, tile_digest
@@ -79,6 +80,7 @@ class Harness:
         root: Path,
         limits: Limits | None = None,
         backends: Sequence[StorageBackend] | None = None,
+        ledger: Ledger | None = None,
         **settings: Any,
     ) -> None:
         self.root = root
@@ -89,15 +91,31 @@ class Harness:
         self.backends = (
             list(backends) if backends is not None else [ArchiveBackend(root / "archive")]
         )
-        self.engine = Engine(self.settings, self.recorder, self.backends).start()
+        self.engine = Engine(self.settings, self.recorder, self.backends, ledger).start()
         self.staging = self.engine.staging
 
     def close(self) -> None:
         self.engine.stop()
 
-    def send(self, kind: DeviceTopic, payload: bytes, device: str = DEVICE) -> None:
+    def send(
+        self, kind: DeviceTopic, payload: bytes, device: str = DEVICE, idle: bool = True
+    ) -> None:
         self.engine.handle(Inbound(device_topic(device, kind), payload))
-        self.engine.wait_idle()
+        if idle:
+            self.engine.wait_idle()
+
+    def scan(
+        self,
+        manifest: OpenManifest,
+        tiles: dict[TileKey, np.ndarray[Any, Any]],
+        chunk_size: int = 2048,
+    ) -> None:
+        """Open, every tile, close: what a well-behaved device sends."""
+        self.send(DeviceTopic.OPEN, manifest.to_bytes())
+        for key, pixels in tiles.items():
+            for message in chunks(manifest, key, pixels, chunk_size):
+                self.send(DeviceTopic.CHUNK, message)
+        self.send(DeviceTopic.CLOSE, close_for(manifest, tiles).to_bytes())
 
     @property
     def stats(self) -> Snapshot:
