@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 
 from server_ingest import admin
 from server_ingest.app import IngestService
+from server_ingest.deadletters import dead_letters
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import TilebridgeError
 from tilebridge_runtime.process import exit_when_a_thread_dies
@@ -33,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "dashboard", help="serve the monitoring dashboard (--config: deploy/dashboard.example.json)"
     )
+    letters = commands.add_parser(
+        "dead-letters", help="list the messages the ingest failed on (newest first)"
+    )
+    letters.add_argument("--limit", type=int, default=100)
+    letters.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -50,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         console.print(f"[red]invalid configuration:[/red] {exc}")
         return 2
+    if args.command == "dead-letters":
+        print(dead_letters(settings, args.limit, args.json))
+        return 0
     return run(settings)
 
 

@@ -56,11 +56,12 @@ from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.messages import AnyAck, ErrorAck
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.status import ImagePhase as Phase
-from tilebridge_protocol.topics import parse_device_topic
+from tilebridge_protocol.topics import DeviceTopic, parse_device_topic
 
 log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 0.5
+LOG_EVERY_S = 1.0
 SNAPSHOT_EVERY_S = 0.2
 
 
@@ -122,6 +123,7 @@ class Core:
         self._pending: dict[int, tuple[str | None, ImageKey | None, tuple[Effect, ...]]] = {}
         self._parked: dict[ImageKey, list[ev.Inbound]] = {}
         self._waiting: list[int] = []
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
         self._dirty, self._snapshot_at = True, 0.0
         self._tick_s = min(60.0, policy.image_ttl_s / 10)
         self._ticked = time.monotonic()
@@ -209,7 +211,11 @@ class Core:
         try:
             if not replay:
                 self.state.stats.messages[kind.value] += 1
-                if not self.state.device(device).bucket.take(time.monotonic()):
+                book, now = self.state.device(device), time.monotonic()
+                parse = kind in (DeviceTopic.OPEN, DeviceTopic.CLOSE)
+                if not book.bucket.take(now) or (
+                    parse and not book.json_bucket.take(now, len(message.payload))
+                ):
                     self._rate_limited(device, message.topic)
                     return
                 if message.retained:
@@ -245,9 +251,11 @@ class Core:
             self._persist(None, Persist((letter,)))
 
     def _rate_limited(self, device: str, topic: str) -> None:
+        limits = self.limits
         detail = (
-            f"{device} sends more than {self.limits.message_rate_per_device:g} messages/s "
-            f"(burst {self.limits.message_burst_per_device}): not processed"
+            f"{device} sends more than {limits.message_rate_per_device:g} messages/s (burst "
+            f"{limits.message_burst_per_device}) or {limits.json_bytes_per_s_per_device:g} "
+            "manifest bytes/s: not processed"
         )
         self.state.stats.rejections[ReasonCode.RATE_LIMITED.value] += 1
         if self.state.device(device).should_tell(ReasonCode.RATE_LIMITED, time.monotonic()):
@@ -278,11 +286,20 @@ class Core:
         self._persist(None, Persist((), (Send(ack),)), device)
 
     def refuse(self, device: str, reason: str, detail: str, counted: bool = False) -> None:
+        """Count a refusal and say so; a flood of them is logged once a second per device and
+        reason (with how many were not logged), never once a message."""
         detail = _clip(detail)
         if not counted:
             self.state.stats.rejections[str(reason)] += 1
         self.state.stats.last_error = detail
-        log.warning("refused %s", detail)
+        now, key = time.monotonic(), (device, str(reason))
+        logged, quiet = self._logged.get(key, (-LOG_EVERY_S, 0))
+        if now - logged < LOG_EVERY_S:
+            self._logged[key] = (logged, quiet + 1)
+            return
+        self._logged[key] = (now, 0)
+        more = f" (and {quiet} more like it since the last)" if quiet else ""
+        log.warning("refused %s%s", detail, more)
 
     def stage(self, job: Job) -> None:
         key = job.key if isinstance(job, RemoveImage) else job.ref.key

@@ -40,13 +40,17 @@ class DeviceBook:
     """A device's rate and parked messages (what it holds is counted from the image books)."""
 
     bucket: TokenBucket
+    json_bucket: TokenBucket
     parked_bytes: int = 0
     """Messages held until the ledger answered about their image."""
     last_told: dict[ReasonCode, float] = field(default_factory=dict)
 
     @classmethod
     def new(cls, limits: Limits) -> DeviceBook:
-        return cls(TokenBucket(limits.message_rate_per_device, limits.message_burst_per_device))
+        return cls(
+            TokenBucket(limits.message_rate_per_device, limits.message_burst_per_device),
+            TokenBucket(limits.json_bytes_per_s_per_device, limits.json_burst_bytes_per_device),
+        )
 
     def should_tell(self, reason: ReasonCode, now: float, every_s: float = 1.0) -> bool:
         """Refusals of a flood are answered once a second, not once a message."""

@@ -39,11 +39,15 @@ class Limits(BaseModel):
     """Images receiving at once per device (opened, not yet closed and stored)."""
     max_declared_bytes_per_device: int = Field(default=2048 * 1024 * MiB, ge=1)
     """Sum of the declared sizes of a device's receiving images."""
-    max_manifest_bytes_per_device: int = Field(default=64 * MiB, ge=MAX_JSON_BYTES)
-    """Open manifests a device's images keep in memory, counted as their JSON size."""
+    max_manifest_bytes_per_device: int = Field(default=16 * MiB, ge=MAX_JSON_BYTES)
+    """Open manifests a device's images keep in memory, counted as their JSON size (in
+    memory a manifest takes about 11 times its JSON size)."""
     message_rate_per_device: float = Field(default=5000.0, gt=0)
     """Messages per second per device (token bucket), sustained."""
     message_burst_per_device: int = Field(default=10000, ge=1)
+    json_bytes_per_s_per_device: float = Field(default=1 * MiB, gt=0)
+    """Open and close manifests cost parsing time: bytes per second per device, sustained."""
+    json_burst_bytes_per_device: int = Field(default=8 * MiB, ge=MAX_JSON_BYTES)
     max_parked_bytes_per_device: int = Field(default=256 * MiB, ge=MAX_JSON_BYTES)
     """Messages held while the ledger is asked about their image (milliseconds, normally)."""
     image_ttl_s: float = Field(default=24 * 3600.0, gt=0)

@@ -38,8 +38,13 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20) -> Any:
 
 
 def archived(path: str, manifest: Any) -> dict[TileKey, np.ndarray[Any, Any]]:
-    shape = (manifest.size_t, manifest.size_c, manifest.size_z,
-             manifest.tile_height, manifest.tile_width)  # fmt: skip
+    shape = (
+        manifest.size_t,
+        manifest.size_c,
+        manifest.size_z,
+        manifest.tile_height,
+        manifest.tile_width,
+    )
     out = {}
     with tifffile.TiffFile(path) as tif:
         for pos, series in zip(manifest.positions, tif.series, strict=True):
@@ -80,8 +85,11 @@ def test_1_a_full_ledger_disk_delays_acks_and_never_deafens_the_ingest(tmp_path:
         assert acked <= rows and len(acked) < len(tiles)
         # Still answering everyone: a bad message gets its reason at once.
         harness.send(DeviceTopic.CHUNK, b"garbage", device="scope-2", idle=False)
-        wait_until(lambda: any(d == "scope-2" and isinstance(a, ErrorAck)
-                               for d, a in list(harness.recorder.acks)))  # fmt: skip
+        wait_until(
+            lambda: any(
+                d == "scope-2" and isinstance(a, ErrorAck) for d, a in list(harness.recorder.acks)
+            )
+        )
         assert harness.engine.core._thread.is_alive()
         ledger._db.execute("PRAGMA max_page_count = 1073741823")  # space again
         harness.engine.wait_idle()
@@ -225,3 +233,25 @@ def test_a_bug_on_one_message_is_answered_dead_lettered_and_the_next_is_served(
         assert letters[0].payload == close_for(manifest, tiles).to_bytes()
     finally:
         harness.close()
+
+
+def test_dead_letters_are_listed_for_an_admin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from server_ingest.__main__ import main
+
+    harness = Harness(tmp_path)
+    try:
+        monkeypatch.setattr(harness.engine.core.intake, "_open", lambda *_: {}["bug"])
+        harness.send(DeviceTopic.OPEN, b'{"v": 1}')
+    finally:
+        harness.close()
+    config = tmp_path / "ingest.json"
+    config.write_text(json.dumps({"data_dir": str(tmp_path)}))
+    assert main(["--config", str(config), "dead-letters", "--json"]) == 0
+    (letter,) = json.loads(capsys.readouterr().out)
+    assert letter["device"] == "scope-1" and letter["reason"] == "internal_error"
+    assert "KeyError" in letter["detail"] and letter["bytes"] == 8
+    assert bytes.fromhex(letter["payload_head"]) == b'{"v": 1}'

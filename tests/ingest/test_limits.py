@@ -73,8 +73,16 @@ def test_declared_bytes_and_manifest_memory_per_device(tmp_path: Path) -> None:
 
 
 def _chunk(m: Any, index: int, count: int, offset: int, length: int, data: bytes = b"") -> bytes:
-    header = ChunkHeader(m.image_id, TileKey(0), index, count, offset, m.tile_bytes, length,
-                         tile_digest(bytes(m.tile_bytes)))  # fmt: skip
+    header = ChunkHeader(
+        m.image_id,
+        TileKey(0),
+        index,
+        count,
+        offset,
+        m.tile_bytes,
+        length,
+        tile_digest(bytes(m.tile_bytes)),
+    )
     return encode_chunk(header, data or bytes(length))
 
 
@@ -92,8 +100,9 @@ def test_chunks_per_tile_and_empty_chunks_are_refused_before_placing(tmp_path: P
             (TileState.REJECTED, ReasonCode.OUT_OF_RANGE),
             (TileState.REJECTED, ReasonCode.QUOTA_EXCEEDED),  # more chunks than bytes, too
         ]
-        assert not harness.engine.core.state.images[next(iter(harness.engine.core.state.images))
-                                                    ].assemblies  # fmt: skip
+        assert not harness.engine.core.state.images[
+            next(iter(harness.engine.core.state.images))
+        ].assemblies
     finally:
         harness.close()
 
