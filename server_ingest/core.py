@@ -53,7 +53,14 @@ from server_ingest.state import CoreState, ImageBook, Snapshot, finished_image
 from server_ingest.status import image_status
 from server_ingest.storer import Begin, Cancel, Finish, Tile
 from tilebridge_protocol.errors import ProtocolError
-from tilebridge_protocol.messages import AnyAck, ErrorAck
+from tilebridge_protocol.messages import (
+    AnyAck,
+    ErrorAck,
+    ManifestState,
+    OpenAck,
+    TileAck,
+    TileState,
+)
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.status import ImagePhase as Phase
 from tilebridge_protocol.topics import DeviceTopic, parse_device_topic
@@ -280,6 +287,9 @@ class Core:
         self._execute(key, result.effects)
 
     def send(self, device: str, ack: AnyAck) -> None:
+        if _refusal(ack) and not self.state.device(device).answers.take(time.monotonic()):
+            self.state.stats.unanswered += 1  # a flood of bad messages: counted, not answered
+            return
         self._outbox.ack(device, ack)
 
     def after_durable(self, device: str, ack: AnyAck) -> None:
@@ -416,6 +426,15 @@ class Core:
     def _publish_snapshot(self) -> None:
         self.snapshot = self.state.snapshot()
         self._dirty, self._snapshot_at = False, time.monotonic()
+
+
+def _refusal(ack: AnyAck) -> bool:
+    """An answer that refuses something (rather than one that lets the device go on)."""
+    if isinstance(ack, ErrorAck):
+        return True
+    if isinstance(ack, TileAck):
+        return ack.state is not TileState.COMMITTED
+    return isinstance(ack, OpenAck) and ack.state is ManifestState.REJECTED
 
 
 def _clip(text: str, limit: int = 900) -> str:

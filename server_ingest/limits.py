@@ -41,6 +41,8 @@ class DeviceBook:
 
     bucket: TokenBucket
     json_bucket: TokenBucket
+    answers: TokenBucket
+    """Refusals answered (see `Limits.refusals_answered_per_s_per_device`)."""
     parked_bytes: int = 0
     """Messages held until the ledger answered about their image."""
     last_told: dict[ReasonCode, float] = field(default_factory=dict)
@@ -50,6 +52,10 @@ class DeviceBook:
         return cls(
             TokenBucket(limits.message_rate_per_device, limits.message_burst_per_device),
             TokenBucket(limits.json_bytes_per_s_per_device, limits.json_burst_bytes_per_device),
+            TokenBucket(
+                limits.refusals_answered_per_s_per_device,
+                2 * limits.refusals_answered_per_s_per_device,
+            ),
         )
 
     def should_tell(self, reason: ReasonCode, now: float, every_s: float = 1.0) -> bool:

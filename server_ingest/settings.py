@@ -42,9 +42,12 @@ class Limits(BaseModel):
     max_manifest_bytes_per_device: int = Field(default=16 * MiB, ge=MAX_JSON_BYTES)
     """Open manifests a device's images keep in memory, counted as their JSON size (in
     memory a manifest takes about 11 times its JSON size)."""
-    message_rate_per_device: float = Field(default=5000.0, gt=0)
-    """Messages per second per device (token bucket), sustained."""
-    message_burst_per_device: int = Field(default=10000, ge=1)
+    message_rate_per_device: float = Field(default=2000.0, gt=0)
+    """Messages per second per device (token bucket), sustained: 1 MiB chunks at 2 GB/s."""
+    message_burst_per_device: int = Field(default=4000, ge=1)
+    refusals_answered_per_s_per_device: float = Field(default=200.0, gt=0)
+    """Refusals answered per second per device (burst: twice that); beyond it a flood of bad
+    messages is counted and logged but not answered one by one."""
     json_bytes_per_s_per_device: float = Field(default=1 * MiB, gt=0)
     """Open and close manifests cost parsing time: bytes per second per device, sustained."""
     json_burst_bytes_per_device: int = Field(default=8 * MiB, ge=MAX_JSON_BYTES)

@@ -99,6 +99,8 @@ class Stats:
     messages: Counter[str] = field(default_factory=Counter)
     rejections: Counter[str] = field(default_factory=Counter)
     tiles_committed: int = 0
+    unanswered: int = 0
+    """Refusals not answered because the device sent too many bad messages at once."""
     last_error: str | None = None
     ledger_trouble: str | None = None
     backends: dict[str, str] = field(default_factory=dict)

@@ -62,6 +62,7 @@ LIMITS = Limits(
     max_tile_bytes=1 << 20,
     max_tiles_per_image=1000,
     message_burst_per_device=1_000_000,
+    refusals_answered_per_s_per_device=1e9,  # every refusal answered, to be checked
 )
 FUZZ = settings(
     max_examples=150,
