@@ -21,8 +21,9 @@ from collections.abc import Sequence
 
 from server_ingest.backends import build_backends
 from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe
-from server_ingest.core import Core, Inbox
+from server_ingest.core import Core
 from server_ingest.events import Barrier, Inbound
+from server_ingest.inbox import Inbox
 from server_ingest.ledger.base import Ledger
 from server_ingest.ledger.sqlite import SqliteLedger
 from server_ingest.ledger.writer import LedgerWriter

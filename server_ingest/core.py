@@ -19,14 +19,13 @@ it on its durable state.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from itertools import count
-from typing import Literal
 
 from server_ingest import events as ev
+from server_ingest.inbox import Inbox
 from server_ingest.intake import Intake
 from server_ingest.ledger.records import HOLDS_STAGED_TILES, DeadLettered, ImageKey, StoredImage
 from server_ingest.lifecycle import (
@@ -44,6 +43,7 @@ from server_ingest.lifecycle import (
     StoreFinish,
     StoreTile,
     Tick,
+    clip,
     step,
 )
 from server_ingest.ports import LedgerPort, Outbox, StagerPort, StorerPort
@@ -70,38 +70,6 @@ log = logging.getLogger(__name__)
 PUBLISH_EVERY_S = 0.5
 LOG_EVERY_S = 1.0
 SNAPSHOT_EVERY_S = 0.2
-
-
-class Inbox:
-    """One queue into the core. Device messages take a slot (at most `slots` wait; the network
-    thread blocks for the next); results of the core's own work never wait."""
-
-    def __init__(self, slots: int) -> None:
-        self._queue: queue.SimpleQueue[ev.InboxItem | None] = queue.SimpleQueue()
-        self._slots = threading.BoundedSemaphore(slots)
-
-    def from_network(self, message: ev.Inbound) -> None:
-        self._slots.acquire()
-        self._queue.put(message)
-
-    def post(self, item: ev.InboxItem) -> None:
-        self._queue.put(item)
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def get(self, timeout: float) -> ev.InboxItem | Literal["stop", "timeout"]:
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return "timeout"
-        return "stop" if item is None else item
-
-    def release(self) -> None:
-        self._slots.release()
-
-    def empty(self) -> bool:
-        return self._queue.empty()
 
 
 class Core:
@@ -437,5 +405,5 @@ def _refusal(ack: AnyAck) -> bool:
     return isinstance(ack, OpenAck) and ack.state is ManifestState.REJECTED
 
 
-def _clip(text: str, limit: int = 900) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+def _clip(text: str) -> str:
+    return clip(text) or ""

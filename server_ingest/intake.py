@@ -16,7 +16,7 @@ from uuid import UUID
 from server_ingest.assembler import Added, TileAssembly
 from server_ingest.events import ChunkWritten, Inbound, Seal, TileRef, TileSealed
 from server_ingest.ledger.records import ImageKey
-from server_ingest.lifecycle import Closed, Image, Opened, OpenRefused, Staged
+from server_ingest.lifecycle import Closed, Image, Opened, OpenRefused, Staged, clip
 from server_ingest.limits import check_admission, check_chunk, check_manifest, image_bytes
 from server_ingest.ports import Driver
 from server_ingest.settings import Limits
@@ -407,13 +407,7 @@ def _peek_image_id(payload: bytes) -> UUID | None:
 
 
 M = TypeVar("M")
-MAX_DETAIL = 900
-
-
-def _clip(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_DETAIL:
-        return text
-    return f"{text[: MAX_DETAIL - 3]}..."
+_clip = clip
 
 
 def _decoded(decode: Callable[[bytes], M], payload: bytes) -> M:

@@ -1,30 +1,8 @@
-"""The lifecycle of one image: `step(image, event, policy) -> Step(image, effects)`, pure.
-
-No I/O, no threads, no clock: time arrives in the events. The core (core.py) applies the
-events of every image in order and carries out the effects, which are data.
-
-    (none) --Opened--> RECEIVING --Closed + every tile staged--> STORING --StoreDone--> COMPLETE
-    (none) --OpenRefused--> REJECTED --Opened--> RECEIVING        (a second chance)
-    RECEIVING/STORING --StoreFailed--> FAILED --Retry--> RECEIVING/STORING
-    RECEIVING --Closed with staged tiles contradicting it--> FAILED
-    RECEIVING --Tick after image_ttl_s without news--> EXPIRED --Opened--> RECEIVING
-    any but COMPLETE/REJECTED --Discard--> DISCARDED
-
-Rules kept by construction (tests/ingest/test_lifecycle.py checks every pair):
-
-* An ack that lets the device forget something (open accepted, tile committed, image
-  complete or failed) is only ever sent in the `then` of a `Persist`: after the records that
-  justify it are durable. Refusals are sent at once; they let the device forget nothing.
-* Only `StoreFailed` (a backend's permanent refusal) and a contradicting close fail an image.
-  A full disk, an unreachable or crashing OMERO are `StoreDelayed`: retried, never failed.
-* A failed image is answered `failed` only once its close is in and every tile is staged, so
-  the device never drops a tile the server lacks.
-* An image leaves memory (`Forget`) only after its last record is durable.
-"""
+"""`step`: the lifecycle's one function (see the package docstring for the rules it keeps)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from server_ingest.ledger.records import (
     BackendStored,
@@ -36,224 +14,47 @@ from server_ingest.ledger.records import (
     Record,
     TileStaged,
 )
-from tilebridge_protocol.framing import tile_digest
-from tilebridge_protocol.keys import TileKey
+from server_ingest.lifecycle.model import (
+    DISCARDED_DETAIL,
+    Closed,
+    Discard,
+    Effect,
+    Event,
+    Forget,
+    Image,
+    Opened,
+    OpenRefused,
+    Persist,
+    Policy,
+    Publish,
+    RemoveStaging,
+    Retry,
+    Send,
+    Staged,
+    Step,
+    StoreBegin,
+    StoreCancel,
+    Stored,
+    StoreDelayed,
+    StoreDone,
+    StoreFailed,
+    StoreFinish,
+    StoreTile,
+    Tick,
+    manifest_id,
+)
 from tilebridge_protocol.messages import (
-    AnyAck,
-    CloseManifest,
     ErrorAck,
     ImageAck,
     ImageState,
     ManifestState,
     OpenAck,
-    OpenManifest,
     TileAck,
     TileState,
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.status import ImagePhase as Phase
 from tilebridge_protocol.topics import DeviceTopic, device_topic
-
-DISCARDED_DETAIL = "discarded by an administrator"
-
-
-@dataclass(frozen=True)
-class Policy:
-    image_ttl_s: float = 24 * 3600.0
-    """A receiving image without a tile or a close for this long expires."""
-    keep_staged: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Image:
-    key: ImageKey
-    phase: Phase
-    manifest_id: bytes | None = None
-    """Digest of the accepted open manifest: a repeated open must match it."""
-    tile_count: int = 0
-    committed: int = 0
-    """Tiles sealed in staging (their commit acks follow their records' durability)."""
-    closed: bool = False
-    locations: tuple[tuple[str, str], ...] = ()
-    reason: ReasonCode | None = None
-    detail: str | None = None
-    delayed: str | None = None
-    """Why storing waits (a backend unreachable); None while all is well."""
-    last_seen: float = 0.0
-
-    @property
-    def all_in(self) -> bool:
-        return self.closed and self.committed >= self.tile_count > 0
-
-
-# -- events -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    at: float
-    manifest: OpenManifest
-
-
-@dataclass(frozen=True, slots=True)
-class OpenRefused:
-    at: float
-    reason: ReasonCode
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Staged:
-    """A tile is sealed in staging (verified, fsynced); the core never posts one twice."""
-
-    at: float
-    tile: TileKey
-    digest: bytes
-    nbytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    at: float
-    close: CloseManifest
-    conflicts: int
-    """Staged tiles whose digest differs from the close's (counted by the core)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """One backend finished the image."""
-
-    backend: str
-    location: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoreDone:
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class StoreDelayed:
-    backend: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoreFailed:
-    at: float
-    backend: str
-    reason: ReasonCode
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Admin: try a failed image again (issue 13 adds the command)."""
-
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Discard:
-    """Admin: drop the image and its staged tiles (issue 13 adds the command)."""
-
-    at: float
-
-
-Event = (
-    Opened
-    | OpenRefused
-    | Staged
-    | Closed
-    | Stored
-    | StoreDone
-    | StoreDelayed
-    | StoreFailed
-    | Tick
-    | Retry
-    | Discard
-)
-
-
-# -- effects ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    ack: AnyAck
-
-
-@dataclass(frozen=True, slots=True)
-class StoreBegin:
-    """Open the backends' writers and feed them every tile staged so far."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreTile:
-    tile: TileKey
-
-
-@dataclass(frozen=True, slots=True)
-class StoreFinish:
-    """Every tile is staged and the close is in: finish every backend (with its planes)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreCancel:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    force: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveStaging:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Forget:
-    """The image may leave memory: the ledger answers for it from now on."""
-
-
-@dataclass(frozen=True, slots=True)
-class Persist:
-    records: tuple[Record, ...]
-    then: tuple[Effect, ...] = ()
-
-
-Effect = (
-    Send
-    | StoreBegin
-    | StoreTile
-    | StoreFinish
-    | StoreCancel
-    | Publish
-    | RemoveStaging
-    | Forget
-    | Persist
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    image: Image | None
-    effects: tuple[Effect, ...] = ()
-
-
-def manifest_id(manifest: OpenManifest) -> bytes:
-    return tile_digest(manifest.to_bytes())
-
-
-# -- the machine ------------------------------------------------------------------------------
 
 
 def step(image: Image | None, key: ImageKey, event: Event, policy: Policy) -> Step:
@@ -510,7 +311,7 @@ def _final_ack(image: Image) -> tuple[Effect, ...]:
                     image_id=image_id,
                     state=ImageState.FAILED,
                     reason=image.reason,
-                    detail=_clip(image.detail),
+                    detail=clip(image.detail),
                 )
             ),
         )
@@ -520,7 +321,7 @@ def _final_ack(image: Image) -> tuple[Effect, ...]:
 def _refuse_open(key: ImageKey, reason: ReasonCode, detail: str) -> Send:
     return Send(
         OpenAck(
-            image_id=key.image_id, state=ManifestState.REJECTED, reason=reason, detail=_clip(detail)
+            image_id=key.image_id, state=ManifestState.REJECTED, reason=reason, detail=clip(detail)
         )
     )
 
@@ -538,7 +339,7 @@ MAX_DETAIL = 900
 """Reasons quote the input; keep them within an ack's 1024-character `detail`."""
 
 
-def _clip(text: str | None) -> str | None:
+def clip(text: str | None) -> str | None:
     if text is None or len(text) <= MAX_DETAIL:
         return text
     return f"{text[: MAX_DETAIL - 3]}..."
