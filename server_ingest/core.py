@@ -128,7 +128,8 @@ class Core:
 
     def _run(self) -> None:
         while True:
-            item = self.inbox.get(timeout=self._tick_s)
+            # While something changed, wake up soon enough to publish it even when idle.
+            item = self.inbox.get(timeout=SNAPSHOT_EVERY_S if self._dirty else self._tick_s)
             if item == "stop":
                 return
             if item != "timeout":
@@ -141,9 +142,7 @@ class Core:
                     if self._on_idle:
                         self._on_idle(token)
                 self._waiting.clear()
-            if self._dirty and (
-                self.inbox.empty() or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S
-            ):
+            if self._dirty and time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S:
                 self._publish_snapshot()
 
     def _handle(self, item: ev.InboxItem) -> None:

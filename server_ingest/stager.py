@@ -1,10 +1,13 @@
-"""Staging I/O off the core thread: named worker threads ("ingest-stage-<n>").
+"""Staging I/O off the core thread, on named worker threads.
 
-Every job of one tile (its chunk writes, then its seal) goes to the same worker, so they run
-in the order the core issued them; tiles spread over the workers by a hash of their key.
-Each job's outcome is posted back to the core as an event; nothing here decides anything or
-keeps state between jobs. A fault never escapes a job: a full disk (`TransientError`) or any
-other error becomes the event's `error`, and the device sends the data again later.
+Chunk writes run on "ingest-stage-<n>": every chunk of one tile goes to the same writer, in
+the order the core issued them; tiles spread over the writers by a hash of their key. Seals
+(read back, digest, fdatasync, rename) and removals run on "ingest-seal-<n>", so a tile's
+fsync never holds up the chunks of other tiles; a seal is issued only once the core has
+heard that every chunk of its tile is written, so it can never overtake them. Each job's
+outcome is posted back to the core as an event; nothing here decides anything or keeps state
+between jobs. A fault never escapes a job: a full disk (`TransientError`) or any other error
+becomes the event's `error`, and the device sends the data again later.
 """
 
 from __future__ import annotations
@@ -53,12 +56,17 @@ class Stager:
     ) -> None:
         self._staging = staging
         self._post = post
-        self._queues: list[queue.SimpleQueue[Job | None]] = [
+        self._writers: list[queue.SimpleQueue[Job | None]] = [
             queue.SimpleQueue() for _ in range(workers)
         ]
+        self._sealers: list[queue.SimpleQueue[Job | None]] = [
+            queue.SimpleQueue() for _ in range(workers)
+        ]
+        self._queues = self._writers + self._sealers
         self._threads = [
-            threading.Thread(target=self._work, args=(q,), name=f"ingest-stage-{n}", daemon=True)
-            for n, q in enumerate(self._queues)
+            threading.Thread(target=self._work, args=(q,), name=f"ingest-{kind}-{n}", daemon=True)
+            for kind, queues in (("stage", self._writers), ("seal", self._sealers))
+            for n, q in enumerate(queues)
         ]
 
     def start(self) -> None:
@@ -73,12 +81,13 @@ class Stager:
                 thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        """Never blocks. Jobs of one tile (or one image, for RemoveImage) keep their order."""
+        """Never blocks. The chunk writes of one tile keep their order."""
         if isinstance(job, RemoveImage):
-            lane = hash(job.key) % len(self._queues)
-        else:
-            lane = hash((job.ref.key, job.ref.tile)) % len(self._queues)
-        self._queues[lane].put(job)
+            self._sealers[hash(job.key) % len(self._sealers)].put(job)
+            return
+        lane = hash((job.ref.key, job.ref.tile))
+        queues = self._writers if isinstance(job, WriteChunk) else self._sealers
+        queues[lane % len(queues)].put(job)
 
     def _work(self, jobs: queue.SimpleQueue[Job | None]) -> None:
         while (job := jobs.get()) is not None:
