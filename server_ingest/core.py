@@ -156,9 +156,9 @@ class Core:
             key = item.key if isinstance(item, ev.StagingDone) else item.ref.key
             self._io_done(key)
             if isinstance(item, ev.ChunkWritten):
-                self.intake.written(item)
+                self.intake.tiles.written(item)
             elif isinstance(item, ev.TileSealed):
-                self.intake.sealed(item)
+                self.intake.tiles.sealed(item)
         elif isinstance(item, ev.Durable):
             for token in item.tokens:
                 device, about, then = self._pending.pop(token, (None, None, ()))

@@ -7,34 +7,27 @@ placed, the manifest budget before an open is parsed.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
-from typing import TypeVar
-from uuid import UUID
 
-from server_ingest.assembler import Added, TileAssembly
-from server_ingest.events import ChunkWritten, Inbound, Seal, TileRef, TileSealed
+from server_ingest.answers import committed, decoded, error_ack, peek_image_id, tile_refusal
+from server_ingest.events import Inbound
 from server_ingest.ledger.records import ImageKey
-from server_ingest.lifecycle import Closed, Image, Opened, OpenRefused, Staged, clip
-from server_ingest.limits import check_admission, check_chunk, check_manifest, image_bytes
+from server_ingest.lifecycle import Closed, Image, Opened, OpenRefused
+from server_ingest.limits import check_admission, check_manifest, image_bytes
 from server_ingest.ports import Driver
 from server_ingest.settings import Limits
-from server_ingest.stager import SealTile, WriteChunk
 from server_ingest.state import CoreState, ImageBook
+from server_ingest.tiles import TileIntake
 from tilebridge_protocol.errors import ProtocolError
-from tilebridge_protocol.framing import ChunkHeader, decode_chunk, peek_identity
-from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.framing import decode_chunk, peek_identity
 from tilebridge_protocol.messages import (
-    ErrorAck,
-    TileAck,
     TileState,
     decode_close,
     decode_open,
 )
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.status import ImagePhase as Phase
-from tilebridge_protocol.topics import DeviceTopic, device_topic
+from tilebridge_protocol.topics import DeviceTopic
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +40,7 @@ class Intake:
         self.state = state
         self.driver = driver
         self.limits = limits
-        self._generation = 0
+        self.tiles = TileIntake(state, driver, limits)
 
     def message(self, device: str, kind: DeviceTopic, message: Inbound) -> None:
         if kind is DeviceTopic.CHUNK:
@@ -83,16 +76,16 @@ class Intake:
                 f"{limits.max_manifest_bytes_per_device}: open refused for now"
             )
             self.driver.send(
-                device, _error(device, DeviceTopic.OPEN, ReasonCode.QUOTA_EXCEEDED, detail, None)
+                device, error_ack(device, DeviceTopic.OPEN, ReasonCode.QUOTA_EXCEEDED, detail, None)
             )
             return
         try:
-            manifest = _decoded(decode_open, payload)
+            manifest = decoded(decode_open, payload)
             problem = check_manifest(limits, manifest)
             if problem is not None:
                 raise problem
         except ProtocolError as exc:
-            image_id = _peek_image_id(payload)
+            image_id = peek_image_id(payload)
             if image_id is None:
                 raise
             self.driver.refuse(device, exc.reason, f"open of {image_id}: {exc.detail}")
@@ -119,7 +112,7 @@ class Intake:
                 self.driver.refuse(device, ReasonCode.QUOTA_EXCEEDED, refusal)
                 self.driver.send(
                     device,
-                    _error(
+                    error_ack(
                         device, DeviceTopic.OPEN, ReasonCode.QUOTA_EXCEEDED, refusal, key.image_id
                     ),
                 )
@@ -140,7 +133,7 @@ class Intake:
                 if exc.reason is ReasonCode.BAD_CHECKSUM
                 else (TileState.REJECTED)
             )
-            self._tile_refusal(device, ident[0], ident[1], state, exc.reason, exc.detail)
+            tile_refusal(self.driver, device, ident[0], ident[1], state, exc.reason, exc.detail)
             return
         key, tile = ImageKey(device, header.image_id), header.tile
         located = self._locate(key, message)
@@ -148,7 +141,8 @@ class Intake:
             return
         book, image = located
         if image is None or image.phase is Phase.EXPIRED:
-            self._tile_refusal(
+            tile_refusal(
+                self.driver,
                 device,
                 key.image_id,
                 tile,
@@ -158,9 +152,10 @@ class Intake:
             )
         elif image.phase is Phase.COMPLETE:
             if header.chunk_index == header.chunk_count - 1:  # a resend: ack again
-                self.driver.after_durable(device, _committed(key, tile))
+                self.driver.after_durable(device, committed(key, tile))
         elif image.phase is Phase.REJECTED:
-            self._tile_refusal(
+            tile_refusal(
+                self.driver,
                 device,
                 key.image_id,
                 tile,
@@ -169,7 +164,8 @@ class Intake:
                 f"the image was refused: {image.reason}: {image.detail}",
             )
         elif image.phase is Phase.DISCARDED or book is None:
-            self._tile_refusal(
+            tile_refusal(
+                self.driver,
                 device,
                 key.image_id,
                 tile,
@@ -178,174 +174,10 @@ class Intake:
                 image.detail or "discarded",
             )
         else:
-            self._place(book, header, raw)
-
-    def _place(self, book: ImageBook, header: ChunkHeader, raw: bytes) -> None:
-        key, tile, m = book.image.key, header.tile, book.manifest
-        device = key.device
-        problem = (
-            None
-            if m.has_tile(tile)
-            else ProtocolError(
-                ReasonCode.OUT_OF_RANGE, f"tile {tuple(tile)} is not in the manifest"
-            )
-        )
-        problem = problem or check_chunk(self.limits, header, m.tile_bytes)
-        if problem is not None:
-            self._tile_refusal(
-                device, key.image_id, tile, TileState.REJECTED, problem.reason, problem.detail
-            )
-            return
-        staged = book.staged.get(tile)
-        if staged is not None:
-            if staged != header.tile_digest:
-                self._tile_refusal(
-                    device,
-                    key.image_id,
-                    tile,
-                    TileState.REJECTED,
-                    ReasonCode.CONFLICT,
-                    "this tile was already committed with other content",
-                )
-            elif header.chunk_index == header.chunk_count - 1:
-                self.driver.after_durable(device, _committed(key, tile))
-            return
-        expected = book.close_digest(tile)
-        if expected is not None and expected != header.tile_digest:
-            self._tile_refusal(
-                device,
-                key.image_id,
-                tile,
-                TileState.REJECTED,
-                ReasonCode.CONFLICT,
-                "the tile differs from its digest in the close manifest",
-            )
-            return
-        if tile in book.sealing:
-            return  # a resend racing the seal of the same tile: its commit ack is on the way
-        assembly = book.assemblies.get(tile)
-        fresh = assembly is None
-        if assembly is not None:
-            added = assembly.add(header)
-            if added is Added.DUPLICATE:
-                return
-            if added is Added.CONFLICT:
-                # e.g. the device restarted with another chunk size: start this tile over.
-                log.info("tile %s of %s restarted by a conflicting chunk", tuple(tile), key)
-                del book.assemblies[tile]
-                fresh = True
-        if fresh:
-            refusal = self._room_for_a_tile(device, m.tile_bytes)
-            if refusal is not None:
-                self.driver.refuse(device, ReasonCode.QUOTA_EXCEEDED, refusal)
-                self.driver.send(
-                    device,
-                    _error(
-                        device, DeviceTopic.CHUNK, ReasonCode.QUOTA_EXCEEDED, refusal, key.image_id
-                    ),
-                )
-                return
-            self._generation += 1
-            assembly = TileAssembly.start(header, self._generation)
-            if assembly.add(header) is not Added.NEW:
-                self._tile_refusal(
-                    device,
-                    key.image_id,
-                    tile,
-                    TileState.REJECTED,
-                    ReasonCode.OUT_OF_RANGE,
-                    "the chunk lies outside its tile",
-                )
-                return
-            book.assemblies[tile] = assembly
-        assert assembly is not None
-        ref = TileRef(key, tile, assembly.generation)
-        self.driver.stage(WriteChunk(ref, header.chunk_index, header.offset, raw, fresh))
-        self.driver.publish(key, False)
-
-    def _room_for_a_tile(self, device: str, tile_bytes: int) -> str | None:
-        partial = self.state.partial_tiles(device)
-        if partial >= self.limits.max_partial_tiles_per_device:
-            return (
-                f"{device} has {partial} tiles in reassembly, the limit is "
-                f"{self.limits.max_partial_tiles_per_device}: tile not staged now"
-            )
-        staged, quota = self.state.staged_bytes(device), self.limits.max_staged_bytes_per_device
-        if staged + tile_bytes > quota:
-            return f"{device} has {staged} bytes staged, quota {quota}: tile not staged now"
-        return None
-
-    def written(self, event: ChunkWritten) -> None:
-        book, assembly = self._assembly(event.ref, sealing=False)
-        if book is None or assembly is None:
-            return
-        tile = event.ref.tile
-        if event.error is not None:
-            assembly.failed(event.chunk_index)  # its resend must be taken (issue 12, cause 2)
-            if not assembly.ranges:
-                del book.assemblies[tile]
-            self._unavailable(
-                book.image.key, f"tile {tuple(tile)} of {book.image.key} not staged: {event.error}"
-            )
-            return
-        assembly.written(event.chunk_index)
-        if assembly.all_arrived:
-            del book.assemblies[tile]
-            book.sealing[tile] = assembly
-            self.driver.stage(SealTile(event.ref, assembly.digest, assembly.tile_bytes))
-
-    def sealed(self, event: TileSealed) -> None:
-        book, assembly = self._assembly(event.ref, sealing=True)
-        if book is None or assembly is None:
-            return
-        key, tile = event.ref.key, event.ref.tile
-        del book.sealing[tile]
-        if event.outcome is Seal.MISMATCH:
-            self._tile_refusal(
-                key.device,
-                key.image_id,
-                tile,
-                TileState.RETRANSMIT,
-                ReasonCode.DIGEST_MISMATCH,
-                "the reassembled tile does not match its digest",
-            )
-        elif event.outcome is Seal.FAILED:
-            self._unavailable(key, f"tile {tuple(tile)} of {key} not staged: {event.detail}")
-        elif book.image.phase in (Phase.RECEIVING, Phase.FAILED) and tile not in book.staged:
-            book.staged[tile] = assembly.digest
-            self.state.stats.tiles_committed += 1
-            self.driver.apply(
-                key, Staged(self.driver.now(), tile, assembly.digest, assembly.tile_bytes)
-            )
-
-    def _assembly(
-        self, ref: TileRef, sealing: bool
-    ) -> tuple[ImageBook | None, TileAssembly | None]:
-        book = self.state.images.get(ref.key)
-        if book is None:
-            return None, None
-        assembly = (book.sealing if sealing else book.assemblies).get(ref.tile)
-        if assembly is None or assembly.generation != ref.generation:
-            return book, None  # a stale result of a reassembly that was restarted
-        return book, assembly
-
-    def _unavailable(self, key: ImageKey, detail: str) -> None:
-        """Not staged now (e.g. the disk is full): no ack, the device resends after its
-        timeout. It is told why once a second, never asked to resend at once."""
-        self.state.stats.last_error = detail
-        log.error(detail)
-        device = self.state.device(key.device)
-        if device.should_tell(ReasonCode.UNAVAILABLE, self.driver.now()):
-            self.driver.refuse(key.device, ReasonCode.UNAVAILABLE, detail)
-            self.driver.send(
-                key.device,
-                _error(key.device, DeviceTopic.CHUNK, ReasonCode.UNAVAILABLE, detail, key.image_id),
-            )
-
-    # -- close ------------------------------------------------------------------------------
+            self.tiles.place(book, header, raw)
 
     def _close(self, device: str, message: Inbound) -> None:
-        close = _decoded(decode_close, message.payload)
+        close = decoded(decode_close, message.payload)
         key = ImageKey(device, close.image_id)
         located = self._locate(key, message)
         if located is None:
@@ -367,52 +199,3 @@ class Intake:
             if book.close is None:
                 book.close = close
         self.driver.apply(key, Closed(self.driver.now(), close, conflicts))
-
-    def _tile_refusal(
-        self,
-        device: str,
-        image_id: UUID,
-        tile: TileKey,
-        state: TileState,
-        reason: ReasonCode,
-        detail: str,
-    ) -> None:
-        self.driver.refuse(device, reason, f"chunk of {image_id} {tuple(tile)}: {detail}")
-        self.driver.send(
-            device,
-            TileAck(image_id=image_id, tile=tile, state=state, reason=reason, detail=_clip(detail)),
-        )
-
-
-def _committed(key: ImageKey, tile: TileKey) -> TileAck:
-    return TileAck(image_id=key.image_id, tile=tile, state=TileState.COMMITTED)
-
-
-def _error(
-    device: str, kind: DeviceTopic, reason: ReasonCode, detail: str, image_id: UUID | None
-) -> ErrorAck:
-    return ErrorAck(
-        image_id=image_id,
-        reason=reason,
-        detail=_clip(detail) or "",
-        topic=device_topic(device, kind),
-    )
-
-
-def _peek_image_id(payload: bytes) -> UUID | None:
-    try:
-        return UUID(str(json.loads(payload)["image_id"]))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-        return None
-
-
-M = TypeVar("M")
-_clip = clip
-
-
-def _decoded(decode: Callable[[bytes], M], payload: bytes) -> M:
-    """`decode`, with JSON nested too deeply for Python's parser refused as malformed."""
-    try:
-        return decode(payload)
-    except RecursionError:
-        raise ProtocolError(ReasonCode.MALFORMED, "JSON nested too deeply") from None
