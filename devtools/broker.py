@@ -192,7 +192,7 @@ class Mosquitto:
         acl = self.acl_source.read_text()
         extra = [n for n in self.identities if n.startswith(("ingest-", "monitor-"))]
         if extra:
-            from server_ingest.admin import Role, acl_add_user
+            from server_ingest.identities import Role, acl_add_user
 
             for name in extra:
                 role = Role.INGEST if name.startswith("ingest-") else Role.MONITOR

@@ -23,7 +23,7 @@ from devtools import broker_config
 from devtools.broker import ACL, MAKE_CERTS, free_port
 from devtools.broker_config import PATH_OPTIONS, PLAIN, TLS, Listen, options, sections
 from devtools.stack import wait_for
-from server_ingest import admin
+from server_ingest import identities
 from tests.security.conftest import Probe, Tls
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -79,7 +79,8 @@ class ComposeBroker:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.passwords = {name: admin.new_password() for name in ("ingest", "monitor", "scope-a")}
+        names = ("ingest", "monitor", "scope-a")
+        self.passwords = {name: identities.new_password() for name in names}
         self.plain, self.tls = free_port(), free_port()
         self.log = root / "mosquitto.log"
         self.certs = root / "certs"
@@ -110,7 +111,7 @@ class ComposeBroker:
             shutil.copy(self.certs / name, into / name)
         shutil.copy(ACL, into / "acl")
         for name, password in self.passwords.items():
-            admin.set_identity(into / "passwd", name, password)
+            identities.set_identity(into / "passwd", name, password)
 
     def config(self, main: Path) -> Path:
         """The mounted main config with container paths under `root` and free ports."""

@@ -18,10 +18,10 @@ import pytest
 from devtools import broker_config
 from devtools.broker import ACL, MAKE_CERTS, free_port
 from devtools.broker_config import PLAIN, SETTINGS, TLS, Listen
-from server_ingest import admin
+from server_ingest import identities
 from tests.security.conftest import Probe, Tls, wait_until
 
-PASSWORDS = {"scope-a": admin.new_password(), "ingest": admin.new_password()}
+PASSWORDS = {"scope-a": identities.new_password(), "ingest": identities.new_password()}
 
 
 class Production:
@@ -54,7 +54,7 @@ def production(tmp_path: Path) -> Iterator[Production]:
         shutil.copy(env.certs / name, env.etc / name)
     shutil.copy(ACL, env.etc / "acl")
     for name, password in PASSWORDS.items():
-        admin.set_identity(env.etc / "passwd", name, password)
+        identities.set_identity(env.etc / "passwd", name, password)
     source = broker_config.SOURCE.read_text()
     assert "listener 1883 127.0.0.1\n" in source and "listener 8883\n" in source
     listeners = broker_config.render(

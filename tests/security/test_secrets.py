@@ -22,7 +22,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.api import FrameMetadata, TileScanWriter
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.admin import write_secret
+from server_ingest.identities import write_secret
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
 from tests.security.conftest import SecuredBroker, start_secured, wait_until
