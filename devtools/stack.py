@@ -159,10 +159,11 @@ class Watcher:
             self._subscribed.set()
 
         def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            payload = bytes(msg.payload)
             with self._lock:
-                self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
-                if msg.payload:
-                    self.retained[msg.topic] = msg.payload
+                self.messages.append((msg.topic, payload, bool(msg.retain)))
+                if payload:
+                    self.retained[msg.topic] = payload
                 else:
                     self.retained.pop(msg.topic, None)
 

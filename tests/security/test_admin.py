@@ -155,6 +155,26 @@ def test_device_remove_revokes_and_disconnects(
     assert device(secured, "remove", "scope-a") == 1  # nothing left to remove
 
 
+def test_device_remove_revokes_a_tls_device_whose_certificate_stays_valid(
+    secured: SecuredBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The certificate only admits "a device of this lab" (use_identity_as_username false):
+    removing the identity is the revocation, no CRL needed, and it cuts the live session."""
+    tls = secured.tls("scope-a")
+    connected = secured.connected("scope-a", tls=tls)
+    before = reloads(secured)
+    assert device(secured, "remove", "scope-a") == 0
+    err = capsys.readouterr().err
+    assert "stays valid for TLS, but the broker also requires the password" in err
+    wait_reloaded(secured, before)
+    assert connected.disconnected.wait(10)
+    assert secured.probe("scope-a", tls=tls).connect() == "Not authorized"
+    assert tls.cert is not None
+    # ...although it is still a valid certificate of the lab CA
+    subprocess.run(["openssl", "verify", "-CAfile", str(tls.ca), str(tls.cert)], check=True,
+                   capture_output=True)  # fmt: skip
+
+
 def test_device_remove_without_a_pid_says_how_to_reload(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
