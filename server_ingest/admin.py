@@ -84,7 +84,8 @@ def reload_broker(pid: int | None) -> str:
     if pid is None:
         return (
             "Mosquitto reads these files only at start-up and on SIGHUP: run "
-            "`systemctl reload mosquitto` (or `kill -HUP <pid>`) for the change to take effect"
+            "`systemctl reload mosquitto` (or `kill -HUP <pid>`; compose: `docker compose -f "
+            "deploy/compose.yaml kill -s HUP mosquitto`) for the change to take effect"
         )
     try:
         os.kill(pid, signal.SIGHUP)

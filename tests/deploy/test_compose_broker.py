@@ -23,7 +23,7 @@ from devtools import broker_config
 from devtools.broker import ACL, MAKE_CERTS, free_port
 from devtools.broker_config import PATH_OPTIONS, PLAIN, TLS, Listen, options, sections
 from devtools.stack import wait_for
-from server_ingest import identities
+from server_ingest.__main__ import main
 from tests.security.conftest import Probe, Tls
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -75,15 +75,16 @@ def test_compose_publishes_only_the_tls_listener() -> None:
 
 
 class ComposeBroker:
-    """The compose broker's container filesystem under `root`, as compose.yaml mounts it."""
+    """The compose broker's container filesystem under `root`, as compose.yaml mounts it, with
+    the broker's files made by the commands of docs/deploy.md, section 5."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        names = ("ingest", "monitor", "scope-a")
-        self.passwords = {name: identities.new_password() for name in names}
         self.plain, self.tls = free_port(), free_port()
         self.log = root / "mosquitto.log"
-        self.certs = root / "certs"
+        self.ca = root / "deploy" / "compose" / "ca"
+        self.device_dir = root / "deploy" / "compose" / "secrets" / "scope-a"
+        self.passwords: dict[str, str] = {}
         self.probes: list[Probe] = []
 
     def container(self, path: str) -> Path:
@@ -95,7 +96,7 @@ class ComposeBroker:
             source, target = volume.split(":")[:2]
             into = self.container(target)
             if source == "./compose/broker":
-                self.broker_files(into)  # made by the admin, deploy/docs step 2
+                self.broker_files(into)
             elif source.startswith("."):
                 into.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(DEPLOY / source, into)
@@ -103,20 +104,29 @@ class ComposeBroker:
                 into.mkdir(parents=True)  # a named volume
         return self.container("/mosquitto/config/mosquitto.conf")
 
-    def broker_files(self, into: Path) -> None:
-        into.mkdir(parents=True)
-        subprocess.run(["bash", str(MAKE_CERTS), "-o", str(self.certs), "scope-a"], check=True,
-                       capture_output=True)  # fmt: skip
+    def broker_files(self, broker: Path) -> None:
+        """Steps 2 and 3, with the host name the test reaches the broker by."""
+        subprocess.run(["bash", str(MAKE_CERTS), "-o", str(self.ca), "-s", "127.0.0.1"],
+                       check=True, capture_output=True)  # fmt: skip
+        broker.mkdir(parents=True)
         for name in ("ca.crt", "server.crt", "server.key"):
-            shutil.copy(self.certs / name, into / name)
-        shutil.copy(ACL, into / "acl")
-        for name, password in self.passwords.items():
-            identities.set_identity(into / "passwd", name, password)
+            shutil.copy(self.ca / name, broker / name)
+        shutil.copy(ACL, broker / "acl")
+        common = ["--password-file", str(broker / "passwd"), "--acl", str(broker / "acl"),
+                  "--certs-dir", str(self.ca), "--pid-file", str(self.root / "no.pid")]  # fmt: skip
+        secrets = self.device_dir.parent
+        for name, extra in (
+            ("ingest", ["--role", "ingest", "--out", str(secrets / "ingest")]),
+            ("monitor", ["--role", "monitor", "--out", str(secrets / "monitor")]),
+            ("scope-a", ["--host", "127.0.0.1", "--out", str(secrets / "scope-a")]),
+        ):
+            assert main(["device", "add", name, *common, *extra, "--hide-password"]) == 0
+            self.passwords[name] = (secrets / name / "mqtt-password").read_text().strip()
 
-    def config(self, main: Path) -> Path:
+    def config(self, mounted: Path) -> Path:
         """The mounted main config with container paths under `root` and free ports."""
         text = broker_config.render(
-            main.read_text(),
+            mounted.read_text(),
             paths=lambda value: str(self.container(value)) + ("/" if value.endswith("/") else ""),
             listeners={PLAIN: Listen(self.plain, "127.0.0.1"), TLS: Listen(self.tls, "127.0.0.1")},
             header=[f"user {pwd.getpwuid(os.geteuid()).pw_name}", f"log_dest file {self.log}"],
@@ -132,8 +142,11 @@ class ComposeBroker:
         return probe
 
     def device_tls(self, cert: bool = True) -> Tls:
-        ca, devices = self.certs / "ca.crt", self.certs / "devices"
-        return Tls(ca, devices / "scope-a.crt", devices / "scope-a.key") if cert else Tls(ca)
+        """What `device add scope-a` put in the directory for the Pi."""
+        ca = self.device_dir / "ca.crt"
+        if not cert:
+            return Tls(ca)
+        return Tls(ca, self.device_dir / "scope-a.crt", self.device_dir / "scope-a.key")
 
 
 @pytest.fixture
