@@ -190,13 +190,11 @@ class Mosquitto:
             for name, password in self.identities.items():
                 self._passwd("-b", str(self.password_path), name, password)
         acl = self.acl_source.read_text()
-        extra = [n for n in self.identities if n.startswith(("ingest-", "monitor-"))]
-        if extra:
-            from server_ingest.identities import Role, acl_add_user
+        from server_ingest.identities import Role, acl_add_user, role_of
 
-            for name in extra:
-                role = Role.INGEST if name.startswith("ingest-") else Role.MONITOR
-                acl = acl_add_user(acl, name, role)
+        for name in self.identities:
+            if role_of(name) is not Role.DEVICE and name not in ("ingest", "monitor"):
+                acl = acl_add_user(acl, name, role_of(name))  # as `device add --role` does
         self.acl_path.write_text(acl)
 
     @staticmethod

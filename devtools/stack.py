@@ -58,7 +58,7 @@ class Program:
 
     def start(self, *args: str, stderr_to_log: bool = True) -> Program:
         self.config_path.write_text(json.dumps(self.config, indent=2, default=str))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="100", **self.env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config_path), *args],

@@ -22,6 +22,9 @@ Each test gets a fresh world from the `hostile` fixture (a `Hostile`):
   Python start-up included). `hostile.start_scan(...)` runs one in the background and
   `.result()` waits for it. Each scan is a new image (its own seed). Agent settings are
   keyword arguments (default: re-send after 2 s, so a dropped tile comes back quickly).
+- `hostile.agent_config(device, **settings)` and `hostile.program(module, config, name)`: any
+  other program run the same way (its cwd, HOME and TMPDIR in the sandbox), e.g. EVIL's
+  `edge-agent run` with its HTTP API (`http_port=`).
 - `hostile.client(identity, **kw) -> Probe` (tests.security.conftest.Probe, not yet
   connected): a raw MQTT 5 client for what the programs never send; plain TCP unless
   `tls=hostile.tls(identity)`; `client_id=`, `session_expiry=` to pose as a service.
@@ -33,7 +36,8 @@ Each test gets a fresh world from the `hostile` fixture (a `Hostile`):
   TMPDIR inside one root, its data directories three levels below it (so `../` escapes from
   staging land inside the root too) and `sandbox.bait`, an absolute path for attacks to aim
   at. `hostile.assert_confined()` fails if anything was written under the root outside the
-  data directories; the fixture checks it again after every test.
+  data directories; the fixture checks it again after every test. A test that gives a program
+  another data directory (say `archive_dir=`) declares it with `sandbox.allow(path)`.
 
 Bounds: `SCAN_TIMEOUT` for the well-behaved scan (a liveness bound, not a speed target:
 speed lives in benchmarks/). What the teardown does: stops the programs (SIGTERM, then
@@ -78,11 +82,17 @@ INGEST_RSS_BOUND = 256 * MiB
 FAST_RESEND = {"commit_timeout_s": 2.0, "max_commit_timeout_s": 4.0}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sandbox:
     """One root for everything the programs may touch; see `allowed` and `outside()`."""
 
     root: Path
+    extra: list[Path] = field(default_factory=list)
+
+    def allow(self, path: Path) -> Path:
+        """One more data directory (e.g. an `archive_dir` a test gives the ingest)."""
+        self.extra.append(path)
+        return path
 
     @property
     def broker(self) -> Path:
@@ -116,7 +126,7 @@ class Sandbox:
     @property
     def allowed(self) -> tuple[Path, ...]:
         devices = (self.device_data(GOOD), self.device_data(EVIL))
-        return (self.broker, self.run, self.ingest_data, *devices)
+        return (self.broker, self.run, self.ingest_data, *devices, *self.extra)
 
     def skeleton(self) -> set[Path]:
         data = [self.data, self.data.parent, self.data.parent.parent]
@@ -276,20 +286,17 @@ class Hostile:
     def ingest_status(self) -> dict[str, Any] | None:
         return self.status.latest(ingest_status_topic(INSTANCE))
 
-    def start_scan(
-        self, columns: int = 2, rows: int = 2, tile_size: int = 256, channels: int = 1,
-        timeout: float = SCAN_TIMEOUT, **agent: Any,
-    ) -> RunningScan:  # fmt: skip
-        """GOOD's `edge-agent simulate` in the background; `agent` are AgentSettings."""
-        self._scans += 1
-        data = self.sandbox.device_data(GOOD)
+    def agent_config(self, device: str = GOOD, **settings: Any) -> dict[str, Any]:
+        """AgentSettings for `device` over TLS (certificate and password), its data in
+        `sandbox.device_data(device)`; `settings` override, e.g. `http_port=`."""
+        data = self.sandbox.device_data(device)
         assert self.broker.tls_port is not None
-        cert, key = self.broker.client_cert(GOOD)
-        config: dict[str, Any] = {
-            "device_id": GOOD,
+        cert, key = self.broker.client_cert(device)
+        return {
+            "device_id": device,
             "broker": {
-                "host": self.broker.host, "port": self.broker.tls_port, "username": GOOD,
-                "password_file": str(self.password_file(GOOD)), "tls": True,
+                "host": self.broker.host, "port": self.broker.tls_port, "username": device,
+                "password_file": str(self.password_file(device)), "tls": True,
                 "ca_file": str(self.broker.ca_file), "cert_file": str(cert), "key_file": str(key),
             },
             "spool_dir": str(data / "spool"),
@@ -297,10 +304,19 @@ class Hostile:
             "status_interval_s": 1.0,
             "min_free_bytes": 0,
             **FAST_RESEND,
-            **agent,
+            **settings,
         }  # fmt: skip
+
+    def start_scan(
+        self, columns: int = 2, rows: int = 2, tile_size: int = 256, channels: int = 1,
+        timeout: float = SCAN_TIMEOUT, **agent: Any,
+    ) -> RunningScan:  # fmt: skip
+        """GOOD's `edge-agent simulate` in the background; `agent` are AgentSettings."""
+        self._scans += 1
         summary = self.sandbox.run / f"scan-{self._scans}.json"
-        program = self.program("edge_agent", config, f"scan-{self._scans}")
+        program = self.program(
+            "edge_agent", self.agent_config(GOOD, **agent), f"scan-{self._scans}"
+        )
         program.start(
             "simulate", "--columns", str(columns), "--rows", str(rows), "--tile-size",
             str(tile_size), "--channels", str(channels), "--seed", str(self._scans),

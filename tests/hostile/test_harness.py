@@ -12,6 +12,8 @@ def test_confinement_flags_writes_outside_the_data_directories(hostile: Hostile)
     (sandbox.ingest_data / "staging").mkdir(parents=True)
     (sandbox.ingest_data / "staging" / "fine").write_text("inside")
     (sandbox.device_data(GOOD) / "spool").mkdir(parents=True)
+    sandbox.allow(sandbox.data / "archive").mkdir()
+    (sandbox.data / "archive" / "image.ome.tif").write_text("declared")
     hostile.assert_confined()
     escapes = [
         sandbox.cwd / "relative-write",  # a relative path, resolved in the working directory
