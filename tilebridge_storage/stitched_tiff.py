@@ -4,7 +4,9 @@ Layout: `root/<device>/<experiment>/<image_name>_<id8>.ome.tif`, axes TCZYX, 512
 zlib-compressed tiles, each plane followed by its sub-resolutions in SubIFDs (each half the
 previous, 2x2 mean, until one fits a tile): tifffile's documented pyramidal OME-TIFF, which
 Fiji / Bio-Formats, QuPath and OMERO open as a pyramid. OME-XML carries pixel sizes,
-channel names, acquisition date and the canvas origin's stage position on every plane.
+channel names and colours, time increment, acquisition date, every plane's position (the
+canvas origin; z as measured), exposure and DeltaT (`plane_metadata`), and the image's
+key-values and the per-tile measurements as MapAnnotations.
 
 Memory stays bounded whatever the mosaic size: tiles are painted, as they arrive, over the
 area they own (`mosaic` module) into a disk-backed canvas (a memory map in
@@ -30,6 +32,7 @@ from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
 from tilebridge_storage.paths import image_path
+from tilebridge_storage.plane_metadata import image_key_values, measured_key_values, mosaic_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -138,7 +141,11 @@ class _StitchedTiffWriter(ImageWriter):
                     tif.write(data, subfiletype=1, resolution=resolution, **options)
 
     def _metadata(self) -> dict[str, Any]:
-        mosaic = self.mosaic
+        m, mosaic = self.manifest, self.mosaic
         return ome_metadata(
-            self.manifest, self.manifest.image_name, mosaic.origin_x_um, mosaic.origin_y_um
+            m,
+            m.image_name,
+            mosaic_planes(m, self.planes, mosaic.origin_x_um, mosaic.origin_y_um),
+            image_key_values(m),
+            measured_key_values(m, self.planes),
         )
