@@ -1,0 +1,455 @@
+"""`OMEWriter`: ImSwitch's writer, with its constructor and methods, written through tilebridge.
+
+One writer is one ImSwitch scan area of one time point (that is how ImSwitch's experiment
+modes make them). Its frames become one tilebridge image per time point they carry (see
+`manifest`), opened on the first frame, when the frame's dtype and size are known, and
+closed by `finalize()`:
+
+* `write_frame` places the frame by its stage x/y (`placement`), hands it to the edge port
+  (durable on the Pi before it returns; the server stream and the local files follow from
+  there) and returns the chunk info ImSwitch's live view uses, or `{}` without a Zarr store.
+  A frame that matches no planned position, or does not fit the writer (a channel or z plane
+  it does not have, another size or dtype), is refused with `PermanentError` and the reason;
+  ImSwitch logs it. While the agent says "try again" (restarting, disk full) the frame is
+  retried for `retry_for_s`, which holds ImSwitch's frame saver back instead of losing it.
+* In performance mode frames name their channel only by `illuminationChannel`; until every
+  configured channel was seen (the first position's frames), frames wait in memory, and the
+  image opens with those names.
+* `finalize()` closes the image with the frames that exist (a round scan area's holes are
+  tiles never taken); called again it does nothing. When frames are missing it first waits
+  until none arrived for `finalize_grace_s`: ImSwitch calls it from its workflow thread
+  while its frame saver may still hold the area's last frames.
+
+Threads: ImSwitch calls `write_frame` from its frame-saver thread and `finalize` from its
+workflow thread. A writer's calls are serialized by the writer's own lock, held through the
+call's I/O: that is what keeps a frame from racing its image's close. Writers share nothing
+but the session (its edge port is safe for several threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID, uuid4
+
+import numpy as np
+
+from tilebridge_imswitch import frames, manifest
+from tilebridge_imswitch.config import WriterConfig, paths_of
+from tilebridge_imswitch.placement import Channels, Grid, ZPlanes
+from tilebridge_imswitch.port import Edge, LocalTarget, Progress
+from tilebridge_imswitch.root import Session, session
+from tilebridge_imswitch.settings import AdapterSettings, connection_targets, merged
+from tilebridge_protocol.errors import PermanentError, TransientError
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest, PlaneMeta, utcnow
+from tilebridge_runtime.backoff import Backoff
+from tilebridge_storage.mosaic import Mosaic, plan
+from tilebridge_storage.ome_zarr_v04 import CHUNK, chunks_of
+
+log = logging.getLogger(__name__)
+
+LOCAL_KINDS = {
+    # WriterConfig flag: the storage backend kind that writes it where ImSwitch looks
+    "write_zarr": "ome_zarr_v04",
+    "write_stitched_tiff": "stitched_tiff_named",
+    "write_tiff": "ome_tiff_stack",
+    "write_individual_tiffs": "frame_tiffs",
+}
+
+
+@dataclass
+class _Image:
+    manifest: OpenManifest
+    mosaic: Mosaic
+    received: set[TileKey] = field(default_factory=set)
+    closed: bool = False
+
+
+@dataclass
+class _Held:
+    """A frame waiting for the channel names (performance mode)."""
+
+    planes: list[np.ndarray[Any, Any]]
+    facts: frames.FrameFacts
+    index: int
+    channel: int
+    z: int
+
+
+class OMEWriter:
+    """ImSwitch's `OMEWriter(file_paths, tile_shape, grid_shape, grid_geometry, config, ...)`.
+
+    `edge` and `settings` (keyword only, for tests and embedding) replace the process's
+    session (`root`)."""
+
+    def __init__(
+        self,
+        file_paths: Any,
+        tile_shape: tuple[int, int],
+        grid_shape: tuple[int, int],
+        grid_geometry: tuple[float, float, float, float],
+        config: Any,
+        logger: Any = None,
+        isRGB: bool = False,  # noqa: N803 - ImSwitch's name
+        omero_connection_params: Any = None,
+        shared_omero_key: str | None = None,
+        well_metadata: dict[str, Any] | None = None,
+        image_name: str | None = None,
+        *,
+        edge: Edge | None = None,
+        settings: AdapterSettings | None = None,
+    ) -> None:
+        current = session()
+        self._session: Session = current
+        self._settings = settings or current.settings
+        self._edge = edge or current.edge
+        self.file_paths = file_paths
+        self.config = config
+        self.logger = logger or log
+        self.isRGB = bool(isRGB)
+        self.shared_omero_key = shared_omero_key
+        self.well_metadata = dict(well_metadata) if well_metadata else None
+        self.tile_shape = tuple(tile_shape)
+        self.grid_shape, self.grid_geometry = tuple(grid_shape), tuple(grid_geometry)
+        self._cfg = WriterConfig.of(config)
+        base_dir, _ = paths_of(file_paths)
+        self._folder = base_dir.parent
+        self._targets = merged(connection_targets(omero_connection_params), current.targets)
+        self._area = image_name
+        self._stem = current.take_stem(
+            self._folder, manifest.safe_name(base_dir.name), self._taken_on_disk
+        )
+        self.store: str | None = (
+            str(self._folder / f"{self._stem}.ome.zarr")
+            if self._cfg.write_zarr and self._settings.local_files
+            else None
+        )
+        self._channels = Channels(self._cfg.n_channels, self._cfg.channel_names)
+        self._z = ZPlanes(self._cfg.n_z_planes)
+        self._grid: Grid | None = None
+        self._rgb: bool | None = None
+        self._images: dict[int, _Image] = {}
+        self._held: list[_Held] = []
+        self._extras: dict[str, str] | None = None
+        self._lock = threading.Lock()
+        self._last_frame = time.monotonic()
+        self._finalized = False
+        self.frames_refused = 0
+        self.last_refusal: str | None = None
+        self._warn_ignored()
+
+    # -- ImSwitch's API ----------------------------------------------------------------------
+
+    def write_frame(self, frame: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Write one frame; returns the live view's chunk info (`{}` without a Zarr store)."""
+        with self._lock:
+            self._last_frame = time.monotonic()
+            if self._finalized:
+                raise self._refused(
+                    PermanentError(f"{self._stem} is finalized: a frame came after finalize()")
+                )
+            try:
+                return self._write(frame, frames.facts(metadata))
+            except PermanentError as exc:
+                raise self._refused(exc) from None
+
+    def finalize(self) -> None:
+        """Close every image with the frames that exist; safe to call again."""
+        if self._missing():
+            self._wait_for_quiet()
+        with self._lock:
+            if self._finalized:
+                return
+            self._finalized = True
+            if self._held:
+                self._open_held(final=True)
+            for image in self._images.values():
+                self._close(image)
+            if not self._images:
+                self.logger.warning(f"tilebridge: {self._stem} got no frames; nothing written")
+            self._session.release_stem(self._folder, self._stem)
+
+    def abort(self) -> None:
+        """Stop: no more frames; local files are removed (the server keeps what it got)."""
+        with self._lock:
+            self._finalized = True
+            for image in self._images.values():
+                if not image.closed:
+                    image.closed = True
+                    self._edge.abort(image.manifest.image_id)
+
+    def get_zarr_url(self) -> str | None:
+        return self.store
+
+    def get_omero_image_id(self) -> int | None:
+        ids = self._omero_ids()
+        return ids[0] if ids else None
+
+    def get_omero_dataset_id(self) -> int | None:
+        ids = self._omero_ids()
+        return ids[1] if ids else None
+
+    @classmethod
+    def cleanup_shared_omero_uploaders(cls, key: str | None = None, logger: Any = None) -> None:
+        """ImSwitch's: nothing to clean up here (the server writes OMERO)."""
+        del key, logger
+
+    # -- tilebridge's additions --------------------------------------------------------------
+
+    @property
+    def manifests(self) -> list[OpenManifest]:
+        """The images this writer opened (one per time point), as the server got them."""
+        with self._lock:
+            return [image.manifest for image in self._images.values()]
+
+    @property
+    def image_ids(self) -> list[UUID]:
+        return [m.image_id for m in self.manifests]
+
+    def progress(self) -> list[Progress]:
+        """Per image (one per time point): every target's state."""
+        return [self._edge.progress(image_id) for image_id in self.image_ids]
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def _write(self, frame: Any, facts: frames.FrameFacts) -> dict[str, Any]:
+        if self._rgb is None:
+            self._rgb = self.isRGB or frames.looks_rgb(frame)
+        planes = frames.planes(frame, self._rgb)
+        grid = self._grid_for(planes[0])
+        index = grid.locate(facts.x_um, facts.y_um)
+        channel = self._channels.index(facts.channel_index, facts.channel)
+        z = self._z.index(facts.z_index, facts.z_um, index, channel)
+        if self._extras is None:
+            self._extras = facts.extras
+        held = _Held(planes, facts, index, channel, z)
+        if self._channels.names is None:
+            self._held.append(held)  # performance mode: wait for every channel's name
+            return {}
+        if self._held:
+            self._open_held(final=False)
+        return self._put(held)
+
+    def _put(self, held: _Held) -> dict[str, Any]:
+        facts = held.facts
+        image = self._image(facts.time_index, held.planes[0])
+        m = image.manifest
+        samples = len(held.planes)
+        for s, pixels in enumerate(held.planes):
+            key = TileKey(held.index, held.z, held.channel * samples + s, 0)
+            self._check_fits(m, pixels)
+            meta = self._plane_meta(m, facts)
+            self._retrying(lambda: self._edge.write(m.image_id, key, pixels, meta))  # noqa: B023
+            image.received.add(key)
+        return self._chunk_info(image, held)
+
+    def _image(self, time_point: int, first: np.ndarray[Any, Any]) -> _Image:
+        image = self._images.get(time_point)
+        if image is not None:
+            if image.closed:
+                raise PermanentError(f"time point {time_point} of {self._stem} is closed")
+            return image
+        spec = self._spec(time_point)
+        m = manifest.manifest(
+            spec,
+            image_id=uuid4(),
+            time_point=time_point,
+            dtype=frames.pixel_type(first),
+            tile_shape=(first.shape[0], first.shape[1]),
+            acquired_at=utcnow(),
+            extras=self._extras or {},
+        )
+        local = self._local_targets()
+        self._retrying(lambda: self._edge.open(m, local))
+        image = _Image(m, plan(m))
+        self._images[time_point] = image
+        self.logger.info(
+            f"tilebridge: {m.image_name} ({m.image_id}) opened: {len(m.positions)} positions, "
+            f"{m.size_c} channels, {m.size_z} planes, {m.dtype.value}"
+        )
+        return image
+
+    def _spec(self, time_point: int) -> manifest.ImageSpec:
+        names = self._channels.names
+        assert names is not None, "images open once the channel names are known"
+        stem = self._stem if not self._images else f"{self._stem}_t{time_point:04d}"
+        key_values = dict(self._targets.key_values())
+        key_values.update(manifest.well_key_values(self.well_metadata))
+        if self._area:
+            key_values["area"] = manifest.safe_name(self._area)[:1024]
+        if self.shared_omero_key:
+            key_values["shared_omero_key"] = str(self.shared_omero_key)[:1024]
+        key_values["base_dir"] = str(paths_of(self.file_paths)[0])[:1024]
+        well = manifest.well_of(self.well_metadata)
+        s = self._settings
+        experiment = manifest.experiment_name(paths_of(self.file_paths)[0])
+        return manifest.ImageSpec(
+            experiment=experiment,
+            image_name=stem,
+            project=s.project,
+            dataset=s.dataset or (well.plate if well else experiment),
+            grid=self._grid or self._grid_for(None),
+            config=self._cfg,
+            rgb=bool(self._rgb),
+            channel_names=names,
+            well=well,
+            key_values=key_values,
+        )
+
+    def _open_held(self, final: bool) -> None:
+        """Write the frames that waited for channel names; at finalize, a channel never
+        seen is named by its number."""
+        if final and self._channels.names is None:
+            seen = self._channels.seen
+            self._channels.seen = seen + [f"C{i}" for i in range(len(seen), self._channels.count)]
+        held, self._held = self._held, []
+        for frame in held:
+            self._put(frame)
+
+    def _close(self, image: _Image) -> None:
+        if image.closed:
+            return
+        m = image.manifest
+        never = [key for key in m.tile_keys() if key not in image.received]
+        if never:
+            self.logger.warning(
+                f"tilebridge: {m.image_name}: {len(never)} of {m.tile_count} tiles were never "
+                "taken (a scan area with holes, or a stopped scan)"
+            )
+        self._retrying(lambda: self._edge.close(m.image_id, never))
+        image.closed = True
+        progress = self._edge.progress(m.image_id)
+        for name, target in progress.targets.items():
+            if target.state == "failed":
+                self.logger.error(f"tilebridge: {m.image_name}: {name} failed: {target.error}")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _grid_for(self, first: np.ndarray[Any, Any] | None) -> Grid:
+        if self._grid is None:
+            height, width = first.shape[:2] if first is not None else self.tile_shape[:2]
+            extent = (width * self._cfg.pixel_size_um, height * self._cfg.pixel_size_um)
+            self._grid = Grid.of(self.grid_shape, self.grid_geometry, extent)  # type: ignore[arg-type]
+        return self._grid
+
+    def _check_fits(self, m: OpenManifest, pixels: np.ndarray[Any, Any]) -> None:
+        if pixels.shape != (m.tile_height, m.tile_width):
+            raise PermanentError(
+                f"frame of {pixels.shape[1]} x {pixels.shape[0]} px; this writer's frames are "
+                f"{m.tile_width} x {m.tile_height}"
+            )
+        if frames.pixel_type(pixels) is not m.dtype:
+            raise PermanentError(f"frame of dtype {pixels.dtype}; this writer's are {m.dtype}")
+
+    def _plane_meta(self, m: OpenManifest, facts: frames.FrameFacts) -> PlaneMeta:
+        delta = None
+        if facts.timestamp is not None:
+            delta = (facts.timestamp - m.acquired_at).total_seconds()
+        return PlaneMeta(
+            x_um=facts.x_um,
+            y_um=facts.y_um,
+            z_um=facts.z_um,
+            exposure_ms=facts.exposure_ms,
+            delta_t_s=delta,
+        )
+
+    def _chunk_info(self, image: _Image, held: _Held) -> dict[str, Any]:
+        if self.store is None:
+            return {}
+        m, mosaic = image.manifest, image.mosaic
+        c = held.channel * (3 if self._rgb else 1)
+        chunks = chunks_of(mosaic, held.index, CHUNK)
+        oy, ox = mosaic.offsets[held.index]
+        ix, iy = self._grid_for(None).cell(held.index)
+        row, column = chunks[0] if chunks else (oy // CHUNK, ox // CHUNK)
+        return {
+            "rel_chunk": f"0/0/{c}/{held.z}/{row}/{column}",
+            "grid_pos": (ix, iy),
+            "canvas_bounds": (ox, ox + m.tile_width, oy, oy + m.tile_height),
+            "t_idx": held.facts.time_index,
+            "c_idx": held.channel,
+            "z_idx": held.z,
+            "chunks": [f"0/0/{c}/{held.z}/{r}/{col}" for r, col in chunks],
+        }
+
+    def _local_targets(self) -> list[LocalTarget]:
+        if not self._settings.local_files:
+            return []
+        return [
+            LocalTarget(kind, self._folder)
+            for flag, kind in LOCAL_KINDS.items()
+            if getattr(self._cfg, flag)
+        ]
+
+    def _taken_on_disk(self, name: str) -> bool:
+        folder = self._folder
+        return any(
+            p.exists()
+            for p in (
+                folder / f"{name}.ome.zarr",
+                folder / name / "stitched.ome.tif",
+                folder / name / f"{name}.ome.tif",
+                folder / name / "tiles",
+            )
+        )
+
+    def _retrying(self, call: Any) -> Any:
+        """`call()`, again while it raises TransientError, for `retry_for_s` at most."""
+        deadline = time.monotonic() + self._settings.retry_for_s
+        backoff = Backoff(first_s=0.2, max_s=5.0)
+        while True:
+            try:
+                return call()
+            except TransientError as exc:
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.logger.warning(f"tilebridge: {exc}; trying again in {delay:.1f} s")
+                time.sleep(delay)
+
+    def _missing(self) -> bool:
+        with self._lock:
+            if self._finalized:
+                return False
+            if self._held:
+                return True
+            return any(len(i.received) < i.manifest.tile_count for i in self._images.values())
+
+    def _wait_for_quiet(self) -> None:
+        grace = self._settings.finalize_grace_s
+        while True:
+            with self._lock:
+                quiet_for = time.monotonic() - self._last_frame
+            if quiet_for >= grace:
+                return
+            time.sleep(min(0.05, grace - quiet_for))
+
+    def _omero_ids(self) -> tuple[int, int] | None:
+        for image_id in self.image_ids:
+            ids = self._edge.progress(image_id).omero_ids
+            if ids is not None:
+                return ids
+        return None
+
+    def _refused(self, exc: PermanentError) -> PermanentError:
+        self.frames_refused += 1
+        self.last_refusal = str(exc)
+        self.logger.error(f"tilebridge: frame refused: {exc}")
+        return exc
+
+    def _warn_ignored(self) -> None:
+        c = self._cfg
+        if c.write_tiff_single:
+            self.logger.warning(
+                "tilebridge: write_tiff_single (one TIFF of appended tiles) is not written; "
+                "use write_individual_tiffs or write_tiff"
+            )
+        if c.write_omero and not self._settings.stream_to_server:
+            self.logger.warning(
+                "tilebridge: write_omero is set, but this adapter's stream_to_server is off: "
+                "nothing goes to the server"
+            )
