@@ -114,13 +114,24 @@ class Channels:
 
     count: int
     configured: tuple[str, ...] | None
-    seen: list[str] = field(default_factory=list)
+    learned: dict[int, str] = field(default_factory=dict)
+    """Channel index -> the illumination name its frames carry (no names configured)."""
 
     @property
     def names(self) -> tuple[str, ...] | None:
         if self.configured is not None:
             return self.configured
-        return tuple(self.seen) if len(self.seen) == self.count else None
+        if len(self.learned) < self.count:
+            return None
+        return tuple(self.learned[i] for i in range(self.count))
+
+    def settle(self) -> tuple[str, ...]:
+        """The names, a channel never named by its frames called `C<i>`."""
+        for i in range(self.count):
+            self.learned.setdefault(i, f"C{i}")
+        names = self.names
+        assert names is not None
+        return names
 
     def index(self, given: int | None, name: str | None) -> int:
         if given is not None:
@@ -128,11 +139,12 @@ class Channels:
                 raise PermanentError(
                     f"channel_index {given} is outside the writer's {self.count} channels"
                 )
-            if name is not None and self.configured is None and given == len(self.seen):
-                self.seen.append(name)  # learn names from indexed frames too
+            if self.configured is None:
+                self.learned.setdefault(given, name if name is not None else f"C{given}")
             return given
         if name is None:
             if self.count == 1:
+                self.learned.setdefault(0, "C0")
                 return 0
             raise PermanentError(
                 f"a frame of a {self.count}-channel writer needs channel_index or "
@@ -146,15 +158,17 @@ class Channels:
             raise PermanentError(
                 f"illuminationChannel {name!r} is none of the channels {list(self.configured)}"
             )
-        if name in self.seen:
-            return self.seen.index(name)
-        if len(self.seen) >= self.count:
+        for index, known in self.learned.items():
+            if known == name:
+                return index
+        if len(self.learned) >= self.count:
             raise PermanentError(
-                f"illuminationChannel {name!r} would be channel {len(self.seen) + 1} of a "
-                f"writer configured for {self.count}: {self.seen}"
+                f"illuminationChannel {name!r} would be channel {len(self.learned) + 1} of a "
+                f"writer configured for {self.count}: {list(self.learned.values())}"
             )
-        self.seen.append(name)
-        return len(self.seen) - 1
+        index = min(set(range(self.count)) - set(self.learned))
+        self.learned[index] = name
+        return index
 
 
 @dataclass

@@ -166,7 +166,8 @@ class OMEWriter:
                 return
             self._finalized = True
             if self._held:
-                self._open_held(final=True)
+                self._channels.settle()
+                self._open_held()
             for image in self._images.values():
                 self._close(image)
             if not self._images:
@@ -228,10 +229,16 @@ class OMEWriter:
             self._extras = facts.extras
         held = _Held(planes, facts, index, channel, z)
         if self._channels.names is None:
-            self._held.append(held)  # performance mode: wait for every channel's name
-            return {}
+            # Performance mode: wait for every channel's name, at most one frame per channel
+            # (ImSwitch takes all channels at a position before it moves on).
+            self._held.append(held)
+            if len(self._held) < self._channels.count:
+                return {}
+            self._channels.settle()
+            self._open_held()
+            return self._chunk_info(self._images[facts.time_index], held)
         if self._held:
-            self._open_held(final=False)
+            self._open_held()
         return self._put(held)
 
     def _put(self, held: _Held) -> dict[str, Any]:
@@ -300,12 +307,8 @@ class OMEWriter:
             key_values=key_values,
         )
 
-    def _open_held(self, final: bool) -> None:
-        """Write the frames that waited for channel names; at finalize, a channel never
-        seen is named by its number."""
-        if final and self._channels.names is None:
-            seen = self._channels.seen
-            self._channels.seen = seen + [f"C{i}" for i in range(len(seen), self._channels.count)]
+    def _open_held(self) -> None:
+        """Write the frames that waited for the channel names."""
         held, self._held = self._held, []
         for frame in held:
             self._put(frame)
