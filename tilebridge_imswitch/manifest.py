@@ -48,6 +48,9 @@ class ImageSpec:
     channel_names: tuple[str, ...]
     well: Well | None
     key_values: dict[str, str]
+    omero_project_id: int | None = None
+    omero_dataset_id: int | None = None
+    """An existing OMERO container ImSwitch's OMERO settings name (ids of the server's)."""
 
 
 def manifest(
@@ -87,6 +90,8 @@ def manifest(
         time_interval_s=c.time_interval_s,
         first_time_point=time_point,
         well=spec.well,
+        omero_project_id=spec.omero_project_id,
+        omero_dataset_id=spec.omero_dataset_id,
     )
 
 

@@ -305,6 +305,8 @@ class OMEWriter:
             channel_names=names,
             well=well,
             key_values=key_values,
+            omero_project_id=self._targets.project_id or None,
+            omero_dataset_id=self._targets.dataset_id or None,
         )
 
     def _open_held(self) -> None:

@@ -115,7 +115,10 @@ class Well(BaseModel):
         return f"{self.row}{self.column}"
 
 
-OPTIONAL_OPEN_FIELDS = ("channel_colors", "time_interval_s", "first_time_point", "well")
+OPTIONAL_OPEN_FIELDS = (
+    "channel_colors", "time_interval_s", "first_time_point", "well", "omero_project_id",
+    "omero_dataset_id",
+)  # fmt: skip
 """Open fields added after the first release of v1: left out on the wire while unset, so a
 manifest that does not use them is byte for byte what an older ingest accepts."""
 
@@ -153,6 +156,12 @@ class OpenManifest(_Message):
     """Which time point of its time-lapse `t = 0` is, when a time-lapse is stored as one
     image per time point (its time offset is `first_time_point * time_interval_s`)."""
     well: Well | None = None
+    omero_project_id: int | None = Field(default=None, ge=1)
+    """File the image in this existing OMERO project (its dataset named `dataset`), rather
+    than the project named `project`; the server checks the policy by the project's name."""
+    omero_dataset_id: int | None = Field(default=None, ge=1)
+    """File the image in this existing OMERO dataset, whatever `project` and `dataset` say;
+    the server checks the policy by the names of the dataset and its project."""
 
     @model_validator(mode="after")
     def _consistent(self) -> OpenManifest:

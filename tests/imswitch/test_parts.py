@@ -163,6 +163,7 @@ def test_the_omero_password_of_imswitchs_setup_is_ignored_and_goes_nowhere(
     assert "holds an OMERO password: ignored" in caplog.text
     [m] = recorder.manifests.values()
     assert m.key_values["imswitch_omero_dataset_id"] == "34"
+    assert (m.omero_project_id, m.omero_dataset_id) == (12, 34)  # ImSwitch's target, by id
     everything = [caplog.text, m.to_bytes().decode(), repr(targets), repr(vars(writer))]
     everything += [repr(root.session()), json.dumps(targets.model_dump())]
     assert not [text for text in everything if SECRET in text]

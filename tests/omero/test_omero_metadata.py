@@ -112,3 +112,37 @@ def test_a_mosaic_has_one_plane_per_tcz_and_every_tile_measured(omero_target: An
         assert plane.getDeltaT().getValue() == pytest.approx(min(x.delta_t_s for x in tiles))
         assert plane.getPositionX().getValue() == min(p.x_um for p in m.positions)
     assert len(key_values(conn, image_id, MEASURED_NS)) == m.tile_count
+
+
+def test_an_existing_dataset_or_project_named_by_id_is_used(omero_target: Any) -> None:
+    first = unique_manifest(project="lab-a", dataset="screen-1")
+    made = write(omero_target, first)
+    project_id, dataset_id = made.ids["project"], made.ids["dataset"]
+    # By dataset id: the names beside it do not matter.
+    by_dataset = unique_manifest(project="other", dataset="other", omero_dataset_id=dataset_id)
+    stored = write(omero_target, by_dataset)
+    assert (stored.ids["project"], stored.ids["dataset"]) == (project_id, dataset_id)
+    # By project id: the dataset by name inside that project.
+    by_project = unique_manifest(project="other", dataset="screen-2", omero_project_id=project_id)
+    stored = write(omero_target, by_project)
+    assert stored.ids["project"] == project_id and stored.ids["dataset"] != dataset_id
+    conn = omero_target.connect()
+    dataset = conn.c.sf.getQueryService().get("Dataset", stored.ids["dataset"])
+    assert dataset.getName().getValue() == "screen-2"
+
+
+def test_a_container_id_that_is_not_there_or_not_allowed_is_refused(omero_target: Any) -> None:
+    from tilebridge_protocol.errors import PermanentError
+    from tilebridge_storage.omero_backend.settings import DevicePolicy
+
+    with pytest.raises(PermanentError, match=r"Dataset:987654 does not exist"):
+        write(omero_target, unique_manifest(omero_dataset_id=987654))
+    made = write(omero_target, unique_manifest(project="lab-a", dataset="screen-1"))
+    strict = DevicePolicy(projects=("lab-b",), may_create=True)
+    backend = OmeroBackend(settings_for(omero_target, default_policy=strict))
+    try:
+        named = unique_manifest(project="lab-b", omero_dataset_id=made.ids["dataset"])
+        with pytest.raises(PermanentError, match="may not write to project 'lab-a'"):
+            backend.open_image(DEVICE, named)
+    finally:
+        backend.close()

@@ -46,7 +46,8 @@ class OmeroBackend(StorageBackend):
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         policy = self.settings.policy_for(device)
-        policy.check_target(device, manifest.project, manifest.dataset)
+        if manifest.omero_dataset_id is None and manifest.omero_project_id is None:
+            policy.check_target(device, manifest.project, manifest.dataset)  # before any login
         session = self.pool.session(self.settings.credentials_for(policy))
         created: list[int] = []
         try:
