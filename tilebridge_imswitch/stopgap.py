@@ -114,19 +114,21 @@ class Stopgap:
         self._images: dict[UUID, tuple[OpenManifest, LocalFiles | None]] = {}
 
     def open(self, manifest: OpenManifest, local: Sequence[LocalTarget]) -> None:
-        self.inner.open(manifest, ())
-        files = LocalFiles(self.device, manifest, local) if local else None
         with self._lock:
-            self._images[manifest.image_id] = (manifest, files)
+            known = self._images.get(manifest.image_id)
+        if known is None:  # an open the agent refused and the writer tries again is not new
+            files = LocalFiles(self.device, manifest, local) if local else None
+            with self._lock:
+                self._images[manifest.image_id] = (manifest, files)
+        self.inner.open(manifest, ())
 
     def write(
         self, image_id: UUID, key: TileKey, pixels: np.ndarray[Any, Any], meta: PlaneMeta
     ) -> bool:
         _, files = self._image(image_id)
-        accepted = self.inner.write(image_id, key, pixels, meta)
-        if files is not None:
+        if files is not None:  # first: the local files do not wait for the server stream
             files.write(key, pixels, meta)
-        return accepted
+        return self.inner.write(image_id, key, pixels, meta)
 
     def close(self, image_id: UUID, never_taken: Sequence[TileKey]) -> None:
         manifest, files = self._image(image_id)

@@ -66,6 +66,7 @@ class _Image:
     manifest: OpenManifest
     mosaic: Mosaic
     received: set[TileKey] = field(default_factory=set)
+    opened: bool = False
     closed: bool = False
 
 
@@ -256,24 +257,25 @@ class OMEWriter:
 
     def _image(self, time_point: int, first: np.ndarray[Any, Any]) -> _Image:
         image = self._images.get(time_point)
-        if image is not None:
-            if image.closed:
-                raise PermanentError(f"time point {time_point} of {self._stem} is closed")
+        if image is not None and image.closed:
+            raise PermanentError(f"time point {time_point} of {self._stem} is closed")
+        if image is not None and image.opened:
             return image
-        spec = self._spec(time_point)
-        m = manifest.manifest(
-            spec,
-            image_id=uuid4(),
-            time_point=time_point,
-            dtype=frames.pixel_type(first),
-            tile_shape=(first.shape[0], first.shape[1]),
-            acquired_at=utcnow(),
-            extras=self._extras or {},
-        )
-        local = self._local_targets()
+        if image is None:
+            # Made once: an open the agent refused is tried again with the same image.
+            m = manifest.manifest(
+                self._spec(time_point),
+                image_id=uuid4(),
+                time_point=time_point,
+                dtype=frames.pixel_type(first),
+                tile_shape=(first.shape[0], first.shape[1]),
+                acquired_at=utcnow(),
+                extras=self._extras or {},
+            )
+            image = self._images[time_point] = _Image(m, plan(m))
+        m, local = image.manifest, self._local_targets()
         self._retrying(lambda: self._edge.open(m, local))
-        image = _Image(m, plan(m))
-        self._images[time_point] = image
+        image.opened = True
         self.logger.info(
             f"tilebridge: {m.image_name} ({m.image_id}) opened: {len(m.positions)} positions, "
             f"{m.size_c} channels, {m.size_z} planes, {m.dtype.value}"
@@ -283,7 +285,8 @@ class OMEWriter:
     def _spec(self, time_point: int) -> manifest.ImageSpec:
         names = self._channels.names
         assert names is not None, "images open once the channel names are known"
-        stem = self._stem if not self._images else f"{self._stem}_t{time_point:04d}"
+        others = [t for t in self._images if t != time_point]
+        stem = self._stem if not others else f"{self._stem}_t{time_point:04d}"
         key_values = dict(self._targets.key_values())
         key_values.update(manifest.well_key_values(self.well_metadata))
         if self._area:
@@ -317,6 +320,13 @@ class OMEWriter:
 
     def _close(self, image: _Image) -> None:
         if image.closed:
+            return
+        if not image.opened:
+            self.logger.error(
+                f"tilebridge: {image.manifest.image_name} was never opened by the edge agent; "
+                "its frames were refused"
+            )
+            image.closed = True
             return
         m = image.manifest
         never = [key for key in m.tile_keys() if key not in image.received]

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.imswitch.checks import Scan, check_live_zarr
 from tests.imswitch.conftest import Recorder
 from tests.imswitch.imswitch_like import Camera, ImSwitchConfig, ImSwitchPaths, area, normal_mode
 from tilebridge_imswitch import OMEFileStorePaths, OMEWriter, OMEWriterConfig, root
@@ -248,3 +249,37 @@ def test_a_failing_local_target_is_reported_and_the_rest_carries_on(
     assert progress.targets["ome_zarr_v04"].state == "finished"
     [m] = writer.manifests
     assert len(recorder.tiles[m.image_id]) == 4
+
+
+class RefusesFirstOpen(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.opens = 0
+
+    def open(self, manifest: Any, local: Any) -> None:
+        self.opens += 1
+        if self.opens == 1:
+            raise PermanentError("edge agent refused starting the experiment: busy")
+        super().open(manifest, local)
+
+
+def test_an_open_the_agent_refused_is_tried_again_with_the_same_image(tmp_path: Path) -> None:
+    edge = RefusesFirstOpen()
+    root.configure(AdapterSettings(finalize_grace_s=0.05), edge=Stopgap(edge, "scope-1"))
+    try:
+        camera = Camera(16, 16)
+        run = normal_mode(tmp_path, [area(0.0, 0.0, 2, 1, (16.0, 16.0))], camera)
+        assert len(run.refused) == 1 and "busy" in run.refused[0]
+        writer = run.writers[0, 0]
+        [m] = writer.manifests
+        assert list(edge.manifests) == [m.image_id] and edge.opens == 2
+        # The refused first frame is a hole; the second frame and the local store are fine.
+        assert len(edge.tiles[m.image_id]) == 2
+        check_live_zarr(Path(writer.store or ""), m, scan_with_one_frame(camera, m))
+    finally:
+        root.close()
+
+
+def scan_with_one_frame(camera: Camera, m: Any) -> Scan:
+    del camera.taken[0, 0, 0, 0, 0, 0]  # refused: the store shows zeros there
+    return Scan(2, 1, 0.0, 0.0, (16.0, 16.0), 1.0, camera, 0, 0, 1, 1)
