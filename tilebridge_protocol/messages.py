@@ -34,7 +34,7 @@ PROTOCOL_VERSION = 1
 
 MAX_JSON_BYTES = 4 * 1024 * 1024
 """Largest JSON message either side accepts on the wire. A close manifest above
-`compressed.COMPRESS_ABOVE` travels zstd-compressed, so ~50k tiles with plane metadata fit."""
+`compressed.COMPRESS_ABOVE` travels zstd-compressed, so ~60k tiles with plane metadata fit."""
 
 # Names end up in OMERO and in archive paths: no separators, no leading dot, no control chars.
 Name = Annotated[
