@@ -9,10 +9,11 @@ Every frame goes to the tilebridge edge agent (durable on the Pi before `write_f
 returns), which streams it to the tilebridge server (OMERO, its archive); the files ImSwitch's
 UI reads are written where it looks. The Pi holds no OMERO credentials.
 
-Modules: `writer` (OMEWriter), `config` (the config and paths classes), `placement`, `frames`
-and `manifest` (pure: which tile a frame is, what image a writer makes), `port` (what the
-writer needs of the edge) with `edge_http`, `edge_inprocess` and `stopgap`, `settings` and
-`root` (the one composition root).
+Modules: `writer` (OMEWriter) and `images` (its images' traffic with the edge), `config` (the
+config and paths classes), `placement`, `frames`, `manifest` and `layout` (pure: which tile a
+frame is, what image a writer makes, where ImSwitch's files go), `port` (what the writer needs
+of the edge) with `edge_http`, `edge_inprocess` and `stopgap`, `settings` and `root` (the one
+composition root), `switch` (the import lines of ImSwitch's modules).
 """
 
 from tilebridge_imswitch.config import OMEFileStorePaths, OMEWriterConfig

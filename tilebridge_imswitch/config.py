@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,6 @@ class WriterConfig:
     """None: not configured (or ImSwitch's generated `Channel_<i>`)."""
     channel_colors: tuple[str, ...] | None
     time_interval_s: float | None
-    ignored: tuple[str, ...] = field(default=())
-    """Options that were set but have no effect here, for one warning."""
 
     @classmethod
     def of(cls, config: Any) -> WriterConfig:
@@ -114,7 +112,6 @@ class WriterConfig:
         names = _names(get("channel_names"), n_channels)
         colors = _colors(get("channel_colors"), n_channels)
         interval = float(get("time_interval") or 0) or None
-        ignored = [name for name in ("write_tiff_single",) if get(name)]
         return cls(
             write_zarr=bool(get("write_zarr")),
             write_tiff=bool(get("write_tiff")),
@@ -130,8 +127,22 @@ class WriterConfig:
             channel_names=names,
             channel_colors=colors,
             time_interval_s=interval if interval and interval > 0 else None,
-            ignored=tuple(ignored),
         )
+
+    def warnings(self, stream_to_server: bool) -> list[str]:
+        """What this config asks for that is not done, said once per writer."""
+        out = []
+        if self.write_tiff_single:
+            out.append(
+                "write_tiff_single (one TIFF of appended tiles) is not written; use "
+                "write_individual_tiffs or write_tiff"
+            )
+        if self.write_omero and not stream_to_server:
+            out.append(
+                "write_omero is set, but this adapter's stream_to_server is off: nothing goes "
+                "to the server"
+            )
+        return out
 
 
 def paths_of(file_paths: Any) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tilebridge_protocol.errors import PermanentError
-from tilebridge_protocol.messages import PixelType
+from tilebridge_protocol.messages import PixelType, PlaneMeta
 
 READ = {
     "x", "y", "z", "time_index", "z_index", "channel_index", "illuminationChannel",
@@ -70,6 +70,20 @@ def facts(metadata: Mapping[str, Any]) -> FrameFacts:
             for k, v in metadata.items()
             if k not in READ and v is not None and key_name(k)
         },
+    )
+
+
+def plane_meta(facts: FrameFacts, acquired_at: datetime) -> PlaneMeta:
+    """What was measured when the frame was taken (its `timestamp` from the image's start)."""
+    delta = None
+    if facts.timestamp is not None:
+        delta = (facts.timestamp - acquired_at).total_seconds()
+    return PlaneMeta(
+        x_um=facts.x_um,
+        y_um=facts.y_um,
+        z_um=facts.z_um,
+        exposure_ms=facts.exposure_ms,
+        delta_t_s=delta,
     )
 
 

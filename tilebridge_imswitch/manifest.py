@@ -132,13 +132,25 @@ def well_of(metadata: dict[str, Any] | None) -> Well | None:
     )
 
 
-def well_key_values(metadata: dict[str, Any] | None) -> dict[str, str]:
-    """Every key of `well_metadata` as a key-value, whatever it says."""
-    return {
+def writer_key_values(
+    base_dir: Path,
+    area: str | None,
+    shared_omero_key: str | None,
+    well_metadata: dict[str, Any] | None,
+) -> dict[str, str]:
+    """What ImSwitch gives a writer, as the key-values of its images: its `base_dir`, the
+    area name (`image_name`), `shared_omero_key`, every key of `well_metadata`."""
+    out = {
         key_name(k): str(v)[:1024]
-        for k, v in (metadata or {}).items()
+        for k, v in (well_metadata or {}).items()
         if v is not None and key_name(k)
     }
+    if area:
+        out["area"] = safe_name(area)
+    if shared_omero_key:
+        out["shared_omero_key"] = str(shared_omero_key)[:1024]
+    out["base_dir"] = str(base_dir)[:1024]
+    return out
 
 
 def experiment_name(base_dir: Path) -> str:

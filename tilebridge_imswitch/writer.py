@@ -31,43 +31,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
 import numpy as np
 
-from tilebridge_imswitch import frames, manifest
+from tilebridge_imswitch import frames, layout, manifest
 from tilebridge_imswitch.config import WriterConfig, paths_of
+from tilebridge_imswitch.images import Images, chunk_info
 from tilebridge_imswitch.placement import Channels, Grid, ZPlanes
 from tilebridge_imswitch.port import Edge, LocalTarget, Progress
 from tilebridge_imswitch.root import Session, session
 from tilebridge_imswitch.settings import AdapterSettings, connection_targets, merged
-from tilebridge_protocol.errors import PermanentError, TransientError
+from tilebridge_protocol.errors import PermanentError, TilebridgeError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest, PlaneMeta, utcnow
-from tilebridge_runtime.backoff import Backoff
-from tilebridge_storage.mosaic import Mosaic, plan
-from tilebridge_storage.ome_zarr_v04 import CHUNK, chunks_of
+from tilebridge_protocol.messages import OpenManifest, utcnow
 
 log = logging.getLogger(__name__)
-
-LOCAL_KINDS = {
-    # WriterConfig flag: the storage backend kind that writes it where ImSwitch looks
-    "write_zarr": "ome_zarr_v04",
-    "write_stitched_tiff": "stitched_tiff_named",
-    "write_tiff": "ome_tiff_stack",
-    "write_individual_tiffs": "frame_tiffs",
-}
-
-
-@dataclass
-class _Image:
-    manifest: OpenManifest
-    mosaic: Mosaic
-    received: set[TileKey] = field(default_factory=set)
-    opened: bool = False
-    closed: bool = False
 
 
 @dataclass
@@ -121,11 +102,12 @@ class OMEWriter:
         self._folder = base_dir.parent
         self._targets = merged(connection_targets(omero_connection_params), current.targets)
         self._area = image_name
+        folder = self._folder
         self._stem = current.take_stem(
-            self._folder, manifest.safe_name(base_dir.name), self._taken_on_disk
+            folder, manifest.safe_name(base_dir.name), lambda name: layout.taken(folder, name)
         )
         self.store: str | None = (
-            str(self._folder / f"{self._stem}.ome.zarr")
+            str(layout.zarr_store(folder, self._stem))
             if self._cfg.write_zarr and self._settings.local_files
             else None
         )
@@ -133,7 +115,7 @@ class OMEWriter:
         self._z = ZPlanes(self._cfg.n_z_planes)
         self._grid: Grid | None = None
         self._rgb: bool | None = None
-        self._images: dict[int, _Image] = {}
+        self._images = Images(self._edge, self._settings.retry_for_s, self.logger)
         self._held: list[_Held] = []
         self._extras: dict[str, str] | None = None
         self._lock = threading.Lock()
@@ -141,7 +123,8 @@ class OMEWriter:
         self._finalized = False
         self.frames_refused = 0
         self.last_refusal: str | None = None
-        self._warn_ignored()
+        for warning in self._cfg.warnings(self._settings.stream_to_server):
+            self.logger.warning(f"tilebridge: {warning}")
 
     # -- ImSwitch's API ----------------------------------------------------------------------
 
@@ -155,7 +138,7 @@ class OMEWriter:
                 )
             try:
                 return self._write(frame, frames.facts(metadata))
-            except PermanentError as exc:
+            except TilebridgeError as exc:
                 raise self._refused(exc) from None
 
     def finalize(self) -> None:
@@ -169,9 +152,8 @@ class OMEWriter:
             if self._held:
                 self._channels.settle()
                 self._open_held()
-            for image in self._images.values():
-                self._close(image)
-            if not self._images:
+            self._images.close_all()
+            if not self._images.by_time:
                 self.logger.warning(f"tilebridge: {self._stem} got no frames; nothing written")
             self._session.release_stem(self._folder, self._stem)
 
@@ -179,10 +161,7 @@ class OMEWriter:
         """Stop: no more frames; local files are removed (the server keeps what it got)."""
         with self._lock:
             self._finalized = True
-            for image in self._images.values():
-                if not image.closed:
-                    image.closed = True
-                    self._edge.abort(image.manifest.image_id)
+            self._images.abort()
 
     def get_zarr_url(self) -> str | None:
         return self.store
@@ -206,7 +185,7 @@ class OMEWriter:
     def manifests(self) -> list[OpenManifest]:
         """The images this writer opened (one per time point), as the server got them."""
         with self._lock:
-            return [image.manifest for image in self._images.values()]
+            return [image.manifest for image in self._images.by_time.values()]
 
     @property
     def image_ids(self) -> list[UUID]:
@@ -237,66 +216,46 @@ class OMEWriter:
                 return {}
             self._channels.settle()
             self._open_held()
-            return self._chunk_info(self._images[facts.time_index], held)
+            return self._chunk_info(held)
         if self._held:
             self._open_held()
         return self._put(held)
 
     def _put(self, held: _Held) -> dict[str, Any]:
-        facts = held.facts
-        image = self._image(facts.time_index, held.planes[0])
-        m = image.manifest
+        facts, first = held.facts, held.planes[0]
+        image = self._images.get(
+            facts.time_index, lambda: self._manifest(facts.time_index, first), self._local()
+        )
         samples = len(held.planes)
         for s, pixels in enumerate(held.planes):
             key = TileKey(held.index, held.z, held.channel * samples + s, 0)
-            self._check_fits(m, pixels)
-            meta = self._plane_meta(m, facts)
-            self._retrying(lambda: self._edge.write(m.image_id, key, pixels, meta))  # noqa: B023
-            image.received.add(key)
-        return self._chunk_info(image, held)
+            meta = frames.plane_meta(facts, image.manifest.acquired_at)
+            self._images.put(image, key, pixels, meta)
+        return self._chunk_info(held)
 
-    def _image(self, time_point: int, first: np.ndarray[Any, Any]) -> _Image:
-        image = self._images.get(time_point)
-        if image is not None and image.closed:
-            raise PermanentError(f"time point {time_point} of {self._stem} is closed")
-        if image is not None and image.opened:
-            return image
-        if image is None:
-            # Made once: an open the agent refused is tried again with the same image.
-            m = manifest.manifest(
-                self._spec(time_point),
-                image_id=uuid4(),
-                time_point=time_point,
-                dtype=frames.pixel_type(first),
-                tile_shape=(first.shape[0], first.shape[1]),
-                acquired_at=utcnow(),
-                extras=self._extras or {},
-            )
-            image = self._images[time_point] = _Image(m, plan(m))
-        m, local = image.manifest, self._local_targets()
-        self._retrying(lambda: self._edge.open(m, local))
-        image.opened = True
-        self.logger.info(
-            f"tilebridge: {m.image_name} ({m.image_id}) opened: {len(m.positions)} positions, "
-            f"{m.size_c} channels, {m.size_z} planes, {m.dtype.value}"
+    def _manifest(self, time_point: int, first: np.ndarray[Any, Any]) -> OpenManifest:
+        return manifest.manifest(
+            self._spec(time_point),
+            image_id=uuid4(),
+            time_point=time_point,
+            dtype=frames.pixel_type(first),
+            tile_shape=(first.shape[0], first.shape[1]),
+            acquired_at=utcnow(),
+            extras=self._extras or {},
         )
-        return image
 
     def _spec(self, time_point: int) -> manifest.ImageSpec:
         names = self._channels.names
         assert names is not None, "images open once the channel names are known"
-        others = [t for t in self._images if t != time_point]
+        others = [t for t in self._images.by_time if t != time_point]
         stem = self._stem if not others else f"{self._stem}_t{time_point:04d}"
-        key_values = dict(self._targets.key_values())
-        key_values.update(manifest.well_key_values(self.well_metadata))
-        if self._area:
-            key_values["area"] = manifest.safe_name(self._area)[:1024]
-        if self.shared_omero_key:
-            key_values["shared_omero_key"] = str(self.shared_omero_key)[:1024]
-        key_values["base_dir"] = str(paths_of(self.file_paths)[0])[:1024]
+        base_dir = paths_of(self.file_paths)[0]
+        key_values = self._targets.key_values() | manifest.writer_key_values(
+            base_dir, self._area, self.shared_omero_key, self.well_metadata
+        )
         well = manifest.well_of(self.well_metadata)
         s = self._settings
-        experiment = manifest.experiment_name(paths_of(self.file_paths)[0])
+        experiment = manifest.experiment_name(base_dir)
         return manifest.ImageSpec(
             experiment=experiment,
             image_name=stem,
@@ -318,30 +277,6 @@ class OMEWriter:
         for frame in held:
             self._put(frame)
 
-    def _close(self, image: _Image) -> None:
-        if image.closed:
-            return
-        if not image.opened:
-            self.logger.error(
-                f"tilebridge: {image.manifest.image_name} was never opened by the edge agent; "
-                "its frames were refused"
-            )
-            image.closed = True
-            return
-        m = image.manifest
-        never = [key for key in m.tile_keys() if key not in image.received]
-        if never:
-            self.logger.warning(
-                f"tilebridge: {m.image_name}: {len(never)} of {m.tile_count} tiles were never "
-                "taken (a scan area with holes, or a stopped scan)"
-            )
-        self._retrying(lambda: self._edge.close(m.image_id, never))
-        image.closed = True
-        progress = self._edge.progress(m.image_id)
-        for name, target in progress.targets.items():
-            if target.state == "failed":
-                self.logger.error(f"tilebridge: {m.image_name}: {name} failed: {target.error}")
-
     # -- helpers -----------------------------------------------------------------------------
 
     def _grid_for(self, first: np.ndarray[Any, Any] | None) -> Grid:
@@ -351,88 +286,22 @@ class OMEWriter:
             self._grid = Grid.of(self.grid_shape, self.grid_geometry, extent)  # type: ignore[arg-type]
         return self._grid
 
-    def _check_fits(self, m: OpenManifest, pixels: np.ndarray[Any, Any]) -> None:
-        if pixels.shape != (m.tile_height, m.tile_width):
-            raise PermanentError(
-                f"frame of {pixels.shape[1]} x {pixels.shape[0]} px; this writer's frames are "
-                f"{m.tile_width} x {m.tile_height}"
-            )
-        if frames.pixel_type(pixels) is not m.dtype:
-            raise PermanentError(f"frame of dtype {pixels.dtype}; this writer's are {m.dtype}")
-
-    def _plane_meta(self, m: OpenManifest, facts: frames.FrameFacts) -> PlaneMeta:
-        delta = None
-        if facts.timestamp is not None:
-            delta = (facts.timestamp - m.acquired_at).total_seconds()
-        return PlaneMeta(
-            x_um=facts.x_um,
-            y_um=facts.y_um,
-            z_um=facts.z_um,
-            exposure_ms=facts.exposure_ms,
-            delta_t_s=delta,
-        )
-
-    def _chunk_info(self, image: _Image, held: _Held) -> dict[str, Any]:
+    def _chunk_info(self, held: _Held) -> dict[str, Any]:
         if self.store is None:
             return {}
-        m, mosaic = image.manifest, image.mosaic
-        c = held.channel * (3 if self._rgb else 1)
-        chunks = chunks_of(mosaic, held.index, CHUNK)
-        oy, ox = mosaic.offsets[held.index]
-        ix, iy = self._grid_for(None).cell(held.index)
-        row, column = chunks[0] if chunks else (oy // CHUNK, ox // CHUNK)
-        return {
-            "rel_chunk": f"0/0/{c}/{held.z}/{row}/{column}",
-            "grid_pos": (ix, iy),
-            "canvas_bounds": (ox, ox + m.tile_width, oy, oy + m.tile_height),
-            "t_idx": held.facts.time_index,
-            "c_idx": held.channel,
-            "z_idx": held.z,
-            "chunks": [f"0/0/{c}/{held.z}/{r}/{col}" for r, col in chunks],
-        }
+        image = self._images.by_time[held.facts.time_index]
+        c = held.channel * len(held.planes)
+        cell = self._grid_for(None).cell(held.index)
+        return chunk_info(image, held.index, held.z, c, held.channel, cell, held.facts.time_index)
 
-    def _local_targets(self) -> list[LocalTarget]:
-        if not self._settings.local_files:
-            return []
-        return [
-            LocalTarget(kind, self._folder)
-            for flag, kind in LOCAL_KINDS.items()
-            if getattr(self._cfg, flag)
-        ]
-
-    def _taken_on_disk(self, name: str) -> bool:
-        folder = self._folder
-        return any(
-            p.exists()
-            for p in (
-                folder / f"{name}.ome.zarr",
-                folder / name / "stitched.ome.tif",
-                folder / name / f"{name}.ome.tif",
-                folder / name / "tiles",
-            )
-        )
-
-    def _retrying(self, call: Any) -> Any:
-        """`call()`, again while it raises TransientError, for `retry_for_s` at most."""
-        deadline = time.monotonic() + self._settings.retry_for_s
-        backoff = Backoff(first_s=0.2, max_s=5.0)
-        while True:
-            try:
-                return call()
-            except TransientError as exc:
-                delay = backoff.next_delay()
-                if time.monotonic() + delay > deadline:
-                    raise
-                self.logger.warning(f"tilebridge: {exc}; trying again in {delay:.1f} s")
-                time.sleep(delay)
+    def _local(self) -> list[LocalTarget]:
+        return layout.targets(self._cfg, self._folder) if self._settings.local_files else []
 
     def _missing(self) -> bool:
         with self._lock:
             if self._finalized:
                 return False
-            if self._held:
-                return True
-            return any(len(i.received) < i.manifest.tile_count for i in self._images.values())
+            return bool(self._held) or self._images.incomplete()
 
     def _wait_for_quiet(self) -> None:
         grace = self._settings.finalize_grace_s
@@ -450,21 +319,8 @@ class OMEWriter:
                 return ids
         return None
 
-    def _refused(self, exc: PermanentError) -> PermanentError:
+    def _refused(self, exc: TilebridgeError) -> TilebridgeError:
         self.frames_refused += 1
         self.last_refusal = str(exc)
         self.logger.error(f"tilebridge: frame refused: {exc}")
         return exc
-
-    def _warn_ignored(self) -> None:
-        c = self._cfg
-        if c.write_tiff_single:
-            self.logger.warning(
-                "tilebridge: write_tiff_single (one TIFF of appended tiles) is not written; "
-                "use write_individual_tiffs or write_tiff"
-            )
-        if c.write_omero and not self._settings.stream_to_server:
-            self.logger.warning(
-                "tilebridge: write_omero is set, but this adapter's stream_to_server is off: "
-                "nothing goes to the server"
-            )
