@@ -103,11 +103,17 @@ class HttpEdge:
             self._started.pop(image_id, None)
 
 
-def spec_of(m: OpenManifest) -> dict[str, Any]:
-    """The HTTP API's experiment spec of a manifest; what it has no field for as key-values."""
+def flattened_key_values(m: OpenManifest) -> dict[str, str]:
+    """The manifest's key-values with what an experiment spec has no field for yet (colours,
+    time interval and point, well) as text."""
     key_values = image_key_values(m)
     if m.channel_colors:
         key_values.setdefault("channel_colors", ",".join(m.channel_colors))
+    return dict(list(key_values.items())[:256])
+
+
+def spec_of(m: OpenManifest) -> dict[str, Any]:
+    """The HTTP API's experiment spec of a manifest; what it has no field for as key-values."""
     return {
         "experiment": m.experiment,
         "image_name": m.image_name,
@@ -126,7 +132,7 @@ def spec_of(m: OpenManifest) -> dict[str, Any]:
         "size_c": m.size_c,
         "size_z": m.size_z,
         "size_t": m.size_t,
-        "key_values": dict(list(key_values.items())[:256]),
+        "key_values": flattened_key_values(m),
         "tags": list(m.tags),
         "acquired_at": m.acquired_at.isoformat(),
         "project": m.project,

@@ -85,6 +85,14 @@ def close() -> None:
 
 def _wire(settings: AdapterSettings, closers: list[Any]) -> Edge:
     inner: Edge
+    if settings.edge == "fastpath":
+        from edge_agent.fastpath_client import FastPathClient
+        from tilebridge_imswitch.edge_frontdoor import FrontDoorEdge
+
+        door = FastPathClient(settings.edge_socket)
+        closers.append(door.close)
+        # The front door writes the local files and closes with holes: no stopgap.
+        return FrontDoorEdge(door, settings.stream_to_server, settings.finalize_timeout_s)
     if not settings.stream_to_server:
         inner = NoServer()
     elif settings.edge == "in_process":
@@ -106,7 +114,7 @@ def _wire(settings: AdapterSettings, closers: list[Any]) -> Edge:
         closers.append(client.close)
         inner = HttpEdge(client, settings.finalize_timeout_s)
     else:
-        raise ValueError(f"edge must be 'http' or 'in_process', not {settings.edge!r}")
+        raise ValueError(f"edge must be 'http', 'fastpath' or 'in_process', not {settings.edge!r}")
     return Stopgap(inner, settings.device)
 
 

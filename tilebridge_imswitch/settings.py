@@ -40,8 +40,11 @@ class AdapterSettings(BaseSettings):
     )
 
     edge: str = "http"
-    """How to reach the agent: `http` (the agent service's local API) or `in_process` (an
-    agent inside ImSwitch's process, configured by `agent_config`)."""
+    """How to reach the agent: `http` (the agent service's local HTTP API), `fastpath` (its
+    front door over the local socket `edge_socket`: the agent writes the local files and
+    closes images with holes itself), or `in_process` (an agent inside ImSwitch's process,
+    configured by `agent_config`)."""
+    edge_socket: Path = Path("/run/tilebridge-edge/acquire.sock")
     edge_url: str = "http://127.0.0.1:8710"
     edge_token_file: Path | None = None
     """A file holding the agent's HTTP token, if it has one."""

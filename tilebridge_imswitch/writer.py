@@ -224,7 +224,7 @@ class OMEWriter:
     def _put(self, held: _Held) -> dict[str, Any]:
         facts, first = held.facts, held.planes[0]
         image = self._images.get(
-            facts.time_index, lambda: self._manifest(facts.time_index, first), self._local()
+            facts.time_index, lambda: self._manifest(facts, first), self._local()
         )
         samples = len(held.planes)
         for s, pixels in enumerate(held.planes):
@@ -233,14 +233,15 @@ class OMEWriter:
             self._images.put(image, key, pixels, meta)
         return self._chunk_info(held)
 
-    def _manifest(self, time_point: int, first: np.ndarray[Any, Any]) -> OpenManifest:
+    def _manifest(self, facts: frames.FrameFacts, first: np.ndarray[Any, Any]) -> OpenManifest:
+        # The image starts when its first frame was taken, if the frame says when.
         return manifest.manifest(
-            self._spec(time_point),
+            self._spec(facts.time_index),
             image_id=uuid4(),
-            time_point=time_point,
+            time_point=facts.time_index,
             dtype=frames.pixel_type(first),
             tile_shape=(first.shape[0], first.shape[1]),
-            acquired_at=utcnow(),
+            acquired_at=facts.timestamp or utcnow(),
             extras=self._extras or {},
         )
 
