@@ -8,10 +8,11 @@
 
 Errors are tilebridge's: `TransientError` (try again: the agent is restarting, its disk is
 full), `PermanentError` (this will not work: the reason says why). Implementations:
-`edge_http.HttpEdge` (today's HTTP API) and `edge_inprocess.AgentEdge` (an agent in the same
-process), each wrapped in `stopgap.Stopgap` for what the agent does not do yet (local files
-where ImSwitch looks, closing an image with holes). Any implementation must be safe to call
-from several threads for different images.
+`edge_frontdoor.FrontDoorEdge` (the edge's one front door: its fast-path client), and for
+agents without it `edge_http.HttpEdge` (the HTTP API) and `edge_inprocess.AgentEdge` (an
+agent in the same process), those two wrapped in `stopgap.Stopgap` for what they do not do
+(local files where ImSwitch looks, closing an image with holes). Any implementation must be
+safe to call from several threads for different images.
 """
 
 from __future__ import annotations
