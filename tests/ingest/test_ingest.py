@@ -278,3 +278,45 @@ def test_a_failed_image_still_counts_against_the_quota_after_a_restart(tmp_path:
         assert isinstance(refusal, ErrorAck) and refusal.reason is ReasonCode.QUOTA_EXCEEDED
     finally:
         second.close()
+
+
+def test_measured_plane_metadata_reaches_the_backends(tmp_path: Path) -> None:
+    from tilebridge_protocol.messages import CloseManifest, PlaneMeta, TileDigest
+    from tilebridge_storage.archive import ArchiveBackend
+
+    seen: dict[TileKey, PlaneMeta] = {}
+
+    class Recording(ArchiveBackend):
+        def open_image(self, device: str, manifest: Any) -> Any:
+            writer = super().open_image(device, manifest)
+            finish = writer.finish
+
+            def finish_and_record() -> Any:
+                seen.update(writer.planes)
+                return finish()
+
+            writer.finish = finish_and_record  # type: ignore[method-assign]
+            return writer
+
+    harness = Harness(tmp_path, backends=[Recording(tmp_path / "archive")])
+    try:
+        manifest = make_manifest()
+        tiles = tiles_for(manifest)
+        close = close_for(manifest, tiles)
+        measured = PlaneMeta(x_um=1.5, y_um=-2.0, exposure_ms=12.0)
+        close = CloseManifest(
+            image_id=close.image_id,
+            tile_count=close.tile_count,
+            digests=tuple(
+                TileDigest(tile=d.tile, digest=d.digest, meta=measured) for d in close.digests
+            ),
+        )
+        harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+        for key, pixels in tiles.items():
+            for message in chunks(manifest, key, pixels):
+                harness.send(DeviceTopic.CHUNK, message)
+        harness.send(DeviceTopic.CLOSE, close.to_bytes())
+        assert harness.recorder.wait_image_ack(manifest.image_id).state is ImageState.COMPLETE
+        assert seen == dict.fromkeys(manifest.tile_keys(), measured)
+    finally:
+        harness.close()
