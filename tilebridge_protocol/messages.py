@@ -187,11 +187,20 @@ class TileDigest(BaseModel):
 
 
 class CloseManifest(_Message):
-    """Says the device sent every tile of the image; lists each tile's digest."""
+    """Says the device sent every tile of the image; lists each tile's digest.
+
+    `partial`: the acquisition ended early (closed with the frames it had: a stopped or
+    abandoned scan, a round scan area): `digests` lists exactly the tiles sent, fewer than
+    the open declared, and the server stores those and marks the image incomplete. Sent
+    only when true, so a receiver that predates the field still reads every full close."""
 
     image_id: UUID
     tile_count: int = Field(ge=1)
     digests: tuple[TileDigest, ...]
+    partial: bool = False
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude=None if self.partial else {"partial"}).encode()
 
     @model_validator(mode="after")
     def _consistent(self) -> CloseManifest:

@@ -1,0 +1,511 @@
+"""The one front door: every way in (the Python API, the fast local path, the HTTP API)
+calls `Acquisition`, so every caller gets the same answers and the same errors.
+
+The durable spool is the primary path: a frame is accepted when the spool says so, and the
+spool's refusals reach the caller as they are (`TransientError` for a full disk, a
+`ConflictError` for a repeat with other pixels, `PermanentError` for a frame that does not
+fit). Local targets fan out from it behind a byte budget; their failures are theirs
+(reported on the target, never raised to the camera, never touching the server stream).
+
+Concurrency: any thread may call. The spool is the state's owner (SQLite serializes its
+writers); `Live` is the in-memory part of an experiment that is acquiring or finishing
+(frame matcher, local targets, confined folders, a count of frames being written, so that
+finalize waits for writes in progress and no frame slips in after the close). Its lock
+guards counters only, never I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+from uuid import UUID, uuid4
+
+import numpy as np
+
+from edge_agent.config import OMEWriterConfig
+from edge_agent.confine import ConfinedDir, open_confined
+from edge_agent.errors import ConflictError, UnknownExperimentError
+from edge_agent.frames import FrameMatcher
+from edge_agent.localtargets import ABORT, FINISH, LocalTargets, Target
+from edge_agent.models import (
+    ExperimentProgress,
+    ExperimentSpec,
+    FrameInfo,
+    FrameResult,
+    LocalTarget,
+    StartedExperiment,
+)
+from edge_agent.problems import Problems
+from edge_agent.progress import progress_of
+from edge_agent.settings import Abandoned, AgentSettings
+from edge_agent.spool import ImageRow, Spool
+from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
+from tilebridge_protocol.messages import MAX_JSON_BYTES, utcnow
+from tilebridge_storage import registry
+from tilebridge_storage.base import StorageBackend
+
+log = logging.getLogger(__name__)
+
+MakeBackend = Callable[[LocalTarget, ConfinedDir], StorageBackend]
+CLOSE_ENTRY_BYTES = 256
+"""Room one tile takes in the close manifest (digest and PlaneMeta, generously)."""
+MAX_FRAMES_PER_EXPERIMENT = MAX_JSON_BYTES // CLOSE_ENTRY_BYTES
+"""An experiment's close manifest must fit in one message the ingest accepts."""
+
+
+def registry_backend(target: LocalTarget, folder: ConfinedDir) -> StorageBackend:
+    kind = registry.kind(target.kind)
+    if kind.needs != "folder":
+        raise PermanentError(f"{target.kind} is not a local file target")
+    make: Callable[..., StorageBackend] = kind.load()
+    try:
+        return make(folder.path, name=target.label, **target.options)
+    except TypeError as exc:
+        raise PermanentError(f"target {target.label}: options {target.options}: {exc}") from exc
+
+
+class Live:
+    """The in-memory side of one experiment (see the module docstring)."""
+
+    def __init__(self, manifest_row: ImageRow, frames: int) -> None:
+        self.row = manifest_row
+        self.matcher = FrameMatcher(manifest_row.manifest)
+        self.targets: LocalTargets | None = None
+        self.dirs: list[ConfinedDir] = []
+        self.frames = frames
+        self.closing = False
+        self._writing = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            if self.closing:
+                raise PermanentError(f"experiment {self.row.image_id} is closing; no more frames")
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing -= 1
+                self._cond.notify_all()
+
+    def close_gate(self) -> None:
+        """No new frame from now on; wait for those in progress."""
+        with self._cond:
+            self.closing = True
+            while self._writing:
+                self._cond.wait()
+
+    def count(self) -> int:
+        with self._cond:
+            self.frames += 1
+            return self.frames
+
+
+class Acquisition:
+    def __init__(
+        self,
+        spool: Spool,
+        settings: AgentSettings,
+        defaults: Callable[[], OMEWriterConfig],
+        make_backend: MakeBackend = registry_backend,
+    ) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.defaults = defaults
+        self.make_backend = make_backend
+        self._lock = threading.Lock()  # guards the dicts below, never I/O
+        self._live: dict[UUID, Live] = {}
+        self._making: dict[UUID, threading.Event] = {}
+        self._answered = threading.Condition()
+        self.problems = Problems()
+        """The last refusal of the spool (a full disk, a frame that does not fit), shown on
+        the device status until a call succeeds again."""
+
+    # -- the front door ---------------------------------------------------------------------
+
+    def start(self, spec: ExperimentSpec | Mapping[str, Any]) -> StartedExperiment:
+        with self._reporting("starting an experiment"):
+            return self._start(_spec(spec))
+
+    def _start(self, spec: ExperimentSpec) -> StartedExperiment:
+        if spec.image_id is not None:
+            with suppress(UnknownExperimentError):
+                return self._resume(self.spool.image(spec.image_id), spec)
+        resolved = self._resolve(spec)
+        manifest = resolved.manifest()
+        record = {"spec": resolved.model_dump(mode="json")}
+        to_server, targets = bool(resolved.server), bool(resolved.targets)
+        dirs = self._open_dirs(resolved)  # refused before anything is stored
+        try:
+            created = self.spool.create(manifest, record, to_server, local_hold=targets)
+        except BaseException:
+            _close_all(dirs)
+            raise
+        if not created:  # another call created it meanwhile
+            _close_all(dirs)
+            return self._resume(self.spool.image(manifest.image_id), spec)
+        row = self.spool.image(manifest.image_id)
+        self._ensure_live(row, dirs)
+        log.info("experiment %s started: image %s", resolved.experiment, manifest.image_id)
+        return _started(row, resolved, resumed=False, frames=0)
+
+    def write_frame(
+        self,
+        image_id: UUID,
+        frame: np.ndarray[Any, Any],
+        metadata: FrameInfo | Mapping[str, Any] | None = None,
+        *,
+        owned: bool = False,
+        **fields: Any,
+    ) -> FrameResult:
+        """See `FrontDoor.write_frame`. `owned=True`: the caller never touches `frame` again
+        (saves the copy the local targets would otherwise need)."""
+        with self._reporting(f"frame of {image_id}"):
+            return self._write_frame(image_id, frame, _frame_info(metadata, fields), owned)
+
+    def _write_frame(
+        self, image_id: UUID, frame: np.ndarray[Any, Any], info: FrameInfo, owned: bool
+    ) -> FrameResult:
+        with self._lock:
+            live = self._live.get(image_id)
+        if live is None:
+            live = self._ensure_live(self._row(image_id))
+        key = live.matcher.key(info)
+        pixels = live.matcher.pixels(frame, copy_shared=not owned and live.targets is not None)
+        meta = info.plane(live.row.manifest.acquired_at)
+        with live.writing():
+            accepted = self.spool.add_tile(image_id, key, pixels.data.cast("B"), meta)
+            if accepted and live.targets is not None:
+                live.targets.put(key, pixels, meta)
+        if accepted:
+            return FrameResult(accepted=True, tile=tuple(key), frames_received=live.count())
+        before = self.spool.accepted_digest(image_id, key)
+        when = datetime.fromtimestamp(before[1], UTC).isoformat() if before else "before"
+        return FrameResult(
+            accepted=False, reason=f"frame {tuple(key)} was accepted at {when}; nothing changed",
+            tile=tuple(key), frames_received=live.frames,
+        )  # fmt: skip
+
+    def finalize(
+        self,
+        image_id: UUID,
+        *,
+        partial: bool = False,
+        timeout: float | None = None,
+        ended_by: str | None = None,
+    ) -> ExperimentProgress:
+        row = self._row(image_id)
+        if row.state == "acquiring":
+            live = self._ensure_live(row)
+            live.close_gate()
+            try:
+                close = self.spool.close_image(image_id, partial=partial, ended_by=ended_by)
+            except BaseException:
+                live.closing = False
+                raise
+            if live.targets is None:
+                self.spool.set_state(image_id, "finalized" if close else "aborted")
+                self._forget_live(image_id)
+            else:
+                live.targets.close(FINISH if close else ABORT)
+            log.info(
+                "experiment %s closed%s", image_id, " (partial)" if close and close.partial else ""
+            )
+        with self._lock:
+            live_now = self._live.get(image_id)
+        if live_now is not None and live_now.targets is not None:
+            live_now.targets.join(timeout)
+        return self.experiment(image_id)
+
+    def abort(self, image_id: UUID, *, ended_by: str | None = None) -> ExperimentProgress:
+        row = self._row(image_id)
+        if row.state in ("acquiring", "finalizing"):
+            live = self._ensure_live(row)
+            live.close_gate()
+            self.spool.abort(image_id, ended_by)
+            if live.targets is not None:
+                live.targets.close(ABORT)
+                live.targets.join(60)
+            self._forget_live(image_id)
+            log.info("experiment %s aborted%s", image_id, f" ({ended_by})" if ended_by else "")
+        return self.experiment(image_id)
+
+    def experiment(self, image_id: UUID) -> ExperimentProgress:
+        row = self._row(image_id)
+        with self._lock:
+            live = self._live.get(image_id)
+        return self._progress(row, live)
+
+    def experiments(self) -> list[ExperimentProgress]:
+        out = []
+        for row in self.spool.images():
+            with self._lock:
+                live = self._live.get(row.image_id)
+            out.append(self._progress(row, live))
+        return out
+
+    def _progress(self, row: ImageRow, live: Live | None) -> ExperimentProgress:
+        counts = self.spool.counts(row.image_id)
+        if live is None:
+            return progress_of(row, counts)
+        return progress_of(row, counts, live.targets, live.matcher.warnings)
+
+    @contextmanager
+    def _reporting(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except TilebridgeError as exc:
+            self.problems.set("acquisition", f"{what}: {exc}")
+            raise
+        self.problems.clear("acquisition")
+
+    # -- the server's answers and waiting for them -----------------------------------------
+
+    def server_answered(self, image_id: UUID) -> None:
+        """Called (by the publisher's owner) once the server answered the image."""
+        with self._answered:
+            self._answered.notify_all()
+
+    def wait_done(self, image_id: UUID, timeout: float) -> ExperimentProgress:
+        """Block until the server answered the image (complete, failed or refused)."""
+        deadline = time.monotonic() + timeout
+        with self._answered:
+            while True:
+                progress = self.experiment(image_id)
+                remaining = deadline - time.monotonic()
+                if progress.server not in ("sending",) or remaining <= 0:
+                    return progress
+                self._answered.wait(min(remaining, 0.5))
+
+    # -- housekeeping (the reporter thread calls these) -------------------------------------
+
+    def recover(self) -> None:
+        """At start-up: local targets of unfinished experiments are written again from the
+        spool's tiles (their partial output from before the restart is replaced)."""
+        for row in self.spool.images(unfinished=True):
+            if row.local_hold and row.state in ("acquiring", "finalizing"):
+                live = self._ensure_live(row)
+                if row.state == "finalizing" and live.targets is not None:
+                    live.targets.close(FINISH)
+
+    def end_abandoned(self, now: float | None = None) -> list[UUID]:
+        policy = self.settings.abandoned
+        if policy.action is Abandoned.KEEP:
+            return []
+        now = time.time() if now is None else now
+        ended = []
+        for row in self.spool.images(unfinished=True):
+            idle = now - (row.last_frame_at or row.started_at)
+            if row.state != "acquiring" or idle < policy.after_s:
+                continue
+            why = f"abandoned after {idle / 3600:.1f} h idle"
+            log.warning("experiment %s %s: %s", row.image_id, why, policy.action.value)
+            try:
+                if policy.action is Abandoned.PARTIAL:
+                    self.finalize(row.image_id, partial=True, timeout=0, ended_by=why)
+                else:
+                    self.abort(row.image_id, ended_by=why)
+            except (PermanentError, TransientError) as exc:
+                log.error("ending abandoned experiment %s: %s", row.image_id, exc)
+                continue
+            ended.append(row.image_id)
+        return ended
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _row(self, image_id: UUID) -> ImageRow:
+        return self.spool.image(image_id)
+
+    def _resume(self, row: ImageRow, spec: ExperimentSpec) -> StartedExperiment:
+        stored = ExperimentSpec.model_validate(row.record["spec"])
+        for name in sorted(spec.model_fields_set - {"image_id"}):
+            given, kept = getattr(spec, name), getattr(stored, name)
+            if given != kept:
+                raise ConflictError(
+                    name, f"experiment {row.image_id} was started with {_show(kept)}, "
+                    f"this start gives {_show(given)}; leave it out to resume",
+                )  # fmt: skip
+        frames = self.spool.counts(row.image_id).accepted
+        if row.state == "acquiring":
+            self._ensure_live(row)
+        return _started(row, stored, resumed=True, frames=frames)
+
+    def _resolve(self, spec: ExperimentSpec) -> ExperimentSpec:
+        config = self.defaults()
+        resolved = spec.model_copy(
+            update={
+                "image_id": spec.image_id or uuid4(),
+                "acquired_at": spec.acquired_at or utcnow(),
+                "project": spec.project or config.omero_project,
+                "dataset": spec.dataset or config.omero_dataset,
+                "layout": spec.layout or config.layout,
+                "image_name": spec.image_name or spec.experiment,
+                "targets": config.local_targets() if spec.targets is None else spec.targets,
+                "server": config.write_omero if spec.server is None else spec.server,
+            }
+        )
+        resolved = ExperimentSpec.model_validate(resolved.model_dump())  # re-check it whole
+        if not resolved.targets and not resolved.server:
+            raise PermanentError("targets is empty and server is false: nothing to write")
+        limit = self.settings.max_frame_bytes
+        if resolved.tile_bytes > limit:
+            raise PermanentError(
+                f"tile_width x tile_height: a frame of {resolved.tile_bytes} bytes is more than "
+                f"{limit} (a quarter of acquisition_memory_bytes)"
+            )
+        if resolved.frame_count > MAX_FRAMES_PER_EXPERIMENT:
+            raise PermanentError(
+                f"size: {resolved.frame_count} frames in one experiment, at most "
+                f"{MAX_FRAMES_PER_EXPERIMENT} (its close manifest must fit one message)"
+            )
+        for target in resolved.targets or []:
+            kind = registry.kind(target.kind)
+            if kind.needs != "folder":
+                raise PermanentError(f"targets: {target.kind} is not a local file target")
+            if kind.mosaic_only and resolved.layout != "mosaic":
+                raise PermanentError(f"targets: {target.kind} needs layout mosaic")
+        return resolved
+
+    def _open_dirs(self, spec: ExperimentSpec) -> list[ConfinedDir]:
+        dirs: list[ConfinedDir] = []
+        try:
+            for target in spec.targets or []:
+                dirs.append(open_confined(self.settings.local_output_root, target.folder))
+        except BaseException:
+            _close_all(dirs)
+            raise
+        return dirs
+
+    def _ensure_live(self, row: ImageRow, dirs: list[ConfinedDir] | None = None) -> Live:
+        """The experiment's Live, made once (a second caller waits for the first)."""
+        image_id = row.image_id
+        while True:
+            with self._lock:
+                live = self._live.get(image_id)
+                if live is not None:
+                    if dirs:
+                        _close_all(dirs)
+                    return live
+                busy = self._making.get(image_id)
+                if busy is None:
+                    mine = self._making[image_id] = threading.Event()
+                    break
+            busy.wait()
+        try:
+            if row.state not in ("acquiring", "finalizing"):
+                raise PermanentError(f"experiment {image_id} is {row.state}; no more frames")
+            live = self._make_live(row, dirs)
+            with self._lock:
+                self._live[image_id] = live
+        finally:
+            with self._lock:
+                del self._making[image_id]
+            mine.set()
+        return live
+
+    def _make_live(self, row: ImageRow, dirs: list[ConfinedDir] | None) -> Live:
+        counts = self.spool.counts(row.image_id)
+        live = Live(row, counts.accepted)
+        spec = ExperimentSpec.model_validate(row.record["spec"])
+        pending = {label for label in (t.label for t in spec.targets or [])} - set(row.targets)
+        if not pending:
+            return live
+        live.dirs = dirs if dirs is not None else self._open_dirs(spec)
+        targets = []
+        for target, folder in zip(spec.targets or [], live.dirs, strict=True):
+            if target.label not in pending:
+                continue
+            targets.append(
+                Target(
+                    label=target.label,
+                    make=partial(self.make_backend, target, folder),
+                    keeps_references=registry.kind(target.kind).keeps_references,
+                    device=self.settings.device_id,
+                    manifest=row.manifest,
+                    on_done=partial(self._target_done, row.image_id),
+                    show=folder.shown,
+                )
+            )
+        budget = min(
+            self.defaults().max_bytes_in_flight, self.settings.acquisition_memory_bytes // 2
+        )
+        live.targets = LocalTargets(targets, budget)
+        if counts.accepted:  # after a restart: write them again from the spool
+            threading.Thread(
+                target=self._replay, args=(live,), name=f"replay-{row.image_id}", daemon=True
+            ).start()
+        return live
+
+    def _replay(self, live: Live) -> None:
+        image_id = live.row.image_id
+        assert live.targets is not None
+        m = live.row.manifest
+        for key, meta in self.spool.accepted_tiles(image_id).items():
+            try:
+                data = self.spool.read_tile(image_id, key)
+            except FileNotFoundError:
+                continue  # the targets report the tile missing at finish
+            pixels = np.frombuffer(data, m.dtype.numpy).reshape(m.tile_height, m.tile_width)
+            live.targets.put(key, pixels, meta)
+        log.info("experiment %s: local targets fed again from the spool", image_id)
+
+    def _target_done(self, image_id: UUID, target: Target) -> None:
+        progress = target.progress().model_dump(mode="json")
+        try:
+            self.spool.set_target(image_id, target.label, progress)
+            with self._lock:
+                live = self._live.get(image_id)
+            if live is None or live.targets is None:
+                return
+            if all(t.state != "writing" for t in live.targets.targets):
+                self.spool.release_local(image_id)
+                if self.spool.image(image_id).state == "finalizing":
+                    self.spool.set_state(image_id, "finalized")
+                _close_all(live.dirs)
+                self._forget_live(image_id)
+        except (PermanentError, TransientError):
+            log.exception("recording local target %s of %s", target.label, image_id)
+
+    def _forget_live(self, image_id: UUID) -> None:
+        with self._lock:
+            self._live.pop(image_id, None)
+
+
+def _spec(spec: ExperimentSpec | Mapping[str, Any]) -> ExperimentSpec:
+    return spec if isinstance(spec, ExperimentSpec) else ExperimentSpec.model_validate(dict(spec))
+
+
+def _frame_info(
+    metadata: FrameInfo | Mapping[str, Any] | None, fields: dict[str, Any]
+) -> FrameInfo:
+    if isinstance(metadata, FrameInfo):
+        return FrameInfo.of(metadata, **fields)
+    return FrameInfo.of(dict(metadata or {}), **fields)
+
+
+def _started(row: ImageRow, spec: ExperimentSpec, resumed: bool, frames: int) -> StartedExperiment:
+    m = row.manifest
+    return StartedExperiment(
+        image_id=m.image_id, resumed=resumed, spec=spec, experiment=m.experiment,
+        acquired_at=m.acquired_at, state=row.state, frames_total=m.tile_count,
+        frames_received=frames, tile_width=m.tile_width, tile_height=m.tile_height,
+        dtype=m.dtype, tile_bytes=m.tile_bytes, positions=list(m.positions),
+    )  # fmt: skip
+
+
+def _show(value: Any) -> str:
+    text = repr(value.isoformat() if isinstance(value, datetime) else value)
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _close_all(dirs: list[ConfinedDir]) -> None:
+    for folder in dirs:
+        folder.close()
