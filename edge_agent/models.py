@@ -357,6 +357,8 @@ class ExperimentProgress(BaseModel):
     frames_total: int
     frames_received: int
     server: ServerState
+    locations: dict[str, str] = Field(default_factory=dict)
+    """Where the server stored the image, per backend (e.g. `omero:Image:42 dataset:7`)."""
     backends: dict[str, BackendProgress]
     """Per target: frames written (for `omero`, acknowledged by the server), failures."""
     warnings: list[str] = Field(default_factory=list)

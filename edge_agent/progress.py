@@ -42,6 +42,7 @@ def progress_of(
         image_id=m.image_id, experiment=m.experiment, image_name=m.image_name,
         state=row.state, partial=row.partial, ended_by=row.ended_by,
         frames_total=m.tile_count, frames_received=counts.accepted, server=row.server,
+        locations=dict(row.locations),
         backends=backends, warnings=list(warnings or []),
         started_at=datetime.fromtimestamp(row.started_at, UTC),
         last_frame_at=_at(row.last_frame_at),
