@@ -212,7 +212,6 @@ class Acquisition:
                 live.closing = False
                 raise
             if live.targets is None:
-                self.spool.set_state(image_id, "finalized" if close else "aborted")
                 self._forget_live(image_id)
             else:
                 live.targets.close(FINISH if close else ABORT)

@@ -313,10 +313,13 @@ class Spool:
         now = time.time()
         with self._db() as db:
             row = db.execute(
-                "SELECT state, to_server FROM images WHERE image_id = ?", (str(image_id),)
+                "SELECT state, to_server, server, server_detail FROM images WHERE image_id = ?",
+                (str(image_id),),
             ).fetchone()
             if row is None or row[0] != "acquiring":
                 raise PermanentError(f"image {image_id} is {row and row[0]}; no more frames")
+            if row[2] == "refused":
+                raise PermanentError(f"the server refused image {image_id}: {row[3]}")
             db.execute(
                 "INSERT INTO tiles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                 (str(image_id), *key, digest, meta.model_dump_json() if meta else None, nbytes,
@@ -343,8 +346,10 @@ class Spool:
         manifest = self.manifest(image_id)
         with self._db() as db:
             row = db.execute(
-                "SELECT state, to_server, close FROM images WHERE image_id = ?", (str(image_id),)
+                "SELECT state, to_server, close, local_hold FROM images WHERE image_id = ?",
+                (str(image_id),),
             ).fetchone()
+            hold = bool(row[3])
             if row[0] != "acquiring":
                 return CloseManifest.model_validate_json(row[2]) if row[2] else None
             tiles = {
@@ -375,13 +380,18 @@ class Spool:
                     ),
                     partial=bool(missing),
                 )
+            # Local targets still have to finish their files; without any it is done now.
+            state = ("finalizing" if hold else "finalized") if close else "aborted"
             db.execute(
                 "UPDATE images SET state = ?, close = ?, partial = ?, ended_by = ?"
                 " WHERE image_id = ?",
-                ("finalizing" if close else "aborted", close.to_bytes() if close else None,
-                 int(bool(missing)), ended_by, str(image_id)),
+                (state, close.to_bytes() if close else None, int(bool(missing)), ended_by,
+                 str(image_id)),
             )  # fmt: skip
-            if close is not None and row[1]:
+            refused = db.execute(
+                "SELECT server = 'refused' FROM images WHERE image_id = ?", (str(image_id),)
+            ).fetchone()[0]
+            if close is not None and row[1] and not refused:
                 self._enqueue(db, "close", image_id)
         self._notify()
         return close
