@@ -358,8 +358,11 @@ class Publisher:
         key: FlightKey = ("tile", ack.image_id, ack.tile)
         flight = self._flights.get(key)
         if ack.state is TileState.COMMITTED:
+            # The spool first: if that fails (a full disk) the flight stays, is sent again
+            # and acknowledged again; nothing is forgotten that the spool still holds.
+            committed = self.spool.tile_committed(ack.image_id, ack.tile)
             self._finish(key)
-            if self.spool.tile_committed(ack.image_id, ack.tile):
+            if committed:
                 self.counters.committed_tiles += 1
                 self.counters.committed_bytes += flight.item.nbytes if flight else 0
         elif flight is None:
@@ -373,8 +376,8 @@ class Publisher:
             flight.resend_now = True
         else:
             reason = f"{ack.reason}: {ack.detail}"
-            self._finish(key)
             self.spool.tile_rejected(flight.item, reason)
+            self._finish(key)
             self.counters.rejected_tiles += 1
             self.problems.set(
                 ("image", ack.image_id), f"tile of image {ack.image_id} refused: {reason}"
@@ -384,16 +387,17 @@ class Publisher:
     def _open_ack(self, ack: OpenAck) -> None:
         key: FlightKey = ("open", ack.image_id, None)
         if ack.state is ManifestState.ACCEPTED:
-            flight = self._finish(key)
+            flight = self._flights.get(key)
             if flight is not None:
                 self.spool.drop(flight.item)
+                self._finish(key)
             self.problems.clear(("open", ack.image_id))
             return
         # Nothing of this image will ever be accepted: set all of it aside, stop sending.
         reason = f"{ack.reason}: {ack.detail}"
+        self.counters.rejected_tiles += self.spool.image_refused(ack.image_id, reason)
         for doomed in [k for k in self._flights if k[1] == ack.image_id]:
             self._finish(doomed)
-        self.counters.rejected_tiles += self.spool.image_refused(ack.image_id, reason)
         self.problems.set(
             ("image", ack.image_id), f"image {ack.image_id} refused by the server: {reason}"
         )
@@ -413,10 +417,10 @@ class Publisher:
             # once they are all committed.
             log.warning("image %s: %s ack while tiles are pending here", ack.image_id, ack.state)
             return
-        self._finish(key)
         complete = ack.state is ImageState.COMPLETE
         detail = None if complete else f"{ack.reason}: {ack.detail}"
         self.spool.image_done(ack.image_id, complete, detail, dict(ack.locations))
+        self._finish(key)
         if complete:
             self.counters.images_complete += 1
             self.problems.clear_images()  # the server stores images again: refusals are history

@@ -15,8 +15,8 @@ import pytest
 
 from devtools.stack import wait_for
 from edge_agent.publisher import Mailbox, Publisher
-from edge_agent.spool import Spool
 from edge_agent.settings import AgentSettings
+from edge_agent.spool import Spool
 from tilebridge_protocol.framing import decode_chunk
 from tilebridge_protocol.messages import (
     ErrorAck,
@@ -199,7 +199,7 @@ def test_a_puback_before_publish_returns_is_not_lost(tmp_path: Path) -> None:
 
 
 def test_the_last_error_leaves_when_its_condition_clears(rig: Any) -> None:
-    publisher, connection, buffer, manifest = rig
+    publisher, connection, _buffer, manifest = rig
     _ack(publisher, ErrorAck(image_id=manifest.image_id, reason=ReasonCode.UNKNOWN_IMAGE,
                              detail="close for an image without an accepted open",
                              topic="tilebridge/v1/dev/scope-1/close"))  # fmt: skip

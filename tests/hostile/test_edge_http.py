@@ -81,7 +81,7 @@ def test_every_route_wants_the_token(api: tuple[httpx.Client, EdgeApp, int]) -> 
 def test_frames_and_experiments_beyond_the_memory_bound_are_refused(
     api: tuple[httpx.Client, EdgeApp, int],
 ) -> None:
-    client, agent, port = api
+    client, _agent, port = api
     huge = client.post("/experiments", json=spec(tile_width=65536, tile_height=65536,
                                                  dtype="float64"))  # fmt: skip
     assert huge.status_code == 422 and "tile_width" in huge.json()["message"]
@@ -115,7 +115,8 @@ def _chunked_flood(port: int, path: str, total: int) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}"
-            "\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+            "\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream"
+            "\r\n\r\n".encode()
         )
         try:
             while sent < total:
@@ -133,7 +134,7 @@ def _chunked_flood(port: int, path: str, total: int) -> int:
 def test_an_output_folder_swapped_for_a_symlink_is_never_written_through(
     api: tuple[httpx.Client, EdgeApp, int], tmp_path: Path
 ) -> None:
-    client, agent, _ = api
+    client, _agent, _ = api
     outside = tmp_path / "outside"
     outside.mkdir()
     root = tmp_path / "local"
