@@ -73,10 +73,13 @@ class FastPath:
     def serve(self, path: Path) -> None:
         """Listen on `path` on a daemon thread (replacing a stale socket of an earlier run)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        server = _Server(str(path), _Connection)
+        # Bound and listening under another name first: once `path` exists, it answers.
+        fresh = path.with_name(f".{path.name}.new")
+        fresh.unlink(missing_ok=True)
+        server = _Server(str(fresh), _Connection)
         server.front = self
-        os.chmod(path, 0o660)
+        os.chmod(fresh, 0o660)
+        os.replace(fresh, path)
         self._server = server
         threading.Thread(target=server.serve_forever, name="fastpath", daemon=True).start()
         log.info("fast local path on %s", path)
