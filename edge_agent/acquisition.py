@@ -16,6 +16,7 @@ guards counters only, never I/O.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from edge_agent.progress import progress_of
 from edge_agent.settings import Abandoned, AgentSettings
 from edge_agent.spool import ImageRow, Spool
 from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
+from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import MAX_JSON_BYTES, utcnow
 from tilebridge_storage import registry
 from tilebridge_storage.base import StorageBackend
@@ -184,7 +186,7 @@ class Acquisition:
         with live.writing():
             accepted = self.spool.add_tile(image_id, key, pixels.data.cast("B"), meta)
             if accepted and live.targets is not None:
-                live.targets.put(key, pixels, meta)
+                live.targets.put(key, pixels, meta, partial(self._mapped, live, key))
         if accepted:
             return FrameResult(accepted=True, tile=tuple(key), frames_received=live.count())
         before = self.spool.accepted_digest(image_id, key)
@@ -371,6 +373,11 @@ class Acquisition:
                 raise PermanentError(f"targets: {target.kind} is not a local file target")
             if kind.mosaic_only and resolved.layout != "mosaic":
                 raise PermanentError(f"targets: {target.kind} needs layout mosaic")
+            try:  # options are the backend's keyword arguments: refused now, not later
+                inspect.signature(kind.load()).bind(target.folder, name=target.label,
+                                                    **target.options)  # fmt: skip
+            except TypeError as exc:
+                raise PermanentError(f"targets: {target.label} options: {exc}") from None
         return resolved
 
     def _open_dirs(self, spec: ExperimentSpec) -> list[ConfinedDir]:
@@ -446,15 +453,20 @@ class Acquisition:
     def _replay(self, live: Live) -> None:
         image_id = live.row.image_id
         assert live.targets is not None
-        m = live.row.manifest
         for key, meta in self.spool.accepted_tiles(image_id).items():
             try:
-                data = self.spool.read_tile(image_id, key)
+                pixels = self._mapped(live, key)
             except FileNotFoundError:
                 continue  # the targets report the tile missing at finish
-            pixels = np.frombuffer(data, m.dtype.numpy).reshape(m.tile_height, m.tile_width)
-            live.targets.put(key, pixels, meta)
+            live.targets.put(key, pixels, meta, partial(self._mapped, live, key))
         log.info("experiment %s: local targets fed again from the spool", image_id)
+
+    def _mapped(self, live: Live, key: TileKey) -> np.ndarray[Any, Any]:
+        """A read-only map of the frame's spool file (kept while local targets need it)."""
+        m = live.row.manifest
+        path = self.spool.tile_path(m.image_id, key)
+        shape = (m.tile_height, m.tile_width)
+        return np.memmap(path, dtype=m.dtype.numpy, mode="r", shape=shape)
 
     def _target_done(self, image_id: UUID, target: Target) -> None:
         progress = target.progress().model_dump(mode="json")

@@ -186,18 +186,34 @@ class LocalTargets:
     def __init__(self, targets: list[Target], budget_bytes: int) -> None:
         self.targets = targets
         self.budget = Budget(budget_bytes)
+        self.unbounded = Budget(1 << 62)
+        """For mapped frames: the page cache holds them, not our memory."""
         for target in targets:
             target.start()
 
-    def put(self, key: TileKey, pixels: np.ndarray[Any, Any], meta: PlaneMeta | None) -> None:
+    def put(
+        self,
+        key: TileKey,
+        pixels: np.ndarray[Any, Any],
+        meta: PlaneMeta | None,
+        mapped: Callable[[], np.ndarray[Any, Any]],
+    ) -> None:
         """Queue a frame for every target (a failed one counts it lost on its own thread);
-        blocks while the budget is full."""
-        if not self.targets:
-            return
-        self.budget.acquire(pixels.nbytes)
-        shared = SharedFrame(key, pixels, meta, len(self.targets), self.budget)
-        for target in self.targets:
-            target.put(shared)
+        blocks while the budget is full. A target that keeps references gets `mapped()`
+        instead (a read-only map of the frame's spool file, which stays until the local
+        targets are done): it may hold every frame of the image until finish, which would
+        otherwise cost the whole image in memory."""
+        copying = [t for t in self.targets if not t.keeps_references]
+        keeping = [t for t in self.targets if t.keeps_references]
+        if copying:
+            self.budget.acquire(pixels.nbytes)
+            shared = SharedFrame(key, pixels, meta, len(copying), self.budget)
+            for target in copying:
+                target.put(shared)
+        if keeping:
+            kept = SharedFrame(key, mapped(), meta, len(keeping), self.unbounded)
+            for target in keeping:
+                target.put(kept)
 
     def close(self, how: str) -> None:
         for target in self.targets:

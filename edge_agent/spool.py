@@ -388,6 +388,12 @@ class Spool:
                 (state, close.to_bytes() if close else None, int(bool(missing)), ended_by,
                  str(image_id)),
             )  # fmt: skip
+            if close is None:  # not a single frame: nothing to keep, nothing more to send
+                db.execute(
+                    "UPDATE images SET done_at = ?, local_hold = 0 WHERE image_id = ?",
+                    (time.time(), str(image_id)),
+                )
+                db.execute("DELETE FROM queue WHERE image_id = ?", (str(image_id),))
             refused = db.execute(
                 "SELECT server = 'refused' FROM images WHERE image_id = ?", (str(image_id),)
             ).fetchone()[0]
