@@ -6,7 +6,7 @@ Per repetition and path, A/B in the same run through the same Mosquitto:
      bytes in the same chunk size, the same 64 MiB in flight;
   B) tilebridge, one of
      fast    - `edge-agent run` as a process, frames over its Unix socket (FastPathClient)
-     http    - the same agent, frames POSTed to its HTTP API (httpx)
+     http    - the same agent, frames POSTed to its HTTP API (edge_agent.client.EdgeClient)
      python  - an in-process EdgeApp, frames through `Acquisition.write_frame`
      each time from the first write_frame to the `complete` image ack (the ingest has
      verified, staged, fsynced and stored every tile in its archive).
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
-import httpx
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devtools.broker import Mosquitto, free_port
 from devtools.stack import Watcher, agent_program, ingest_program, wait_for, wait_ingest_online
 from edge_agent.app import EdgeApp
+from edge_agent.client import EdgeClient
 from edge_agent.fastpath_client import FastPathClient
 from edge_agent.models import ExperimentSpec, FrameInfo
 from edge_agent.settings import AgentSettings
@@ -121,25 +121,24 @@ def make_spec(frames: int, name: str) -> tuple[ExperimentSpec, list[TileKey]]:
     return spec, manifest.tile_keys()
 
 
-def run_path(path: str, door: Any, http: httpx.Client | None, done: Completions,
+def run_path(path: str, door: Any, http: EdgeClient | None, done: Completions,
              frames: int, pool: list[np.ndarray[Any, Any]]) -> float:  # fmt: skip
     spec, keys = make_spec(frames, f"bench-{path}")
     image_id = spec.image_id
     assert image_id is not None
     if http is not None:
-        http.post("/experiments", json=spec.model_dump(mode="json")).raise_for_status()
+        http.start_experiment(**spec.model_dump(mode="json"))
     else:
         door.start(spec)
     start = time.perf_counter()
     for n, key in enumerate(keys):
         frame = pool[n % len(pool)]
         if http is not None:
-            http.post(f"/experiments/{image_id}/frames", params={"tile_index": key.index},
-                      content=frame.tobytes()).raise_for_status()  # fmt: skip
+            http.write_frame(image_id, frame, tile_index=key.index)
         else:
             door.write_frame(image_id, frame, FrameInfo(tile_index=key.index))
     if http is not None:
-        http.post(f"/experiments/{image_id}/finalize").raise_for_status()
+        http.finalize(image_id)
     else:
         door.finalize(image_id)
     return done.wait(image_id) - start
@@ -166,8 +165,8 @@ def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, 
         )  # fmt: skip
         ratios: dict[str, list[float]] = {"fast": [], "http": [], "python": []}
         try:
-            with FastPathClient(socket_path) as fast, httpx.Client(
-                base_url=f"http://127.0.0.1:{http_port}", timeout=120
+            with FastPathClient(socket_path) as fast, EdgeClient(
+                f"http://127.0.0.1:{http_port}", timeout=120
             ) as http, EdgeApp(settings) as app:  # fmt: skip
                 for rep in range(args.reps):
                     for path, values in ratios.items():

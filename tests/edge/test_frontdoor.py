@@ -194,9 +194,9 @@ def test_resume_conflicts_name_the_field_and_repeats_are_answered(app: EdgeApp) 
 
 
 def _minimal() -> dict[str, Any]:
+    positions = [{"x_um": p.x_um, "y_um": p.y_um} for p in MANIFEST.positions]
     return {"experiment": MANIFEST.experiment, "tile_width": 32, "tile_height": 32,
-            "pixel_size_um": MANIFEST.pixel_size.x_um,
-            "positions": [{"x_um": p.x_um, "y_um": p.y_um} for p in MANIFEST.positions]}  # fmt: skip
+            "pixel_size_um": MANIFEST.pixel_size.x_um, "positions": positions}  # fmt: skip
 
 
 def test_a_partial_close_lists_the_frames_it_has(app: EdgeApp) -> None:
