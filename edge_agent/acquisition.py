@@ -16,6 +16,7 @@ guards counters only, never I/O.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -23,23 +24,20 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 from uuid import UUID, uuid4
 
 import numpy as np
 
 from edge_agent.config import OMEWriterConfig
-from edge_agent.confine import ConfinedDir, open_confined
 from edge_agent.errors import ConflictError, UnknownExperimentError
-from edge_agent.frames import FrameMatcher
-from edge_agent.localtargets import ABORT, FINISH, LocalTargets, Target
+from edge_agent.live import Live, LiveExperiments, MakeBackend, close_all, registry_backend
+from edge_agent.localtargets import ABORT, FINISH
 from edge_agent.models import (
     ExperimentProgress,
     ExperimentSpec,
     FrameInfo,
     FrameResult,
-    LocalTarget,
     StartedExperiment,
 )
 from edge_agent.problems import Problems
@@ -47,68 +45,15 @@ from edge_agent.progress import progress_of
 from edge_agent.settings import Abandoned, AgentSettings
 from edge_agent.spool import ImageRow, Spool
 from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
-from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import MAX_JSON_BYTES, utcnow
 from tilebridge_storage import registry
-from tilebridge_storage.base import StorageBackend
 
 log = logging.getLogger(__name__)
 
-MakeBackend = Callable[[LocalTarget, ConfinedDir], StorageBackend]
 CLOSE_ENTRY_BYTES = 256
 """Room one tile takes in the close manifest (digest and PlaneMeta, generously)."""
 MAX_FRAMES_PER_EXPERIMENT = MAX_JSON_BYTES // CLOSE_ENTRY_BYTES
 """An experiment's close manifest must fit in one message the ingest accepts."""
-
-
-def registry_backend(target: LocalTarget, folder: ConfinedDir) -> StorageBackend:
-    kind = registry.kind(target.kind)
-    if kind.needs != "folder":
-        raise PermanentError(f"{target.kind} is not a local file target")
-    make: Callable[..., StorageBackend] = kind.load()
-    try:
-        return make(folder.path, name=target.label, **target.options)
-    except TypeError as exc:
-        raise PermanentError(f"target {target.label}: options {target.options}: {exc}") from exc
-
-
-class Live:
-    """The in-memory side of one experiment (see the module docstring)."""
-
-    def __init__(self, manifest_row: ImageRow, frames: int) -> None:
-        self.row = manifest_row
-        self.matcher = FrameMatcher(manifest_row.manifest)
-        self.targets: LocalTargets | None = None
-        self.dirs: list[ConfinedDir] = []
-        self.frames = frames
-        self.closing = False
-        self._writing = 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        with self._cond:
-            if self.closing:
-                raise PermanentError(f"experiment {self.row.image_id} is closing; no more frames")
-            self._writing += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writing -= 1
-                self._cond.notify_all()
-
-    def close_gate(self) -> None:
-        """No new frame from now on; wait for those in progress."""
-        with self._cond:
-            self.closing = True
-            while self._writing:
-                self._cond.wait()
-
-    def count(self) -> int:
-        with self._cond:
-            self.frames += 1
-            return self.frames
 
 
 class Acquisition:
@@ -123,9 +68,7 @@ class Acquisition:
         self.settings = settings
         self.defaults = defaults
         self.make_backend = make_backend
-        self._lock = threading.Lock()  # guards the dicts below, never I/O
-        self._live: dict[UUID, Live] = {}
-        self._making: dict[UUID, threading.Event] = {}
+        self.live = LiveExperiments(spool, settings, defaults, make_backend)
         self._answered = threading.Condition()
         self.problems = Problems()
         """The last refusal of the spool (a full disk, a frame that does not fit), shown on
@@ -145,17 +88,17 @@ class Acquisition:
         manifest = resolved.manifest()
         record = {"spec": resolved.model_dump(mode="json")}
         to_server, targets = bool(resolved.server), bool(resolved.targets)
-        dirs = self._open_dirs(resolved)  # refused before anything is stored
+        dirs = self.live.open_dirs(resolved)  # refused before anything is stored
         try:
             created = self.spool.create(manifest, record, to_server, local_hold=targets)
         except BaseException:
-            _close_all(dirs)
+            close_all(dirs)
             raise
         if not created:  # another call created it meanwhile
-            _close_all(dirs)
+            close_all(dirs)
             return self._resume(self.spool.image(manifest.image_id), spec)
         row = self.spool.image(manifest.image_id)
-        self._ensure_live(row, dirs)
+        self.live.ensure(row, dirs)
         log.info("experiment %s started: image %s", resolved.experiment, manifest.image_id)
         return _started(row, resolved, resumed=False, frames=0)
 
@@ -176,17 +119,16 @@ class Acquisition:
     def _write_frame(
         self, image_id: UUID, frame: np.ndarray[Any, Any], info: FrameInfo, owned: bool
     ) -> FrameResult:
-        with self._lock:
-            live = self._live.get(image_id)
+        live = self.live.get(image_id)
         if live is None:
-            live = self._ensure_live(self._row(image_id))
+            live = self.live.ensure(self._row(image_id))
         key = live.matcher.key(info)
         pixels = live.matcher.pixels(frame, copy_shared=not owned and live.targets is not None)
         meta = info.plane(live.row.manifest.acquired_at)
         with live.writing():
             accepted = self.spool.add_tile(image_id, key, pixels.data.cast("B"), meta)
             if accepted and live.targets is not None:
-                live.targets.put(key, pixels, meta, partial(self._mapped, live, key))
+                live.targets.put(key, pixels, meta, functools.partial(self.live.mapped, live, key))
         if accepted:
             return FrameResult(accepted=True, tile=tuple(key), frames_received=live.count())
         before = self.spool.accepted_digest(image_id, key)
@@ -206,7 +148,7 @@ class Acquisition:
     ) -> ExperimentProgress:
         row = self._row(image_id)
         if row.state == "acquiring":
-            live = self._ensure_live(row)
+            live = self.live.ensure(row)
             live.close_gate()
             try:
                 close = self.spool.close_image(image_id, partial=partial, ended_by=ended_by)
@@ -214,14 +156,13 @@ class Acquisition:
                 live.closing = False
                 raise
             if live.targets is None:
-                self._forget_live(image_id)
+                self.live.forget(image_id)
             else:
                 live.targets.close(FINISH if close else ABORT)
             log.info(
                 "experiment %s closed%s", image_id, " (partial)" if close and close.partial else ""
             )
-        with self._lock:
-            live_now = self._live.get(image_id)
+        live_now = self.live.get(image_id)
         if live_now is not None and live_now.targets is not None:
             live_now.targets.join(timeout)
         return self.experiment(image_id)
@@ -229,27 +170,25 @@ class Acquisition:
     def abort(self, image_id: UUID, *, ended_by: str | None = None) -> ExperimentProgress:
         row = self._row(image_id)
         if row.state in ("acquiring", "finalizing"):
-            live = self._ensure_live(row)
+            live = self.live.ensure(row)
             live.close_gate()
             self.spool.abort(image_id, ended_by)
             if live.targets is not None:
                 live.targets.close(ABORT)
                 live.targets.join(60)
-            self._forget_live(image_id)
+            self.live.forget(image_id)
             log.info("experiment %s aborted%s", image_id, f" ({ended_by})" if ended_by else "")
         return self.experiment(image_id)
 
     def experiment(self, image_id: UUID) -> ExperimentProgress:
         row = self._row(image_id)
-        with self._lock:
-            live = self._live.get(image_id)
+        live = self.live.get(image_id)
         return self._progress(row, live)
 
     def experiments(self) -> list[ExperimentProgress]:
         out = []
         for row in self.spool.images():
-            with self._lock:
-                live = self._live.get(row.image_id)
+            live = self.live.get(row.image_id)
             out.append(self._progress(row, live))
         return out
 
@@ -293,7 +232,7 @@ class Acquisition:
         spool's tiles (their partial output from before the restart is replaced)."""
         for row in self.spool.images(unfinished=True):
             if row.local_hold and row.state in ("acquiring", "finalizing"):
-                live = self._ensure_live(row)
+                live = self.live.ensure(row)
                 if row.state == "finalizing" and live.targets is not None:
                     live.targets.close(FINISH)
 
@@ -336,7 +275,7 @@ class Acquisition:
                 )  # fmt: skip
         frames = self.spool.counts(row.image_id).accepted
         if row.state == "acquiring":
-            self._ensure_live(row)
+            self.live.ensure(row)
         return _started(row, stored, resumed=True, frames=frames)
 
     def _resolve(self, spec: ExperimentSpec) -> ExperimentSpec:
@@ -380,115 +319,6 @@ class Acquisition:
                 raise PermanentError(f"targets: {target.label} options: {exc}") from None
         return resolved
 
-    def _open_dirs(self, spec: ExperimentSpec) -> list[ConfinedDir]:
-        dirs: list[ConfinedDir] = []
-        try:
-            for target in spec.targets or []:
-                dirs.append(open_confined(self.settings.local_output_root, target.folder))
-        except BaseException:
-            _close_all(dirs)
-            raise
-        return dirs
-
-    def _ensure_live(self, row: ImageRow, dirs: list[ConfinedDir] | None = None) -> Live:
-        """The experiment's Live, made once (a second caller waits for the first)."""
-        image_id = row.image_id
-        while True:
-            with self._lock:
-                live = self._live.get(image_id)
-                if live is not None:
-                    if dirs:
-                        _close_all(dirs)
-                    return live
-                busy = self._making.get(image_id)
-                if busy is None:
-                    mine = self._making[image_id] = threading.Event()
-                    break
-            busy.wait()
-        try:
-            if row.state not in ("acquiring", "finalizing"):
-                raise PermanentError(f"experiment {image_id} is {row.state}; no more frames")
-            live = self._make_live(row, dirs)
-            with self._lock:
-                self._live[image_id] = live
-        finally:
-            with self._lock:
-                del self._making[image_id]
-            mine.set()
-        return live
-
-    def _make_live(self, row: ImageRow, dirs: list[ConfinedDir] | None) -> Live:
-        counts = self.spool.counts(row.image_id)
-        live = Live(row, counts.accepted)
-        spec = ExperimentSpec.model_validate(row.record["spec"])
-        pending = {label for label in (t.label for t in spec.targets or [])} - set(row.targets)
-        if not pending:
-            return live
-        live.dirs = dirs if dirs is not None else self._open_dirs(spec)
-        targets = []
-        for target, folder in zip(spec.targets or [], live.dirs, strict=True):
-            if target.label not in pending:
-                continue
-            targets.append(
-                Target(
-                    label=target.label,
-                    make=partial(self.make_backend, target, folder),
-                    keeps_references=registry.kind(target.kind).keeps_references,
-                    device=self.settings.device_id,
-                    manifest=row.manifest,
-                    on_done=partial(self._target_done, row.image_id),
-                    show=folder.shown,
-                )
-            )
-        budget = min(
-            self.defaults().max_bytes_in_flight, self.settings.acquisition_memory_bytes // 2
-        )
-        live.targets = LocalTargets(targets, budget)
-        if counts.accepted:  # after a restart: write them again from the spool
-            threading.Thread(
-                target=self._replay, args=(live,), name=f"replay-{row.image_id}", daemon=True
-            ).start()
-        return live
-
-    def _replay(self, live: Live) -> None:
-        image_id = live.row.image_id
-        assert live.targets is not None
-        for key, meta in self.spool.accepted_tiles(image_id).items():
-            try:
-                pixels = self._mapped(live, key)
-            except FileNotFoundError:
-                continue  # the targets report the tile missing at finish
-            live.targets.put(key, pixels, meta, partial(self._mapped, live, key))
-        log.info("experiment %s: local targets fed again from the spool", image_id)
-
-    def _mapped(self, live: Live, key: TileKey) -> np.ndarray[Any, Any]:
-        """A read-only map of the frame's spool file (kept while local targets need it)."""
-        m = live.row.manifest
-        path = self.spool.tile_path(m.image_id, key)
-        shape = (m.tile_height, m.tile_width)
-        return np.memmap(path, dtype=m.dtype.numpy, mode="r", shape=shape)
-
-    def _target_done(self, image_id: UUID, target: Target) -> None:
-        progress = target.progress().model_dump(mode="json")
-        try:
-            self.spool.set_target(image_id, target.label, progress)
-            with self._lock:
-                live = self._live.get(image_id)
-            if live is None or live.targets is None:
-                return
-            if all(t.state != "writing" for t in live.targets.targets):
-                self.spool.release_local(image_id)
-                if self.spool.image(image_id).state == "finalizing":
-                    self.spool.set_state(image_id, "finalized")
-                _close_all(live.dirs)
-                self._forget_live(image_id)
-        except (PermanentError, TransientError):
-            log.exception("recording local target %s of %s", target.label, image_id)
-
-    def _forget_live(self, image_id: UUID) -> None:
-        with self._lock:
-            self._live.pop(image_id, None)
-
 
 def _spec(spec: ExperimentSpec | Mapping[str, Any]) -> ExperimentSpec:
     return spec if isinstance(spec, ExperimentSpec) else ExperimentSpec.model_validate(dict(spec))
@@ -515,8 +345,3 @@ def _started(row: ImageRow, spec: ExperimentSpec, resumed: bool, frames: int) ->
 def _show(value: Any) -> str:
     text = repr(value.isoformat() if isinstance(value, datetime) else value)
     return text if len(text) < 120 else text[:117] + "..."
-
-
-def _close_all(dirs: list[ConfinedDir]) -> None:
-    for folder in dirs:
-        folder.close()

@@ -24,11 +24,12 @@ from uuid import uuid4
 
 import uvicorn
 
-from edge_agent.acquisition import Acquisition, MakeBackend, registry_backend
+from edge_agent.acquisition import Acquisition
 from edge_agent.client import resolve_token
 from edge_agent.config import ConfigStore, OMEWriterConfig
 from edge_agent.fastpath import FastPath
 from edge_agent.http import allowed_hosts, check_binding, create_app, start_server
+from edge_agent.live import MakeBackend, registry_backend
 from edge_agent.localtargets import Budget
 from edge_agent.metrics import serve_metrics
 from edge_agent.publisher import Mailbox, Publisher

@@ -12,9 +12,9 @@ from uuid import UUID
 import numpy as np
 
 from devtools.broker import Mosquitto
-from edge_agent.acquisition import MakeBackend, registry_backend
 from edge_agent.app import EdgeApp
 from edge_agent.frontdoor import FrontDoor
+from edge_agent.live import MakeBackend, registry_backend
 from edge_agent.models import ExperimentSpec, FrameInfo
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan

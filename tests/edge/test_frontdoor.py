@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edge_agent.acquisition import Acquisition, registry_backend
+from edge_agent.acquisition import Acquisition
 from edge_agent.app import EdgeApp
 from edge_agent.config import OMEWriterConfig
 from edge_agent.confine import ConfinedDir
 from edge_agent.errors import ConflictError, UnknownExperimentError
+from edge_agent.live import registry_backend
 from edge_agent.models import ExperimentSpec, FrameInfo, LocalTarget
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
@@ -134,8 +135,8 @@ def test_a_target_that_keeps_references_gets_maps_of_the_spool_not_memory(
     door = app.acquisition
     start(door, targets=targets(tmp_path, "one"))  # archive: keeps_references
     write_all(door)
-    with door._lock:
-        live = door._live[MANIFEST.image_id]
+    live = door.live.get(MANIFEST.image_id)
+    assert live is not None
     assert live.targets is not None
     wait = time.monotonic() + 10
     while len(recorders["one"].tiles) < MANIFEST.tile_count and time.monotonic() < wait:
@@ -158,8 +159,8 @@ def test_write_frame_waits_only_while_the_budget_is_full(
     door.defaults = lambda: OMEWriterConfig(max_bytes_in_flight=1024 * 1024)
     recorders["two"].gate.clear()
     start(door, targets=[{"kind": "ome_zarr", "name": "two", "folder": str(tmp_path / "z")}])
-    with door._lock:
-        live = door._live[MANIFEST.image_id]
+    live = door.live.get(MANIFEST.image_id)
+    assert live is not None
     assert live.targets is not None
     live.targets.budget.limit = 2 * MANIFEST.tile_bytes
     keys = MANIFEST.tile_keys()
