@@ -121,14 +121,13 @@ def simulate(settings: AgentSettings, scan: SyntheticScan, args: argparse.Namesp
     if args.fast_path:
         from edge_agent.fastpath_client import FastPathClient
 
-        return _acquire(FastPathClient(settings.socket_path), None, scan, spec, keys, summary, args)
+        return _acquire(FastPathClient(settings.socket_path), scan, spec, keys, summary, args)
     with EdgeApp(settings.model_copy(update={"fast_path": False})) as app:
-        return _acquire(app.acquisition, app, scan, spec, keys, summary, args)
+        return _acquire(app.acquisition, scan, spec, keys, summary, args)
 
 
 def _acquire(
     door: FrontDoor,
-    app: EdgeApp | None,
     scan: SyntheticScan,
     spec: ExperimentSpec,
     keys: list[TileKey],
@@ -169,7 +168,7 @@ def _acquire(
     if state.server == "sending":
         console.print(f"[red]no answer from the server within {args.timeout:.0f} s[/red]")
         return 1
-    summary.update(state=state.server, locations=omero.location, partial=state.partial)
+    summary.update(state=state.server, locations=state.locations, partial=state.partial)
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2))
     if state.server != "complete":

@@ -28,11 +28,12 @@ from edge_agent.acquisition import Acquisition
 from edge_agent.client import resolve_token
 from edge_agent.config import ConfigStore, OMEWriterConfig
 from edge_agent.fastpath import FastPath
+from edge_agent.flights import Mailbox
 from edge_agent.http import allowed_hosts, check_binding, create_app, start_server
 from edge_agent.live import MakeBackend, registry_backend
 from edge_agent.localtargets import Budget
 from edge_agent.metrics import serve_metrics
-from edge_agent.publisher import Mailbox, Publisher
+from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
 from edge_agent.spool import Spool
 from edge_agent.status import Reporter

@@ -18,24 +18,22 @@ blocks on anything but its mailbox (and the bandwidth cap, when one is set).
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import paho.mqtt.client as mqtt
 
 from edge_agent.errors import UnknownExperimentError
+from edge_agent.flights import Budget, Counters, Flight, FlightKey, Mailbox
 from edge_agent.problems import Problems
 from edge_agent.ratelimit import throttle
 from edge_agent.settings import AgentSettings
 from edge_agent.spool import Item, Spool
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.framing import encode_tile
-from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     AnyAck,
     ErrorAck,
@@ -58,76 +56,6 @@ from tilebridge_protocol.topics import (
 from tilebridge_runtime.mqtt import MqttConnection
 
 log = logging.getLogger(__name__)
-
-FlightKey = tuple[str, UUID, TileKey | None]
-Event = tuple[str, Any]
-
-
-class Mailbox:
-    """Events for the owner thread; `ring` wakes it without an event (new spool items)."""
-
-    def __init__(self) -> None:
-        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self._bell = threading.Event()
-
-    def post(self, kind: str, value: Any = None) -> None:
-        self._events.put((kind, value))
-        self._bell.set()
-
-    def ring(self) -> None:
-        self._bell.set()
-
-    def wait(self, timeout: float) -> None:
-        self._bell.wait(timeout)
-        self._bell.clear()
-
-    def drain(self) -> Iterator[Event]:
-        while True:
-            try:
-                yield self._events.get_nowait()
-            except queue.Empty:
-                return
-
-
-class Budget:
-    """Tile bytes in flight (owner thread only). An item larger than the whole budget still
-    goes, alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def has_room(self) -> bool:
-        return self.used < self.limit
-
-    def take(self, nbytes: int) -> None:
-        self.used += nbytes
-
-    def give(self, nbytes: int) -> None:
-        self.used -= nbytes
-
-
-@dataclass
-class Flight:
-    item: Item
-    attempts: int = 0
-    pending_mids: set[int] = field(default_factory=set)
-    deadline: float = float("inf")
-    resend_now: bool = False
-    sent_at: float = 0.0
-
-
-@dataclass
-class Counters:
-    """Written by the owner only; others read the numbers."""
-
-    committed_tiles: int = 0
-    committed_bytes: int = 0
-    retransmits: int = 0
-    rejected_tiles: int = 0
-    images_complete: int = 0
-    inflight_tiles: int = 0
-    inflight_bytes: int = 0
 
 
 class Publisher:

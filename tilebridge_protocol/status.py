@@ -26,7 +26,7 @@ class Liveness(StrEnum):
 
 
 class BackendProgress(BaseModel):
-    """One storage target of the device's current experiment (see edge_agent.omewriter)."""
+    """One storage target of the device's current experiment (see docs/acquisition.md)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -235,7 +235,7 @@ def test_an_abandoned_experiment_is_ended_by_the_policy_and_by_the_command(
     """Finding 7: an experiment whose acquisition died before finalize never ended."""
     start_ingest(programs, broker, tmp_path)
     watcher = Watcher(broker, "tilebridge/v1/dev/+/close", "tilebridge/v1/dev/+/status")
-    agent = Agent(broker, tmp_path, abandoned={"after_s": 2.0, "action": "partial"})
+    agent = Agent(broker, tmp_path, abandoned={"after_s": 8.0, "action": "partial"})
     try:
         client = agent.start()
         keys = SCAN.manifest().tile_keys()
@@ -250,7 +250,7 @@ def test_an_abandoned_experiment_is_ended_by_the_policy_and_by_the_command(
         assert client.experiment(other.image_id).state == "aborted"
 
         ended = wait_for(
-            lambda: (p := client.experiment(left.image_id)).state != "acquiring" and p, 30,
+            lambda: (p := client.experiment(left.image_id)).state != "acquiring" and p, 60,
             "the abandoned policy",
         )  # fmt: skip
         assert ended.partial and ended.ended_by and "abandoned" in ended.ended_by

@@ -14,7 +14,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from devtools.stack import wait_for
-from edge_agent.publisher import Mailbox, Publisher
+from edge_agent.flights import Mailbox
+from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
 from edge_agent.spool import Spool
 from tilebridge_protocol.framing import decode_chunk
