@@ -153,7 +153,7 @@ class Acquisition:
             try:
                 close = self.spool.close_image(image_id, partial=partial, ended_by=ended_by)
             except BaseException:
-                live.closing = False
+                live.reopen()
                 raise
             if live.targets is None:
                 self.live.forget(image_id)

@@ -77,6 +77,11 @@ class Live:
             while self._writing:
                 self._cond.wait()
 
+    def reopen(self) -> None:
+        """The close was refused (frames missing): frames may come again."""
+        with self._cond:
+            self.closing = False
+
     def count(self) -> int:
         with self._cond:
             self.frames += 1
