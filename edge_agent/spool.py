@@ -80,13 +80,6 @@ class Spool(Outbox):
         self._notify()
         return True
 
-    def update_record(self, image_id: UUID, record: dict[str, Any]) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE images SET record = ? WHERE image_id = ?",
-                (json.dumps(record), str(image_id)),
-            )
-
     def add_tile(
         self,
         image_id: UUID,
