@@ -1,13 +1,21 @@
 """Start a real Mosquitto from the repository's own configuration on a free loopback port.
 
 Used by the tests, the demo and the benchmarks. The broker gets the tile-traffic settings
-from `mosquitto/tilebridge.conf` unchanged; only the listener, the persistence directory and
-the log file are chosen here (and, when given, password and ACL files).
+from `mosquitto/tilebridge.conf` (unchanged, or with named values changed by `settings=`, e.g.
+a small queue limit for a test); only the listener, the persistence directory and the log
+file are chosen here.
 
 Secured mode (`identities=` or `Mosquitto.secured(...)`) is production's authentication and
-authorisation: a password file made with `mosquitto_passwd` holding the given identities, the
-repository's `mosquitto/acl`, and optionally a second, TLS listener with certificates from
-`scripts/make_certs.sh` that requires a client certificate.
+authorisation: the listeners of `mosquitto/mosquitto.conf` rendered by
+`devtools/broker_config.py` (only their ports, addresses and file paths moved, so client ids
+are bound to usernames and TLS requires a client certificate exactly as in production), a
+password file made with `mosquitto_passwd` holding the given identities, the repository's
+`mosquitto/acl`, and, with `tls=True`, the TLS listener with certificates from
+`scripts/make_certs.sh`; without it the TLS listener is left out.
+
+The default, anonymous mode has one plain listener and no identities: it cannot bind client
+ids to usernames (Mosquitto refuses a client without a username under
+`use_username_as_clientid`), so there any client may use any client id.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from devtools import broker_config
+from devtools.broker_config import PLAIN, SETTINGS, TLS, Listen
+
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = REPO / "mosquitto" / "tilebridge.conf"
 ACL = REPO / "mosquitto" / "acl"
 MAKE_CERTS = REPO / "scripts" / "make_certs.sh"
 
@@ -48,11 +58,13 @@ class Mosquitto:
         tls_clients: Iterable[str] = (),
         certs_dir: Path | None = None,
         tls_port: int | None = None,
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         """`identities` (username -> password) turns on secured mode: password file and ACL
         (`acl`, default the repository's `mosquitto/acl`). `tls` adds a TLS listener on
         `tls_port` (default: another free port) that requires a client certificate signed by
-        the lab CA in `certs_dir` (default `workdir/certs`); `tls_clients` get certificates."""
+        the lab CA in `certs_dir` (default `workdir/certs`); `tls_clients` get certificates.
+        `settings` changes values of tilebridge.conf (each must be set there already)."""
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto is not installed (make system installs it)")
@@ -69,6 +81,7 @@ class Mosquitto:
         self.tls_clients = list(tls_clients)
         self.certs_dir = Path(certs_dir) if certs_dir else self.workdir / "certs"
         self.tls_port = (tls_port or free_port()) if tls else None
+        self.settings = dict(settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -84,11 +97,13 @@ class Mosquitto:
         tls_clients: Iterable[str] = (),
         certs_dir: Path | None = None,
         tls_port: int | None = None,
+        settings: Mapping[str, object] | None = None,
     ) -> Mosquitto:
-        """Production-like: no anonymous clients, passwords, the repository's ACL."""
+        """Production's listeners and authentication, the repository's ACL."""
         return cls(
             workdir, port, extra_config, anonymous=False, identities=identities, acl=acl,
             tls=tls, tls_clients=tls_clients, certs_dir=certs_dir, tls_port=tls_port,
+            settings=settings,
         )  # fmt: skip
 
     @property
@@ -130,31 +145,43 @@ class Mosquitto:
             # Run as whoever runs the tests: as root, Mosquitto would otherwise switch to the
             # `mosquitto` user and could not write its log, its persistence file or read keys.
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-            f"listener {self.port} {self.host}",
-            f"allow_anonymous {'true' if self.anonymous else 'false'}",
             f"persistence_location {data}/",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
             "log_type notice",
             "log_type information",
+            self.extra_config,
         ]
         if self.secure:
             self._write_security_files()
-            lines += [f"password_file {self.password_path}", f"acl_file {self.acl_path}"]
-        lines += [self.extra_config, SETTINGS.read_text()]
-        if self.tls:
-            self.issue_certs(self.tls_clients)
+            if self.tls:
+                self.issue_certs(self.tls_clients)
+            lines.append(self._production_listeners())
+        else:
             lines += [
-                f"listener {self.tls_port} {self.host}",
-                f"cafile {self.ca_file}",
-                f"certfile {self.certs_dir / 'server.crt'}",
-                f"keyfile {self.certs_dir / 'server.key'}",
-                "require_certificate true",
+                f"listener {self.port} {self.host}",
+                f"allow_anonymous {'true' if self.anonymous else 'false'}",
             ]
+        lines.append(broker_config.with_values(SETTINGS.read_text(), self.settings))
         text = "\n".join(lines) + "\n"
         self.config_path.write_text(text)
         return self.config_path
+
+    def _production_listeners(self) -> str:
+        files = {
+            "passwd": self.password_path,
+            "acl": self.acl_path,
+            "ca.crt": self.ca_file,
+            "server.crt": self.certs_dir / "server.crt",
+            "server.key": self.certs_dir / "server.key",
+        }
+        tls = Listen(self.tls_port, self.host) if self.tls_port is not None else None
+        return broker_config.render(
+            broker_config.SOURCE.read_text(),
+            paths=broker_config.by_name(files),
+            listeners={PLAIN: Listen(self.port, self.host), TLS: tls},
+        )
 
     def _write_security_files(self) -> None:
         assert self.identities is not None
@@ -163,13 +190,11 @@ class Mosquitto:
             for name, password in self.identities.items():
                 self._passwd("-b", str(self.password_path), name, password)
         acl = self.acl_source.read_text()
-        extra = [n for n in self.identities if n.startswith(("ingest-", "monitor-"))]
-        if extra:
-            from server_ingest.admin import Role, acl_add_user
+        from server_ingest.identities import Role, acl_add_user, role_of
 
-            for name in extra:
-                role = Role.INGEST if name.startswith("ingest-") else Role.MONITOR
-                acl = acl_add_user(acl, name, role)
+        for name in self.identities:
+            if role_of(name) is not Role.DEVICE and name not in ("ingest", "monitor"):
+                acl = acl_add_user(acl, name, role_of(name))  # as `device add --role` does
         self.acl_path.write_text(acl)
 
     @staticmethod

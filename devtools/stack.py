@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class Program:
     """One console command of tilebridge, run as `python -m <module>` with a config file."""
 
-    def __init__(self, module: str, config: dict[str, Any], workdir: Path, name: str) -> None:
+    def __init__(
+        self,
+        module: str,
+        config: dict[str, Any],
+        workdir: Path,
+        name: str,
+        *,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`cwd` and `env` (added to this process's environment): where the program runs."""
         self.module = module
         self.config = config
         self.workdir = workdir
         self.name = name
+        self.cwd = cwd
+        self.env = dict(env or {})
         self.config_path = workdir / f"{name}.json"
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,13 +58,14 @@ class Program:
 
     def start(self, *args: str, stderr_to_log: bool = True) -> Program:
         self.config_path.write_text(json.dumps(self.config, indent=2, default=str))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="100")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config_path), *args],
                 stdout=log if stderr_to_log else None,
                 stderr=log if stderr_to_log else None,
                 env=env,
+                cwd=self.cwd,
                 start_new_session=True,
             )
         return self
@@ -146,10 +159,11 @@ class Watcher:
             self._subscribed.set()
 
         def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            payload = bytes(msg.payload)
             with self._lock:
-                self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
-                if msg.payload:
-                    self.retained[msg.topic] = msg.payload
+                self.messages.append((msg.topic, payload, bool(msg.retain)))
+                if payload:
+                    self.retained[msg.topic] = payload
                 else:
                     self.retained.pop(msg.topic, None)
 

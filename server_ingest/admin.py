@@ -2,41 +2,43 @@
 
 Each device gets its own MQTT username (= its device id) and a random password; the broker's
 ACL (`mosquitto/acl`) pins every username to its own topic tree, so the credentials on one Pi
-open nothing but that microscope's uploads. The Pi never holds OMERO credentials.
-
-The password file is Mosquitto 2's own format, `name:$7$<iterations>$<salt>$<hash>` with
-PBKDF2-HMAC-SHA512, written here directly rather than with `mosquitto_passwd -b`, which would
-put the password on a command line that every local user can read in /proc. Files are
-replaced atomically and keep their owner and mode. Mosquitto reads the files only at start-up
-and on SIGHUP: after every change the broker is told to reload when its pid is known.
+open nothing but that microscope's uploads. The Pi never holds OMERO credentials. Names,
+password hashes and the ACL blocks are `server_ingest/identities.py`; Mosquitto reads its
+files only at start-up and on SIGHUP: after every change the broker is told to reload when
+its pid is known.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import fcntl
-import grp
-import hashlib
-import hmac
 import json
 import os
-import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from tilebridge_protocol.errors import ProtocolError
-from tilebridge_protocol.topics import check_device_id
+from server_ingest.identities import (
+    AdminError,
+    Role,
+    acl_add_user,
+    acl_remove_user,
+    check_device_name,
+    check_name,
+    locked,
+    lookalike_of,
+    new_password,
+    read_password_file,
+    remove_identity,
+    replace_file,
+    role_of,
+    set_identity,
+    write_secret,
+)
 from tilebridge_runtime.mqtt import BrokerSettings
 
 BROKER_DIR = Path("/etc/mosquitto/tilebridge")
@@ -53,215 +55,7 @@ _MAKE_CERTS_PLACES = (
 )
 MAKE_CERTS = next((p for p in _MAKE_CERTS_PLACES if p.exists()), _MAKE_CERTS_PLACES[0])
 
-# Generated passwords carry 256 bits of entropy, so the iteration count is not what protects
-# them; it only has to stay cheap for the broker, which hashes on every CONNECT.
-PBKDF2_ITERATIONS = 1000
-SALT_BYTES = 12
 PASSWORD_FILE_NAME = "mqtt-password"
-
-_HASH = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
-
-
-class AdminError(Exception):
-    """A refused admin command; the message says why."""
-
-
-class Role(StrEnum):
-    DEVICE = "device"
-    INGEST = "ingest"
-    MONITOR = "monitor"
-
-
-def role_of(name: str) -> Role:
-    """`ingest`, `ingest-*`, `monitor` and `monitor-*` are reserved; anything else is a device."""
-    for role in (Role.INGEST, Role.MONITOR):
-        if name == role.value or name.startswith(f"{role.value}-"):
-            return role
-    return Role.DEVICE
-
-
-def check_name(name: str, role: Role = Role.DEVICE) -> str:
-    try:
-        check_device_id(name)
-    except ProtocolError as exc:
-        raise AdminError(exc.detail) from None
-    if role_of(name) is not role:
-        if role is Role.DEVICE:
-            raise AdminError(f"{name!r} is reserved for the {role_of(name)} role, not a device")
-        raise AdminError(f"a {role} identity must be named {role} or {role}-<suffix>")
-    return name
-
-
-# -- password hashes --------------------------------------------------------------------------
-
-
-def hash_password(password: str, iterations: int = PBKDF2_ITERATIONS) -> str:
-    """A Mosquitto 2 password hash (`$7$`: PBKDF2-HMAC-SHA512, base64 salt and hash)."""
-    salt = secrets.token_bytes(SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    b64 = base64.b64encode
-    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    match = _HASH.fullmatch(encoded)
-    if match is None:
-        return False
-    iterations, salt, digest = match.groups()
-    computed = hashlib.pbkdf2_hmac(
-        "sha512", password.encode(), base64.b64decode(salt), int(iterations)
-    )
-    return hmac.compare_digest(computed, base64.b64decode(digest))
-
-
-def new_password() -> str:
-    """256 random bits, URL-safe: no ':' or whitespace to break a file or a command line."""
-    return secrets.token_urlsafe(32)
-
-
-# -- files --------------------------------------------------------------------------------------
-
-
-def read_password_file(path: Path) -> dict[str, str]:
-    """Username -> hash, in file order."""
-    entries: dict[str, str] = {}
-    if not path.exists():
-        return entries
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and ":" in line:
-            name, encoded = line.split(":", 1)
-            entries[name] = encoded
-    return entries
-
-
-def _replace(path: Path, text: str, new_mode: int = 0o640) -> None:
-    """Write `text` to `path` atomically, keeping the owner and mode of an existing file.
-
-    A new file is readable by the `mosquitto` group only (the broker drops root before it
-    reads its files), never by everyone.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st: os.stat_result | None = path.stat()
-    except FileNotFoundError:
-        st = None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, (st.st_mode & 0o7777) if st else new_mode)
-        if st is not None:
-            with contextlib.suppress(PermissionError):
-                os.chown(tmp, st.st_uid, st.st_gid)
-        elif os.geteuid() == 0:
-            with contextlib.suppress(KeyError, PermissionError):
-                os.chown(tmp, 0, grp.getgrnam("mosquitto").gr_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_password_file(path: Path, entries: dict[str, str]) -> None:
-    _replace(path, "".join(f"{name}:{encoded}\n" for name, encoded in entries.items()))
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One admin command at a time per password file."""
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def set_identity(path: Path, name: str, password: str) -> bool:
-    """Create or replace `name`'s password; True if it existed (a rotation)."""
-    with _locked(path):
-        entries = read_password_file(path)
-        existed = name in entries
-        entries[name] = hash_password(password)
-        write_password_file(path, entries)
-    return existed
-
-
-def remove_identity(path: Path, name: str) -> bool:
-    with _locked(path):
-        entries = read_password_file(path)
-        if entries.pop(name, None) is None:
-            return False
-        write_password_file(path, entries)
-    return True
-
-
-def write_secret(path: Path, secret: str) -> None:
-    """A file only its owner can read (mode 600 from the start, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(secret + "\n")
-
-
-# -- ACL ----------------------------------------------------------------------------------------
-
-
-def _user_block(lines: list[str], name: str) -> tuple[int, int] | None:
-    """Line range of `user <name>` and its `topic` lines (up to the next user/pattern)."""
-    for i, line in enumerate(lines):
-        if line.split() == ["user", name]:
-            end = i + 1
-            while end < len(lines) and not lines[end].lstrip().startswith(("user ", "pattern ")):
-                end += 1
-            while end > i + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
-                end -= 1  # leave comments that belong to the next block
-            return i, end
-    return None
-
-
-def acl_add_user(text: str, name: str, role: Role) -> str:
-    """The ACL with a `user <name>` block copied from the `user <role>` template block.
-
-    Devices need no ACL entry (the `%u` patterns cover every username); an extra ingest or
-    monitor instance gets the same rights as `ingest` or `monitor`, its own tree denied.
-    """
-    if role is Role.DEVICE:
-        return text
-    lines = text.splitlines()
-    if _user_block(lines, name) is not None:
-        return text
-    template = _user_block(lines, role.value)
-    if template is None:
-        raise AdminError(f"the ACL has no 'user {role.value}' block to copy")
-    start, end = template
-    own = f"/dev/{role.value}/"
-    block = [f"user {name}"] + [
-        line.replace(own, f"/dev/{name}/") for line in lines[start + 1 : end] if line.strip()
-    ]
-    tail = "" if text.endswith("\n") or not text else "\n"
-    return f"{text}{tail}\n# added by `server-ingest device add {name} --role {role}`\n" + (
-        "\n".join(block) + "\n"
-    )
-
-
-def acl_remove_user(text: str, name: str) -> str:
-    """The ACL without `name`'s block (the `ingest` and `monitor` templates stay)."""
-    if name in (Role.INGEST.value, Role.MONITOR.value):
-        return text
-    lines = text.splitlines()
-    found = _user_block(lines, name)
-    if found is None:
-        return text
-    start, end = found
-    if start > 0 and lines[start - 1].startswith("# added by `server-ingest device add"):
-        start -= 1
-    kept = lines[:start] + lines[end:]
-    return "\n".join(kept).rstrip("\n") + "\n"
-
 
 # -- certificates and the broker ------------------------------------------------------------
 
@@ -290,7 +84,8 @@ def reload_broker(pid: int | None) -> str:
     if pid is None:
         return (
             "Mosquitto reads these files only at start-up and on SIGHUP: run "
-            "`systemctl reload mosquitto` (or `kill -HUP <pid>`) for the change to take effect"
+            "`systemctl reload mosquitto` (or `kill -HUP <pid>`; compose: `docker compose -f "
+            "deploy/compose.yaml kill -s HUP mosquitto`) for the change to take effect"
         )
     try:
         os.kill(pid, signal.SIGHUP)
@@ -350,8 +145,8 @@ def add(args: argparse.Namespace) -> int:
     write_secret(out / PASSWORD_FILE_NAME, password)
     rotated = set_identity(args.password_file, name, password)
     if role is not Role.DEVICE:
-        with _locked(args.password_file):
-            _replace(args.acl, acl_add_user(_read(args.acl), name, role))
+        with locked(args.password_file):
+            replace_file(args.acl, acl_add_user(_read(args.acl), name, role))
     if tls and ca is not None:
         shutil.copyfile(ca, out / "ca.crt")
     if cert:
@@ -383,12 +178,13 @@ def add(args: argparse.Namespace) -> int:
 
 
 def remove(args: argparse.Namespace) -> int:
-    name = check_name(args.name, role_of(args.name))
+    # Any valid name, lookalikes too: one made before they were refused must be removable.
+    name = check_device_name(args.name)
     if not remove_identity(args.password_file, name):
         raise AdminError(f"no identity {name!r} in {args.password_file}")
     if args.acl.exists():
-        with _locked(args.password_file):
-            _replace(args.acl, acl_remove_user(_read(args.acl), name))
+        with locked(args.password_file):
+            replace_file(args.acl, acl_remove_user(_read(args.acl), name))
     _stderr(f"removed {name!r} from {args.password_file}")
     cert = args.certs_dir / "devices" / f"{name}.crt"
     if cert.exists():
@@ -404,6 +200,8 @@ def list_identities(args: argparse.Namespace) -> int:
     for name in sorted(read_password_file(args.password_file)):
         cert = (args.certs_dir / "devices" / f"{name}.crt").exists()
         print(f"{name}\t{role_of(name)}\t{'certificate' if cert else '-'}")
+        if role_of(name) is Role.DEVICE and (service := lookalike_of(name)) is not None:
+            _stderr(f"warning: device {name!r} looks like the {service} identity: remove it")
     return 0
 
 

@@ -15,6 +15,7 @@ PACKAGES = (
     "tilebridge_storage",
     "edge_agent",
     "server_ingest",
+    "tilebridge_imswitch",
 )
 
 

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from tilebridge_protocol.compressed import decompress, is_compressed, maybe_compress
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.reasons import ReasonCode
@@ -32,7 +33,8 @@ from tilebridge_protocol.reasons import ReasonCode
 PROTOCOL_VERSION = 1
 
 MAX_JSON_BYTES = 4 * 1024 * 1024
-"""Largest JSON message either side accepts (a close manifest of ~50k tiles fits)."""
+"""Largest JSON message either side accepts on the wire. A close manifest above
+`compressed.COMPRESS_ABOVE` travels zstd-compressed, so ~60k tiles with plane metadata fit."""
 
 # Names end up in OMERO and in archive paths: no separators, no leading dot, no control chars.
 Name = Annotated[
@@ -40,6 +42,8 @@ Name = Annotated[
     StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.,()+=@-]*$"),
 ]
 Text = Annotated[str, StringConstraints(max_length=1024)]
+Color = Annotated[str, StringConstraints(pattern=r"^[0-9A-F]{6}$")]
+"""A display colour as RRGGBB hex, upper case (what OME-Zarr's `omero` block holds)."""
 
 
 class PixelType(StrEnum):
@@ -93,6 +97,32 @@ class PixelSize(BaseModel):
     z_um: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
+class Well(BaseModel):
+    """The plate well an image shows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plate: Name
+    """The plate's name (e.g. its labware type); OMERO files the image in a dataset of it."""
+    row: Annotated[str, StringConstraints(pattern=r"^[A-Z]{1,2}$")]
+    column: int = Field(ge=1, le=999)
+    """1-based, as printed on the plate."""
+    condition: Text | None = None
+    """What was done to this well (a label the experimenter gave)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}{self.column}"
+
+
+OPTIONAL_OPEN_FIELDS = (
+    "channel_colors", "time_interval_s", "first_time_point", "well", "omero_project_id",
+    "omero_dataset_id",
+)  # fmt: skip
+"""Open fields added after the first release of v1: left out on the wire while unset, so a
+manifest that does not use them is byte for byte what an older ingest accepts."""
+
+
 class OpenManifest(_Message):
     """Announces an image. Sent before its tiles and again whenever the ingest asks for it.
 
@@ -118,6 +148,20 @@ class OpenManifest(_Message):
     acquired_at: AwareDatetime
     key_values: dict[Name, Text] = Field(default_factory=dict, max_length=256)
     tags: tuple[Name, ...] = Field(default=(), max_length=64)
+    channel_colors: tuple[Color, ...] = ()
+    """Display colour per channel (one per `size_c`, or empty: the backend's default)."""
+    time_interval_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Planned seconds between time points (OME TimeIncrement, the NGFF `t` scale)."""
+    first_time_point: int = Field(default=0, ge=0, le=10_000_000)
+    """Which time point of its time-lapse `t = 0` is, when a time-lapse is stored as one
+    image per time point (its time offset is `first_time_point * time_interval_s`)."""
+    well: Well | None = None
+    omero_project_id: int | None = Field(default=None, ge=1)
+    """File the image in this existing OMERO project (its dataset named `dataset`), rather
+    than the project named `project`; the server checks the policy by the project's name."""
+    omero_dataset_id: int | None = Field(default=None, ge=1)
+    """File the image in this existing OMERO dataset, whatever `project` and `dataset` say;
+    the server checks the policy by the names of the dataset and its project."""
 
     @model_validator(mode="after")
     def _consistent(self) -> OpenManifest:
@@ -126,7 +170,17 @@ class OpenManifest(_Message):
             raise ValueError("positions must carry the indices 0..n-1 exactly once")
         if self.channels and len(self.channels) != self.size_c:
             raise ValueError(f"{len(self.channels)} channel names for size_c={self.size_c}")
+        if self.channel_colors and len(self.channel_colors) != self.size_c:
+            raise ValueError(f"{len(self.channel_colors)} channel_colors for size_c={self.size_c}")
         return self
+
+    def to_bytes(self) -> bytes:
+        unset = {
+            name
+            for name in OPTIONAL_OPEN_FIELDS
+            if getattr(self, name) == OpenManifest.model_fields[name].get_default()
+        }
+        return self.model_dump_json(exclude=unset).encode()
 
     @property
     def tile_bytes(self) -> int:
@@ -156,6 +210,14 @@ class OpenManifest(_Message):
 
     def channel_name(self, c: int) -> str:
         return self.channels[c] if self.channels else f"C{c}"
+
+    def channel_color(self, c: int) -> str | None:
+        return self.channel_colors[c] if self.channel_colors else None
+
+    @property
+    def time_offset_s(self) -> float:
+        """Seconds from the time-lapse's start to this image's `t = 0` (planned)."""
+        return self.first_time_point * (self.time_interval_s or 0.0)
 
 
 class PlaneMeta(BaseModel):
@@ -213,6 +275,10 @@ class CloseManifest(_Message):
     def planes(self) -> dict[TileKey, PlaneMeta]:
         """Measured metadata by tile, for the tiles that have any."""
         return {d.tile: d.meta for d in self.digests if d.meta is not None}
+
+    def to_bytes(self) -> bytes:
+        """JSON, zstd-compressed when long (see `tilebridge_protocol.compressed`)."""
+        return maybe_compress(super().to_bytes())
 
 
 class TileState(StrEnum):
@@ -285,6 +351,8 @@ M = TypeVar("M", bound=BaseModel)
 def _load_json(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_JSON_BYTES:
         raise ProtocolError(ReasonCode.OVERSIZE, f"{len(payload)} bytes > {MAX_JSON_BYTES}")
+    if is_compressed(payload):
+        payload = decompress(payload)
     try:
         data = json.loads(payload)
     except RecursionError:  # e.g. b"[" * 100000: deep nesting is hostile, not JSON we use

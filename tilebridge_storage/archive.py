@@ -1,10 +1,13 @@
 """The local archive: the embedded default storage of the ingest.
 
 One OME-TIFF (BigTIFF) per image under a data directory, readable by tifffile, Fiji /
-Bio-Formats and QuPath: every stage position is one OME series of shape (T, C, Z, Y, X) with
-its stage position on each plane, so tiles are kept exactly as acquired (nothing stitched,
-nothing lost) whatever the layout. The file is written at `finish()` from the tiles handed in
-(on the server these are memory maps of staged tiles, so nothing is held in memory).
+Bio-Formats and QuPath: every stage position is one OME series of shape (T, C, Z, Y, X), so
+tiles are kept exactly as acquired (nothing stitched, nothing lost) whatever the layout. Each
+plane says where the stage was measured (the planned position where nothing was measured),
+its exposure and DeltaT; each series carries the channel names and colours, the time
+increment and the image's key-values (with its planned position) as a MapAnnotation. The
+file is written at `finish()` from the tiles handed in (on the server these are memory maps
+of staged tiles, so nothing is held in memory).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tilebridge_protocol.messages import OpenManifest
 from tilebridge_runtime.durable import atomic_write, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.paths import image_path
+from tilebridge_storage.plane_metadata import image_key_values, position_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -76,8 +80,10 @@ class _ArchiveWriter(ImageWriter):
     def _write_file(self, tmp: Path) -> None:
         m = self.manifest
         shape = (m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width)
+        key_values = image_key_values(m)
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for position in m.positions:
+                planned = f"{position.x_um:g} {position.y_um:g} {position.z_um:g} um"
                 tif.write(
                     self._planes(position.index),
                     shape=shape,
@@ -86,9 +92,8 @@ class _ArchiveWriter(ImageWriter):
                     metadata=ome_metadata(
                         m,
                         f"{m.image_name} position {position.index}",
-                        position.x_um,
-                        position.y_um,
-                        position.z_um,
+                        position_planes(m, self.planes, position.index),
+                        key_values | {"planned_position": planned},
                     ),
                 )
 

@@ -3,8 +3,11 @@
 Layout: `root/<device>/<experiment>/<image_name>_<id8>/` holds one OME-TIFF per position,
 `<image_name>_pos<index>.ome.tif`, with that position's planes (T, C, Z) as uncompressed
 pages in XYZCT order, and OME-XML (built with ome-types) naming pixel sizes with units,
-channel names, acquisition date, the stage position on every Plane and a StageLabel, and
-the manifest's key-values as a MapAnnotation. Fiji / Bio-Formats, QuPath and tifffile read
+channel names and colours, time increment, acquisition date, every Plane's stage position
+(measured where the acquisition said, else planned), exposure and DeltaT, the planned
+position as a StageLabel, and the image's key-values as a MapAnnotation. Measured metadata
+arrives with the close, after the files were created: `finish()` rewrites the OME-XML of the
+positions it concerns (tifffile.tiffcomment). Fiji / Bio-Formats, QuPath and tifffile read
 each file alone.
 
 Memory: nothing is held. The first plane of a position creates its file with every page
@@ -20,6 +23,7 @@ removes the partial directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +33,17 @@ import tifffile
 from ome_types import model as ome
 
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.paths import image_path
+from tilebridge_storage.plane_metadata import image_key_values, position_planes
+from tilebridge_storage.tiff_metadata import METADATA_NS
 
 SUFFIX = ".ome.tif"
 MICROMETER = ome.UnitsLength.MICROMETER
+MILLISECOND = ome.UnitsTime.MILLISECOND
+SECOND = ome.UnitsTime.SECOND
 PIXEL_TYPES = {"float32": "float", "float64": "double"}
 CLASSIC_TIFF_LIMIT = 2**31
 """Bytes above which a file is BigTIFF; below it, classic TIFF reaches the most readers."""
@@ -100,6 +108,7 @@ class _OmeTiffWriter(ImageWriter):
         self.require_complete(self.written)
         with disk_errors(f"writing {self.path}"):
             if not self.renamed:  # a retry after a failed parent fsync only fsyncs again
+                self._describe_measured()
                 fsync_dir(self.partial)
                 remove(self.path)
                 os.replace(self.partial, self.path)
@@ -115,10 +124,23 @@ class _OmeTiffWriter(ImageWriter):
             self.open_positions.clear()
             self.started = False
 
-    def _create(self, index: int) -> _Position:
+    def _describe_measured(self) -> None:
+        """Rewrite the OME-XML of every position that got measured plane metadata (the file
+        was described with the planned values when its first plane arrived)."""
+        m = self.manifest
+        for index in sorted({key.index for key in self.planes}):
+            path = self.partial / self._file_name(index)
+            tifffile.tiffcomment(path, comment=ome_xml(m, index, self.planes).encode())
+            fsync_file(path)
+
+    def _file_name(self, index: int) -> str:
         m = self.manifest
         digits = len(str(len(m.positions) - 1))
-        path = self.partial / f"{m.image_name}_pos{index:0{digits}d}{SUFFIX}"
+        return f"{m.image_name}_pos{index:0{digits}d}{SUFFIX}"
+
+    def _create(self, index: int) -> _Position:
+        m = self.manifest
+        path = self.partial / self._file_name(index)
         planes = m.size_t * m.size_c * m.size_z
         with tifffile.TiffWriter(
             path, bigtiff=planes * m.tile_bytes > CLASSIC_TIFF_LIMIT, ome=False
@@ -129,7 +151,7 @@ class _OmeTiffWriter(ImageWriter):
                 dtype=m.dtype.numpy,
                 photometric="minisblack",
                 rowsperstrip=m.tile_height,
-                description=ome_xml(m, index).encode(),
+                description=ome_xml(m, index, self.planes).encode(),
                 metadata=None,
             )
         with tifffile.TiffFile(path) as tif:
@@ -149,17 +171,10 @@ def _pwrite_all(path: Path, data: memoryview, offset: int) -> None:
         os.close(fd)
 
 
-def ome_xml(m: OpenManifest, index: int) -> str:
-    """OME-XML of one position's file: one Image, planes in XYZCT order."""
+def ome_xml(m: OpenManifest, index: int, planes: Mapping[TileKey, PlaneMeta]) -> str:
+    """OME-XML of one position's file: one Image, planes in XYZCT order, each at its measured
+    stage position (the StageLabel keeps the planned one)."""
     pos = m.positions[index]
-    at_stage = {
-        "position_x": pos.x_um,
-        "position_x_unit": MICROMETER,
-        "position_y": pos.y_um,
-        "position_y_unit": MICROMETER,
-        "position_z": pos.z_um,
-        "position_z_unit": MICROMETER,
-    }
     pixels = ome.Pixels(
         id="Pixels:0",
         dimension_order="XYZCT",
@@ -175,25 +190,46 @@ def ome_xml(m: OpenManifest, index: int) -> str:
         physical_size_y_unit=MICROMETER,
         physical_size_z=m.pixel_size.z_um,
         physical_size_z_unit=MICROMETER,
+        time_increment=m.time_interval_s,
+        time_increment_unit=SECOND,
         channels=[
-            ome.Channel(id=f"Channel:0:{c}", name=m.channel_name(c), samples_per_pixel=1)
+            ome.Channel(
+                id=f"Channel:0:{c}",
+                name=m.channel_name(c),
+                samples_per_pixel=1,
+                **_color(m.channel_color(c)),
+            )
             for c in range(m.size_c)
         ],
         tiff_data_blocks=[ome.TiffData(plane_count=m.size_t * m.size_c * m.size_z)],
         planes=[
-            ome.Plane(the_t=t, the_c=c, the_z=z, **at_stage)
-            for t in range(m.size_t)
-            for c in range(m.size_c)
-            for z in range(m.size_z)
+            ome.Plane(
+                the_t=p.the_t,
+                the_c=p.the_c,
+                the_z=p.the_z,
+                position_x=p.position_x_um,
+                position_x_unit=MICROMETER,
+                position_y=p.position_y_um,
+                position_y_unit=MICROMETER,
+                position_z=p.position_z_um,
+                position_z_unit=MICROMETER,
+                exposure_time=p.exposure_ms,
+                exposure_time_unit=MILLISECOND,
+                delta_t=p.delta_t_s,
+                delta_t_unit=SECOND,
+            )
+            for p in position_planes(m, planes, index)
         ],
     )
     annotations = ome.StructuredAnnotations()
     refs = []
-    if m.key_values:
+    key_values = image_key_values(m)
+    if key_values:
         annotations.map_annotations.append(
             ome.MapAnnotation(
                 id="Annotation:0",
-                value=ome.Map(ms=[ome.Map.M(k=k, value=v) for k, v in m.key_values.items()]),
+                namespace=METADATA_NS,
+                value=ome.Map(ms=[ome.Map.M(k=k, value=v) for k, v in key_values.items()]),
             )
         )
         refs.append(ome.AnnotationRef(id="Annotation:0"))
@@ -216,3 +252,8 @@ def ome_xml(m: OpenManifest, index: int) -> str:
     return ome.OME(
         creator="tilebridge", images=[image], structured_annotations=annotations
     ).to_xml()
+
+
+def _color(hex_rgb: str | None) -> dict[str, Any]:
+    # ome-types refuses color=None: an absent colour is a missing field.
+    return {} if hex_rgb is None else {"color": f"#{hex_rgb}"}

@@ -1,10 +1,12 @@
 """OME-Zarr mosaic: one multiscale image per scan, zarr v3 / OME-NGFF 0.5.
 
 Layout: `root/<device>/<experiment>/<image_name>_<id8>.ome.zarr`, arrays `0`, `1`, ... of
-axes (t, c, z, y, x), scale in micrometres and translation = stage position of the canvas
-origin, chunks (1, 1, 1, chunk, chunk) (512 by default) so a browser viewer streams only
-what it shows; zstd-compressed (zarr's default). Channel names and display windows go in
-the transitional `omero` block, the manifest's identity and key-values under `tilebridge`.
+axes (t, c, z, y, x), scale in micrometres (and the time interval in seconds on t) and
+translation = stage position of the canvas origin (and the image's time offset on t), chunks
+(1, 1, 1, chunk, chunk) (512 by default) so a browser viewer streams only what it shows;
+zstd-compressed (zarr's default). Channel names, colours and display windows go in the
+transitional `omero` block; the manifest's identity, key-values and the per-tile measured
+metadata under `tilebridge`.
 
 Tiles are painted into level 0 as they arrive, each over the canvas area it owns
 (`mosaic` module), so arrival order never changes the result and no tile is kept in
@@ -21,6 +23,7 @@ called again: levels are rebuilt from level 0.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,18 @@ from zarr.storage import LocalStore
 
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
+from tilebridge_storage.mosaic import (
+    Mosaic,
+    downsample_level,
+    plan,
+    pyramid_shapes,
+    require_mosaic,
+)
 from tilebridge_storage.paths import image_path
+from tilebridge_storage.plane_metadata import image_key_values
 
 SUFFIX = ".ome.zarr"
 AXES = ("t", "c", "z", "y", "x")
@@ -143,66 +153,90 @@ class _OmeZarrWriter(ImageWriter):
         )
 
     def _attributes(self, levels: list[zarr.Array[Any]]) -> dict[str, Any]:
-        m, mosaic = self.manifest, self.mosaic
-        px, py, pz = m.pixel_size.x_um, m.pixel_size.y_um, m.pixel_size.z_um or 1.0
-        datasets = []
-        for level in range(len(levels)):
-            f = 2**level
-            # A level-k pixel is the mean of f x f level-0 pixels: its centre shifts by (f-1)/2.
-            datasets.append(
-                {
-                    "path": str(level),
-                    "coordinateTransformations": [
-                        {"type": "scale", "scale": [1.0, 1.0, pz, py * f, px * f]},
-                        {
-                            "type": "translation",
-                            "translation": [
-                                0.0,
-                                0.0,
-                                0.0,
-                                mosaic.origin_y_um + (f - 1) * py / 2,
-                                mosaic.origin_x_um + (f - 1) * px / 2,
-                            ],
-                        },
-                    ],
-                }
-            )
-        space = {"type": "space", "unit": "micrometer"}
-        axes = [
-            {"name": "t", "type": "time"},
-            {"name": "c", "type": "channel"},
-            *({"name": name, **space} for name in ("z", "y", "x")),
-        ]
-        overview = np.asarray(levels[-1][:])
-        channels = []
-        for c in range(m.size_c):
-            # Display window from the overview; the range is the pixel type's, if it has one.
-            low, high = float(overview[:, c].min()), float(overview[:, c].max())
-            kind = np.iinfo(m.dtype.numpy) if m.dtype.numpy.kind in "ui" else None
-            full = (float(kind.min), float(kind.max)) if kind else (low, high)
-            channels.append(
-                {
-                    "label": m.channel_name(c),
-                    "color": "FFFFFF" if m.size_c == 1 else COLORS[c % len(COLORS)],
-                    "active": True,
-                    "window": {"min": full[0], "max": full[1], "start": low, "end": high},
-                }
-            )
+        m = self.manifest
         return {
             "ome": {
                 "version": "0.5",
-                "multiscales": [
-                    {"name": m.image_name, "axes": axes, "datasets": datasets, "type": "mean"}
-                ],
-                "omero": {"channels": channels, "rdefs": {"model": "color"}},
+                "multiscales": [multiscale(m, self.mosaic, len(levels))],
+                "omero": omero_block(m, np.asarray(levels[-1][:])),
             },
-            "tilebridge": {
-                "image_id": str(m.image_id),
-                "device": self.device,
-                "acquired_at": m.acquired_at.isoformat(),
-                "key_values": dict(m.key_values),
-            },
+            "tilebridge": tilebridge_block(m, self.device, self.planes),
         }
+
+
+def multiscale(m: OpenManifest, mosaic: Mosaic, levels: int) -> dict[str, Any]:
+    """NGFF `multiscales[0]` (the same in 0.4 and 0.5): axes t, c, z, y, x with the time
+    interval as the t scale (in seconds) and the image's time offset as its translation."""
+    px, py, pz = m.pixel_size.x_um, m.pixel_size.y_um, m.pixel_size.z_um or 1.0
+    dt = m.time_interval_s or 1.0
+    datasets = []
+    for level in range(levels):
+        f = 2**level
+        # A level-k pixel is the mean of f x f level-0 pixels: its centre shifts by (f-1)/2.
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [dt, 1.0, pz, py * f, px * f]},
+                    {
+                        "type": "translation",
+                        "translation": [
+                            m.time_offset_s,
+                            0.0,
+                            0.0,
+                            mosaic.origin_y_um + (f - 1) * py / 2,
+                            mosaic.origin_x_um + (f - 1) * px / 2,
+                        ],
+                    },
+                ],
+            }
+        )
+    space = {"type": "space", "unit": "micrometer"}
+    time = {"type": "time", "unit": "second"} if m.time_interval_s else {"type": "time"}
+    axes = [
+        {"name": "t", **time},
+        {"name": "c", "type": "channel"},
+        *({"name": name, **space} for name in ("z", "y", "x")),
+    ]
+    return {"name": m.image_name, "axes": axes, "datasets": datasets, "type": "mean"}
+
+
+def omero_block(m: OpenManifest, overview: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """The transitional `omero` block: channel names, colours and display windows (from the
+    smallest level)."""
+    channels = []
+    for c in range(m.size_c):
+        # Display window from the overview; the range is the pixel type's, if it has one.
+        low, high = float(overview[:, c].min()), float(overview[:, c].max())
+        kind = np.iinfo(m.dtype.numpy) if m.dtype.numpy.kind in "ui" else None
+        full = (float(kind.min), float(kind.max)) if kind else (low, high)
+        default = "FFFFFF" if m.size_c == 1 else COLORS[c % len(COLORS)]
+        channels.append(
+            {
+                "label": m.channel_name(c),
+                "color": m.channel_color(c) or default,
+                "active": True,
+                "window": {"min": full[0], "max": full[1], "start": low, "end": high},
+            }
+        )
+    return {"channels": channels, "rdefs": {"model": "color"}}
+
+
+def tilebridge_block(
+    m: OpenManifest, device: str, planes: Mapping[TileKey, PlaneMeta]
+) -> dict[str, Any]:
+    """What NGFF has no place for: the image's identity and key-values, and per tile what was
+    measured when it was taken."""
+    return {
+        "image_id": str(m.image_id),
+        "device": device,
+        "acquired_at": m.acquired_at.isoformat(),
+        "key_values": image_key_values(m),
+        "planes": [
+            {"tile": list(key), **meta.model_dump(exclude_none=True)}
+            for key, meta in sorted(planes.items())
+        ],
+    }
 
 
 def _publish(partial: Path, path: Path) -> None:

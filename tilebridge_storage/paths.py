@@ -1,19 +1,65 @@
-"""Where a file backend puts an image under its root."""
+"""Where a file backend puts an image under its root.
+
+Two rules. `image_path` is the default of the services' own folders: device, experiment and
+the image's id in the path, so images never meet. `named_path` is for a folder that belongs
+to one acquisition's files, laid out the way the acquisition program lays them out
+(ImSwitch: `<folder>/<name>.ome.zarr`, `<folder>/<name>/stitched.ome.tif`): the image's name
+alone says where. There two images may ask for the same path, so an output is claimed for
+its image with a marker beside it, and an output of another image is never replaced.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.messages import OpenManifest
+from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 
 
 def image_path(root: Path, device: str, manifest: OpenManifest, suffix: str) -> Path:
     """`root/<device>/<experiment>/<image_name>_<id8><suffix>`; names are validated by the
     protocol (no separators), and the result is checked to stay under `root`."""
     name = f"{manifest.image_name}_{manifest.image_id.hex[:8]}{suffix}"
-    path = root / device / manifest.experiment / name
-    resolved_root = root.resolve()
-    if resolved_root not in path.resolve().parents:
+    return _inside(root, root / device / manifest.experiment / name)
+
+
+def named_path(root: Path, manifest: OpenManifest, *parts: str) -> Path:
+    """`root/<parts...>` with `{name}` in a part replaced by the image's name."""
+    relative = [part.format(name=manifest.image_name) for part in parts]
+    return _inside(root, root.joinpath(*relative))
+
+
+def claim(output: Path, image_id: UUID) -> None:
+    """Mark `output` as this image's; PermanentError if it (or its marker) is another's."""
+    marker = _marker(output)
+    with disk_errors(f"claiming {output}"):
+        owner = marker.read_text().strip() if marker.exists() else None
+        if owner == str(image_id):
+            return
+        if owner is not None or output.exists():
+            theirs = f"image {owner}" if owner else "files tilebridge did not write"
+            raise PermanentError(
+                f"{output} holds {theirs}; refusing to replace it with image {image_id}"
+            )
+        atomic_write(marker, lambda tmp: _write_owner(tmp, image_id))
+
+
+def release(output: Path) -> None:
+    """Give up the claim on `output` (its partial output is gone)."""
+    remove(_marker(output))
+
+
+def _write_owner(tmp: Path, image_id: UUID) -> None:
+    tmp.write_text(f"{image_id}\n")
+
+
+def _marker(output: Path) -> Path:
+    return output.with_name(f".{output.name}.tilebridge")
+
+
+def _inside(root: Path, path: Path) -> Path:
+    if root.resolve() not in path.resolve().parents:
         raise PermanentError(f"refusing to write outside {root}: {path}")
     return path

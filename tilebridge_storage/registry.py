@@ -101,6 +101,39 @@ KINDS: dict[str, BackendKind] = {
             mosaic_only=True,
         ),
         BackendKind(
+            "ome_zarr_v04",
+            "an OME-Zarr (NGFF 0.4, zarr v2) mosaic written in place, viewable while it grows "
+            "(ImSwitch's live view); at <folder>/<image_name>.ome.zarr",
+            "tilebridge_storage.ome_zarr_v04:OmeZarrV04Backend",
+            "folder",
+            requires=("zarr", "numcodecs", "ome_zarr_models"),
+            mosaic_only=True,
+        ),
+        BackendKind(
+            "stitched_tiff_named",
+            "one stitched, pyramidal OME-TIFF at <folder>/<image_name>/stitched.ome.tif",
+            "tilebridge_storage.stitched_tiff:NamedStitchedTiffBackend",
+            "folder",
+            requires=("tifffile",),
+            mosaic_only=True,
+        ),
+        BackendKind(
+            "ome_tiff_stack",
+            "the mosaic as one OME-TIFF hyperstack (TCZYX) at "
+            "<folder>/<image_name>/<image_name>.ome.tif",
+            "tilebridge_storage.stitched_tiff:HyperstackTiffBackend",
+            "folder",
+            requires=("tifffile",),
+            mosaic_only=True,
+        ),
+        BackendKind(
+            "frame_tiffs",
+            "one OME-TIFF per frame under <folder>/<image_name>/tiles/timepoint_<t>/",
+            "tilebridge_storage.frame_tiffs:FrameTiffsBackend",
+            "folder",
+            requires=("tifffile", "ome_types"),
+        ),
+        BackendKind(
             "omero",
             "an OMERO server, written by the ingest",
             "tilebridge_storage.omero_backend.backend:OmeroBackend",

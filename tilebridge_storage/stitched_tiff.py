@@ -4,7 +4,9 @@ Layout: `root/<device>/<experiment>/<image_name>_<id8>.ome.tif`, axes TCZYX, 512
 zlib-compressed tiles, each plane followed by its sub-resolutions in SubIFDs (each half the
 previous, 2x2 mean, until one fits a tile): tifffile's documented pyramidal OME-TIFF, which
 Fiji / Bio-Formats, QuPath and OMERO open as a pyramid. OME-XML carries pixel sizes,
-channel names, acquisition date and the canvas origin's stage position on every plane.
+channel names and colours, time increment, acquisition date, every plane's position (the
+canvas origin; z as measured), exposure and DeltaT (`plane_metadata`), and the image's
+key-values and the per-tile measurements as MapAnnotations.
 
 Memory stays bounded whatever the mosaic size: tiles are painted, as they arrive, over the
 area they own (`mosaic` module) into a disk-backed canvas (a memory map in
@@ -13,6 +15,11 @@ front, so a full disk fails there with an error instead of a SIGBUS on a later p
 `finish()` downsamples level by level into further maps, block by block, then streams the
 levels tile by tile into the TIFF (atomic_write: written aside, fsynced, renamed), and
 removes the staging folder. A failed `finish()` keeps the canvas, so it can be called again.
+
+Two more kinds write the same way where ImSwitch puts its files (`paths.named_path`):
+`stitched_tiff_named` (`root/<image_name>/stitched.ome.tif`) and `ome_tiff_stack`, ImSwitch's
+`write_tiff` hyperstack (`root/<image_name>/<image_name>.ome.tif`, the same file without
+sub-resolutions, which Fiji opens as one TCZYX hyperstack).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from tilebridge_protocol.messages import OpenManifest
 from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
-from tilebridge_storage.paths import image_path
+from tilebridge_storage.paths import claim, image_path, named_path, release
+from tilebridge_storage.plane_metadata import image_key_values, measured_key_values, mosaic_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -40,6 +48,8 @@ class StitchedTiffBackend(StorageBackend):
     """docstring inherited"""
 
     kind = "stitched_tiff"
+    pyramid = True
+    """Sub-resolutions in SubIFDs; without, one plain TCZYX hyperstack."""
 
     def __init__(self, root: Path, tile: int = 512, name: str | None = None) -> None:
         super().__init__(name)
@@ -48,20 +58,62 @@ class StitchedTiffBackend(StorageBackend):
         self.root = Path(root)
         self.tile = tile
 
+    def path_for(self, device: str, manifest: OpenManifest) -> Path:
+        return image_path(self.root, device, manifest, SUFFIX)
+
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)
-        path = image_path(self.root, device, manifest, SUFFIX)
-        return _StitchedTiffWriter(device, manifest, self.name, path, self.tile)
+        path = self.path_for(device, manifest)
+        if self.claims:
+            claim(path, manifest.image_id)
+        return _StitchedTiffWriter(
+            device, manifest, self.name, path, self.tile, self.pyramid, self.claims
+        )
+
+    claims = False
+    """Outputs are claimed for their image (`paths.claim`): the named layouts below."""
+
+
+class NamedStitchedTiffBackend(StitchedTiffBackend):
+    """The stitched pyramid where ImSwitch writes it: `root/<image_name>/stitched.ome.tif`."""
+
+    kind = "stitched_tiff_named"
+    claims = True
+
+    def path_for(self, device: str, manifest: OpenManifest) -> Path:
+        return named_path(self.root, manifest, "{name}", "stitched.ome.tif")
+
+
+class HyperstackTiffBackend(StitchedTiffBackend):
+    """ImSwitch's `write_tiff`: the whole mosaic as one OME-TIFF hyperstack (TCZYX, tiled,
+    no pyramid) at `root/<image_name>/<image_name>.ome.tif`, which Fiji opens as one
+    hyperstack."""
+
+    kind = "ome_tiff_stack"
+    pyramid = False
+    claims = True
+
+    def path_for(self, device: str, manifest: OpenManifest) -> Path:
+        return named_path(self.root, manifest, "{name}", "{name}.ome.tif")
 
 
 class _StitchedTiffWriter(ImageWriter):
     def __init__(
-        self, device: str, manifest: OpenManifest, backend: str, path: Path, tile: int
+        self,
+        device: str,
+        manifest: OpenManifest,
+        backend: str,
+        path: Path,
+        tile: int,
+        pyramid: bool,
+        claimed: bool,
     ) -> None:
         super().__init__(device, manifest, backend)
         self.path = path
         self.staging = path.with_name(f".{path.name}.staging")
         self.tile = tile
+        self.pyramid = pyramid
+        self.claimed = claimed
         self.mosaic = plan(manifest)
         self.written: set[TileKey] = set()
         self.canvas: Canvas | None = None
@@ -89,7 +141,7 @@ class _StitchedTiffWriter(ImageWriter):
         with disk_errors(f"writing {self.path}"):
             levels = [self.canvas]
             shapes = pyramid_shapes(self.mosaic.height, self.mosaic.width, self.tile)
-            for level, (height, width) in enumerate(shapes[1:], 1):
+            for level, (height, width) in enumerate(shapes[1:] if self.pyramid else [], 1):
                 levels.append(self._allocate(level, height, width))
                 downsample_level(levels[-2], levels[-1], self.tile)
             atomic_write(self.path, lambda tmp: self._write_tiff(tmp, levels))
@@ -104,6 +156,8 @@ class _StitchedTiffWriter(ImageWriter):
             self.written.clear()
             remove(self.staging)
             remove(self.path.with_name(f".{self.path.name}.partial"))
+            if self.claimed and not self.path.exists():
+                release(self.path)
 
     def _allocate(self, level: int, height: int, width: int) -> Canvas:
         m = self.manifest
@@ -129,7 +183,7 @@ class _StitchedTiffWriter(ImageWriter):
                 if level == 0:
                     tif.write(
                         data,
-                        subifds=len(levels) - 1,
+                        subifds=len(levels) - 1 or None,
                         resolution=resolution,
                         metadata=self._metadata(),
                         **options,
@@ -138,7 +192,11 @@ class _StitchedTiffWriter(ImageWriter):
                     tif.write(data, subfiletype=1, resolution=resolution, **options)
 
     def _metadata(self) -> dict[str, Any]:
-        mosaic = self.mosaic
+        m, mosaic = self.manifest, self.mosaic
         return ome_metadata(
-            self.manifest, self.manifest.image_name, mosaic.origin_x_um, mosaic.origin_y_um
+            m,
+            m.image_name,
+            mosaic_planes(m, self.planes, mosaic.origin_x_um, mosaic.origin_y_um),
+            image_key_values(m),
+            measured_key_values(m, self.planes),
         )

@@ -16,6 +16,8 @@ from uuid import uuid4
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from devtools.broker import Mosquitto
 
@@ -43,7 +45,11 @@ class Tls:
 
 class Probe:
     """A paho MQTT 5 client that connects, subscribes and publishes synchronously and keeps
-    every message it receives."""
+    every message it receives.
+
+    By default it asks for a random client id and a session that ends with the connection;
+    `client_id` and `session_expiry` (seconds) make it ask for a given id and a persistent
+    session, as the services do (`connect(clean_start=False)` resumes one)."""
 
     def __init__(
         self,
@@ -52,10 +58,14 @@ class Probe:
         password: str | None = None,
         tls: Tls | None = None,
         host: str = "127.0.0.1",
+        client_id: str | None = None,
+        session_expiry: int | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.client_id = client_id or f"probe-{uuid4().hex[:12]}"
+        self.session_expiry = session_expiry
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid4().hex[:12]}", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
         self.client.reconnect_delay_set(60, 120)  # a refused probe must not hammer the broker
         if username is not None:
@@ -69,11 +79,12 @@ class Probe:
             )
         self.messages: list[mqtt.MQTTMessage] = []
         self.connack: str | None = None
+        self.disconnect_reason: str | None = None
         self.disconnected = threading.Event()
         self._subacks: dict[int, list[str]] = {}
         self._pubacks: dict[int, str] = {}
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *_: self.disconnected.set()
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = lambda _c, _u, msg: self.messages.append(msg)
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
@@ -82,16 +93,26 @@ class Probe:
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connack = str(reason)
 
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.disconnect_reason = str(reason)
+        self.disconnected.set()
+
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[Any], _p: Any) -> None:
         self._subacks[mid] = [str(r) for r in reasons]
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         self._pubacks[mid] = str(reason)
 
-    def connect(self) -> str:
+    def connect(self, clean_start: bool = True) -> str:
         """'Success', the broker's refusal, or why the connection failed."""
+        properties = None
+        if self.session_expiry is not None:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.session_expiry
         try:
-            self.client.connect(self.host, self.port, keepalive=30)
+            self.client.connect(
+                self.host, self.port, keepalive=30, clean_start=clean_start, properties=properties
+            )
         except (OSError, ssl.SSLError) as exc:
             return f"failed: {exc}"
         self.client.loop_start()
@@ -173,9 +194,13 @@ class SecuredBroker:
         self._probes.clear()
 
 
-def start_secured(workdir: Path, identities: tuple[str, ...] = IDENTITIES) -> SecuredBroker:
+def start_secured(
+    workdir: Path, identities: tuple[str, ...] = IDENTITIES, acl: Path | None = None
+) -> SecuredBroker:
     passwords = {name: secrets.token_urlsafe(24) for name in identities}
-    broker = Mosquitto.secured(workdir, passwords, tls=True, tls_clients=TLS_DEVICES).start()
+    broker = Mosquitto.secured(
+        workdir, passwords, acl=acl, tls=True, tls_clients=TLS_DEVICES
+    ).start()
     return SecuredBroker(broker, passwords)
 
 

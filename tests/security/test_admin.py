@@ -14,7 +14,7 @@ import pytest
 
 from devtools.broker import ACL, MAKE_CERTS
 from edge_agent.settings import AgentSettings
-from server_ingest import admin
+from server_ingest import admin, identities
 from server_ingest.__main__ import main
 from tests.security.conftest import SecuredBroker, Tls, start_secured, wait_until
 from tilebridge_protocol.topics import UPSTREAM, DeviceTopic, device_filter, device_topic
@@ -54,22 +54,22 @@ def wait_reloaded(secured: SecuredBroker, before: int) -> None:
 
 
 def test_hashes_use_mosquittos_format_and_verify_its_own(tmp_path: Path) -> None:
-    encoded = admin.hash_password("s3cret")
-    assert encoded.startswith(f"$7${admin.PBKDF2_ITERATIONS}$")
-    assert admin.verify_password("s3cret", encoded)
-    assert not admin.verify_password("S3cret", encoded)
-    assert admin.hash_password("s3cret") != encoded  # salted
+    encoded = identities.hash_password("s3cret")
+    assert encoded.startswith(f"$7${identities.PBKDF2_ITERATIONS}$")
+    assert identities.verify_password("s3cret", encoded)
+    assert not identities.verify_password("S3cret", encoded)
+    assert identities.hash_password("s3cret") != encoded  # salted
     # ...and mosquitto_passwd's hashes verify with the same code: one format.
     path = tmp_path / "passwd"
     path.touch()
     subprocess.run(["mosquitto_passwd", "-b", str(path), "someone", "pw"], check=True)
-    assert admin.verify_password("pw", admin.read_password_file(path)["someone"])
+    assert identities.verify_password("pw", identities.read_password_file(path)["someone"])
 
 
 def test_an_identity_written_by_admin_is_accepted_by_mosquitto(secured: SecuredBroker) -> None:
-    password = admin.new_password()
+    password = identities.new_password()
     assert len(password) >= 40
-    assert not admin.set_identity(secured.broker.password_path, "scope-new", password)
+    assert not identities.set_identity(secured.broker.password_path, "scope-new", password)
     secured.broker.reload()
     assert secured.probe("scope-new", password).connect() == "Success"
     assert secured.probe("scope-new", password[:-1]).connect() == "Not authorized"
@@ -151,20 +151,40 @@ def test_device_remove_revokes_and_disconnects(
     wait_reloaded(secured, before)
     assert connected.disconnected.wait(10)
     assert secured.probe("scope-a").connect() == "Not authorized"
-    assert "scope-a" not in admin.read_password_file(secured.broker.password_path)
+    assert "scope-a" not in identities.read_password_file(secured.broker.password_path)
     assert device(secured, "remove", "scope-a") == 1  # nothing left to remove
+
+
+def test_device_remove_revokes_a_tls_device_whose_certificate_stays_valid(
+    secured: SecuredBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The certificate only admits "a device of this lab" (use_identity_as_username false):
+    removing the identity is the revocation, no CRL needed, and it cuts the live session."""
+    tls = secured.tls("scope-a")
+    connected = secured.connected("scope-a", tls=tls)
+    before = reloads(secured)
+    assert device(secured, "remove", "scope-a") == 0
+    err = capsys.readouterr().err
+    assert "stays valid for TLS, but the broker also requires the password" in err
+    wait_reloaded(secured, before)
+    assert connected.disconnected.wait(10)
+    assert secured.probe("scope-a", tls=tls).connect() == "Not authorized"
+    assert tls.cert is not None
+    # ...although it is still a valid certificate of the lab CA
+    subprocess.run(["openssl", "verify", "-CAfile", str(tls.ca), str(tls.cert)], check=True,
+                   capture_output=True)  # fmt: skip
 
 
 def test_device_remove_without_a_pid_says_how_to_reload(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "passwd"
-    admin.set_identity(path, "scope-x", "pw")
+    identities.set_identity(path, "scope-x", "pw")
     code = main(["device", "remove", "scope-x", "--password-file", str(path), "--acl",
                  str(tmp_path / "acl"), "--pid-file", str(tmp_path / "none.pid")])  # fmt: skip
     assert code == 0
     assert "SIGHUP" in capsys.readouterr().err
-    assert admin.read_password_file(path) == {}
+    assert identities.read_password_file(path) == {}
 
 
 def test_device_list(secured: SecuredBroker, capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,9 +197,15 @@ def test_device_list(secured: SecuredBroker, capsys: pytest.CaptureFixture[str])
     }
 
 
+LOOKALIKES = ["Ingest", "INGEST", "ingest.2", "ingest_2", "ingest2", "Ingest-2", "iNgEsT-x",
+              "Monitor", "monitor_1", "monitor.1", "MONITOR-2", "monitor1"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "name", ["../x", "a/b", "monitor", "ingest", "ingest-3", "monitor-x", "-x", "a b", "x" * 64, ""]
-)
+    "name",
+    ["../x", "a/b", "monitor", "ingest", "ingest-3", "monitor-x", "-x", "a b", "x" * 64, "",
+     *LOOKALIKES],
+)  # fmt: skip
 def test_bad_or_reserved_device_names_are_refused(
     secured: SecuredBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
@@ -187,6 +213,49 @@ def test_bad_or_reserved_device_names_are_refused(
     assert device(secured, "add", "--out", str(tmp_path / "o"), "--", name) == 1
     assert "error:" in capsys.readouterr().err
     assert secured.broker.password_path.read_text() == before
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+def test_lookalikes_of_service_identities_are_refused_with_a_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    path = tmp_path / "passwd"
+    code = main(
+        ["device", "add", name, "--password-file", str(path), "--acl", str(tmp_path / "acl"),
+         "--no-tls", "--out", str(tmp_path / "o"), "--pid-file", str(tmp_path / "no.pid")]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    reserved = "ingest" if "ingest" in name.lower() else "monitor"
+    assert f"error: {name!r} looks like the reserved {reserved} identity" in err
+    assert not path.exists() and not (tmp_path / "o").exists()
+    with pytest.raises(identities.AdminError, match="must be named"):
+        identities.check_name(name, identities.Role(reserved))  # nor is it a service identity
+
+
+@pytest.mark.parametrize(
+    "name", ["scope-1", "monitoring-scope", "ingester", "scope-ingest", "Scope_1.b", "m0nitor"]
+)
+def test_device_ids_that_only_start_alike_are_accepted(name: str) -> None:
+    assert identities.check_name(name) == name
+    assert identities.lookalike_of(name) is None
+
+
+def test_a_lookalike_made_before_they_were_refused_is_flagged_and_can_be_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "passwd"
+    identities.set_identity(path, "Ingest", "pw")
+    identities.set_identity(path, "scope-1", "pw")
+    common = ["--password-file", str(path), "--acl", str(tmp_path / "acl"),
+              "--pid-file", str(tmp_path / "none.pid")]  # fmt: skip
+    assert main(["device", "list", *common]) == 0
+    captured = capsys.readouterr()
+    assert "Ingest\tdevice\t-" in captured.out
+    assert "warning: device 'Ingest' looks like the ingest identity: remove it" in captured.err
+    assert "scope-1" not in captured.err
+    assert main(["device", "remove", "Ingest", *common]) == 0
+    assert list(identities.read_password_file(path)) == ["scope-1"]
 
 
 def test_an_extra_ingest_instance_gets_the_ingest_rights(
@@ -216,29 +285,31 @@ def test_an_extra_ingest_instance_gets_the_ingest_rights(
 
 def test_acl_blocks_are_copied_and_removed_cleanly() -> None:
     text = ACL.read_text()
-    added = admin.acl_add_user(text, "monitor-2", admin.Role.MONITOR)
+    added = identities.acl_add_user(text, "monitor-2", identities.Role.MONITOR)
     assert added.startswith(text)
     block = added[len(text) :]
     assert "user monitor-2\n" in block
     assert "topic deny tilebridge/v1/dev/monitor-2/#" in block
     assert "write" not in block  # a copy of the read-only monitor block
-    assert admin.acl_add_user(added, "monitor-2", admin.Role.MONITOR) == added  # idempotent
-    assert admin.acl_remove_user(added, "monitor-2").rstrip() == text.rstrip()
-    assert admin.acl_remove_user(text, "monitor") == text  # the templates stay
-    assert admin.acl_add_user(text, "scope-a", admin.Role.DEVICE) == text  # patterns cover it
+    # idempotent
+    assert identities.acl_add_user(added, "monitor-2", identities.Role.MONITOR) == added
+    assert identities.acl_remove_user(added, "monitor-2").rstrip() == text.rstrip()
+    assert identities.acl_remove_user(text, "monitor") == text  # the templates stay
+    # the patterns cover a device
+    assert identities.acl_add_user(text, "scope-a", identities.Role.DEVICE) == text
 
 
 def test_password_file_keeps_its_mode_and_other_entries(tmp_path: Path) -> None:
     path = tmp_path / "passwd"
-    admin.set_identity(path, "a", "1")
+    identities.set_identity(path, "a", "1")
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # never world-readable
     path.chmod(0o600)
-    admin.set_identity(path, "b", "2")
+    identities.set_identity(path, "b", "2")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    entries = admin.read_password_file(path)
-    assert list(entries) == ["a", "b"] and admin.verify_password("1", entries["a"])
-    assert admin.remove_identity(path, "a") and not admin.remove_identity(path, "a")
-    assert list(admin.read_password_file(path)) == ["b"]
+    entries = identities.read_password_file(path)
+    assert list(entries) == ["a", "b"] and identities.verify_password("1", entries["a"])
+    assert identities.remove_identity(path, "a") and not identities.remove_identity(path, "a")
+    assert list(identities.read_password_file(path)) == ["b"]
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["passwd"]
 
 

@@ -1,5 +1,6 @@
 """The shipped `mosquitto/mosquitto.conf` itself, started by the real Mosquitto with only its
-paths and ports moved into a temporary directory."""
+paths and ports moved into a temporary directory (devtools/broker_config.py: the one
+rendering that the tests' secured brokers and the compose file use too)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from devtools.broker import ACL, MAKE_CERTS, REPO, SETTINGS, free_port
-from server_ingest import admin
+from devtools import broker_config
+from devtools.broker import ACL, MAKE_CERTS, free_port
+from devtools.broker_config import PLAIN, SETTINGS, TLS, Listen
+from server_ingest import identities
 from tests.security.conftest import Probe, Tls, wait_until
 
-PASSWORDS = {"scope-a": admin.new_password(), "ingest": admin.new_password()}
+PASSWORDS = {"scope-a": identities.new_password(), "ingest": identities.new_password()}
 
 
 class Production:
@@ -51,13 +54,13 @@ def production(tmp_path: Path) -> Iterator[Production]:
         shutil.copy(env.certs / name, env.etc / name)
     shutil.copy(ACL, env.etc / "acl")
     for name, password in PASSWORDS.items():
-        admin.set_identity(env.etc / "passwd", name, password)
-    listeners = (REPO / "mosquitto" / "mosquitto.conf").read_text()
-    assert "listener 1883 127.0.0.1\n" in listeners and "listener 8883\n" in listeners
-    listeners = (
-        listeners.replace("/etc/mosquitto/tilebridge/", f"{env.etc}/")
-        .replace("listener 1883 127.0.0.1\n", f"listener {env.plain} 127.0.0.1\n")
-        .replace("listener 8883\n", f"listener {env.tls} 127.0.0.1\n")
+        identities.set_identity(env.etc / "passwd", name, password)
+    source = broker_config.SOURCE.read_text()
+    assert "listener 1883 127.0.0.1\n" in source and "listener 8883\n" in source
+    listeners = broker_config.render(
+        source,
+        paths=broker_config.under(str(env.etc)),
+        listeners={PLAIN: Listen(env.plain, "127.0.0.1"), TLS: Listen(env.tls, "127.0.0.1")},
     )
     config = tmp_path / "mosquitto.conf"
     config.write_text(

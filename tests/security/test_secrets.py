@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from devtools.broker import ACL
 from edge_agent.app import EdgeApp
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.admin import write_secret
+from server_ingest.identities import write_secret
 from server_ingest.service import IngestService
 from server_ingest.settings import IngestSettings
 from tests.edge.stack import acquire
@@ -44,11 +45,17 @@ from tilebridge_runtime.secrets import (
 
 DEVICE = "scope-a"
 STATUS_FILTERS = (DEVICE_STATUS_FILTER, INGEST_STATUS_FILTER, IMAGE_STATUS_FILTER)
+# Only the device's own identity may read its acks, and one identity is one connection (the
+# broker names every client after its username), so a probe logged in as the device would
+# close the agent's connection. The acks are read by a test-only identity instead.
+AUDIT_ACL = f"\nuser audit\ntopic read {device_topic(DEVICE, DeviceTopic.ACK)}\n"
 
 
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[SecuredBroker]:
-    env = start_secured(tmp_path / "broker", ("ingest", "monitor", DEVICE))
+    acl = tmp_path / "acl-with-audit"
+    acl.write_text(ACL.read_text() + AUDIT_ACL)
+    env = start_secured(tmp_path / "broker", ("ingest", "monitor", "audit", DEVICE), acl=acl)
     try:
         yield env
     finally:
@@ -93,7 +100,7 @@ def test_a_scan_through_a_secured_broker_leaks_no_secret(
     )  # fmt: skip
     monitor = secured.connected("monitor")
     monitor.subscribe(*STATUS_FILTERS)
-    acks = secured.connected(DEVICE)  # the device's own identity is what may read its acks
+    acks = secured.connected("audit")
     acks.subscribe(device_topic(DEVICE, DeviceTopic.ACK))
 
     scan = SyntheticScan(columns=2, rows=2, tile_size=64, channels=2)

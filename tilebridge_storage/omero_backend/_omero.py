@@ -18,6 +18,6 @@ with warnings.catch_warnings():
     import omero.model
     import omero.rtypes
     import omero.sys
-    from omero.model.enums import UnitsLength
+    from omero.model.enums import UnitsLength, UnitsTime
 
-__all__ = ["Glacier2", "Ice", "UnitsLength", "omero"]
+__all__ = ["Glacier2", "Ice", "UnitsLength", "UnitsTime", "omero"]

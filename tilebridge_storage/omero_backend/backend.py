@@ -19,7 +19,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.omero_backend.errors import omero_errors
-from tilebridge_storage.omero_backend.images import create_images
+from tilebridge_storage.omero_backend.images import create_images, describe_planes
 from tilebridge_storage.omero_backend.pixels import PixelSink
 from tilebridge_storage.omero_backend.provenance import delete_images, find_images
 from tilebridge_storage.omero_backend.session import OmeroSession, SessionPool
@@ -46,7 +46,8 @@ class OmeroBackend(StorageBackend):
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         policy = self.settings.policy_for(device)
-        policy.check_target(device, manifest.project, manifest.dataset)
+        if manifest.omero_dataset_id is None and manifest.omero_project_id is None:
+            policy.check_target(device, manifest.project, manifest.dataset)  # before any login
         session = self.pool.session(self.settings.credentials_for(policy))
         created: list[int] = []
         try:
@@ -98,6 +99,7 @@ class _OmeroWriter(ImageWriter):
         self.failed: TilebridgeError | None = None
         """Why an earlier call of this attempt failed; every later call fails alike."""
         self.aborted = False
+        self.measured_saved = False
         self.stored: StoredImage | None = None
 
     def __repr__(self) -> str:
@@ -140,6 +142,10 @@ class _OmeroWriter(ImageWriter):
                     if not sink.complete:
                         raise PermanentError(f"OMERO Pixels:{sink.pixels_id} is not complete")
                     sink.save()
+                if self.planes and not self.measured_saved:
+                    for image_id, sink in zip(self.image_ids, self.sinks, strict=True):
+                        describe_planes(self.session, image_id, sink, self.manifest, self.planes)
+                    self.measured_saved = True
         except Exception as exc:
             self.failed = _as_tilebridge(exc)
             raise

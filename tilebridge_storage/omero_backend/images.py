@@ -11,22 +11,25 @@ names and plane positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from tilebridge_protocol.messages import Layout, OpenManifest, PixelType, StagePosition
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import Layout, OpenManifest, PixelType, PlaneMeta, StagePosition
 from tilebridge_storage.mosaic import Mosaic, plan
 from tilebridge_storage.omero_backend.metadata import (
     annotation_link,
     dataset_link,
     describe,
+    describe_measured,
     metadata_annotation,
     tag_annotations,
 )
-from tilebridge_storage.omero_backend.pixels import OneTile, Source
+from tilebridge_storage.omero_backend.pixels import OneTile, PixelSink, Source
 from tilebridge_storage.omero_backend.provenance import image_description, provenance_annotation
 from tilebridge_storage.omero_backend.session import OmeroSession
 from tilebridge_storage.omero_backend.targets import Target
+from tilebridge_storage.plane_metadata import measured_key_values, mosaic_planes, position_planes
 
 OMERO_PIXEL_TYPES = {
     PixelType.UINT8: "uint8",
@@ -99,3 +102,21 @@ def create_images(
         pixels_id = describe(session, image_id, m, position)
         out.append(Created(image_id, pixels_id, source, indices))
     return out
+
+
+def describe_planes(
+    session: OmeroSession,
+    image_id: int,
+    sink: PixelSink,
+    manifest: OpenManifest,
+    planes: Mapping[TileKey, PlaneMeta],
+) -> None:
+    """The measured metadata of the tiles one OMERO image is made of (see `plane_metadata`)."""
+    m = manifest
+    mine = {key: meta for key, meta in planes.items() if key.index in sink.indices}
+    source = sink.source
+    if isinstance(source, Mosaic):
+        values = mosaic_planes(m, mine, source.origin_x_um, source.origin_y_um)
+    else:
+        values = position_planes(m, mine, sink.indices[0])
+    describe_measured(session, image_id, sink.pixels_id, values, measured_key_values(m, mine))

@@ -4,6 +4,11 @@ Only containers owned by the writing account are used: in a read-only or read-an
 another user's project is visible but cannot be linked to, so picking it would fail late
 with a permission error instead of early with a clear one. Several containers of the same
 name (made by hand) resolve to the oldest, so every writer agrees on one.
+
+A manifest may name an existing container by id instead (`omero_dataset_id`, or
+`omero_project_id` with the dataset by name in it): it must exist and be the account's, and
+the device's policy is checked against its real name, never against the names the manifest
+gives beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ _DATASET = (
     "select d from Dataset d join d.projectLinks l "
     "where l.parent.id = :pid and d.name = :name and d.details.owner.id = :uid"
 )
+_PROJECT_OF = "select l from ProjectDatasetLink l where l.child.id = :id"
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,16 @@ def ensure_target(
     session: OmeroSession, policy: DevicePolicy, device: str, manifest: OpenManifest
 ) -> Target:
     """Find (or, as allowed, create) the manifest's project and dataset."""
-    project_id = _find(session, _PROJECT, name=manifest.project)
+    if manifest.omero_dataset_id is not None:
+        return _dataset_by_id(session, policy, device, manifest.omero_dataset_id)
+    project_id: int | None
+    if manifest.omero_project_id is not None:
+        project_id = manifest.omero_project_id
+        project = _owned(session, "Project", project_id)
+        policy.check_target(device, project.getName().getValue(), manifest.dataset)
+    else:
+        policy.check_target(device, manifest.project, manifest.dataset)
+        project_id = _find(session, _PROJECT, name=manifest.project)
     if project_id is None:
         if not policy.may_create_project:
             raise PermanentError(
@@ -55,6 +70,32 @@ def ensure_target(
             )
         dataset_id = _create_dataset(session, manifest.dataset, project_id, device, manifest)
     return Target(project_id, dataset_id)
+
+
+def _dataset_by_id(
+    session: OmeroSession, policy: DevicePolicy, device: str, dataset_id: int
+) -> Target:
+    dataset = _owned(session, "Dataset", dataset_id)
+    params = omero.sys.ParametersI()
+    params.addId(dataset_id)
+    links = session.query.findAllByQuery(_PROJECT_OF, params)
+    if not links:
+        raise PermanentError(f"OMERO Dataset:{dataset_id} is in no project")
+    project_id = min(link.getParent().getId().getValue() for link in links)
+    project = _owned(session, "Project", project_id)
+    policy.check_target(device, project.getName().getValue(), dataset.getName().getValue())
+    return Target(project_id, dataset_id)
+
+
+def _owned(session: OmeroSession, kind: str, object_id: int) -> Any:
+    """The container `kind:object_id`, if it exists and the writing account owns it."""
+    found = session.query.find(kind, object_id)
+    if found is None or found.getDetails().getOwner().getId().getValue() != session.user_id:
+        raise PermanentError(
+            f"OMERO {kind}:{object_id} does not exist or is not {session.username}'s "
+            "(images go only into the writing account's own containers)"
+        )
+    return found
 
 
 def _find(session: OmeroSession, query: str, **values: Any) -> int | None:
