@@ -48,7 +48,13 @@ from edge_agent.tilefiles import write_durably
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.framing import tile_digest
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import CloseManifest, OpenManifest, PlaneMeta, TileDigest
+from tilebridge_protocol.messages import (
+    CloseManifest,
+    OpenManifest,
+    PlaneMeta,
+    TileDigest,
+    decode_close,
+)
 from tilebridge_runtime.durable import disk_errors, fsync_dir
 
 __all__ = ["BufferStats", "Counts", "ImageRow", "ImageState", "Item", "ServerState", "Spool"]
@@ -168,7 +174,7 @@ class Spool(Outbox):
             ).fetchone()
             hold = bool(row[3])
             if row[0] != "acquiring":
-                return CloseManifest.model_validate_json(row[2]) if row[2] else None
+                return decode_close(bytes(row[2])) if row[2] else None
             tiles = {
                 TileKey(*r[:4]): (r[4], r[5])
                 for r in db.execute(

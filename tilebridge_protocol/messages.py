@@ -261,9 +261,6 @@ class CloseManifest(_Message):
     digests: tuple[TileDigest, ...]
     partial: bool = False
 
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json(exclude=None if self.partial else {"partial"}).encode()
-
     @model_validator(mode="after")
     def _consistent(self) -> CloseManifest:
         if len(self.digests) != self.tile_count:
@@ -277,8 +274,10 @@ class CloseManifest(_Message):
         return {d.tile: d.meta for d in self.digests if d.meta is not None}
 
     def to_bytes(self) -> bytes:
-        """JSON, zstd-compressed when long (see `tilebridge_protocol.compressed`)."""
-        return maybe_compress(super().to_bytes())
+        """JSON (`partial` only when true), zstd-compressed when long (see
+        `tilebridge_protocol.compressed`)."""
+        data = self.model_dump_json(exclude=None if self.partial else {"partial"}).encode()
+        return maybe_compress(data)
 
 
 class TileState(StrEnum):

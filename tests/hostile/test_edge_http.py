@@ -86,7 +86,7 @@ def test_frames_and_experiments_beyond_the_memory_bound_are_refused(
                                                  dtype="float64"))  # fmt: skip
     assert huge.status_code == 422 and "tile_width" in huge.json()["message"]
     many = client.post("/experiments", json=spec(
-        grid={"columns": 200, "rows": 100, "x_step_um": 16, "y_step_um": 16}, positions=None,
+        grid={"columns": 300, "rows": 200, "x_step_um": 16, "y_step_um": 16}, positions=None,
     ))  # fmt: skip
     assert many.status_code == 422 and str(MAX_FRAMES_PER_EXPERIMENT) in many.json()["message"]
     image_id = client.post("/experiments", json=spec()).json()["image_id"]
