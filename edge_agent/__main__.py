@@ -104,8 +104,15 @@ def run(settings: AgentSettings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with EdgeApp(settings):
+    with EdgeApp(settings) as app:
+        http = None
+        if settings.http_port is not None:
+            from edge_agent.http import serve
+
+            http = serve(app)
         stop.wait()
+        if http is not None:
+            http.should_exit = True
     return 0
 
 

@@ -12,7 +12,9 @@ them; no part wires itself.
 
 Threads: `edge-mqtt` (network: posts events), `edge-publisher` (owns flights), `edge-status`
 (status and housekeeping), one per local target (`local-<name>`), the HTTP server's and the
-fast path's (they call the front door). Who owns which state: docs/architecture.md.
+fast path's (they call the front door). The HTTP API is served by `edge_agent.http.serve(app)`
+(`edge-agent run` does it): kept out of here so that an in-process agent (the ImSwitch
+adapter's) imports no web server. Who owns which state: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -22,14 +24,10 @@ import threading
 from typing import Any
 from uuid import uuid4
 
-import uvicorn
-
 from edge_agent.acquisition import Acquisition
-from edge_agent.client import resolve_token
 from edge_agent.config import ConfigStore, OMEWriterConfig
 from edge_agent.fastpath import FastPath
 from edge_agent.flights import Mailbox
-from edge_agent.http import allowed_hosts, check_binding, create_app, start_server
 from edge_agent.live import MakeBackend, registry_backend
 from edge_agent.localtargets import Budget
 from edge_agent.metrics import serve_metrics
@@ -82,7 +80,6 @@ class EdgeApp:
         )  # fmt: skip
         self.receiving = Budget(settings.acquisition_memory_bytes // 2)
         self.fast_path = FastPath(self.acquisition, self.reporter, self.receiving)
-        self.http: uvicorn.Server | None = None
         self._stop = threading.Event()
 
     @property
@@ -98,27 +95,10 @@ class EdgeApp:
         self.reporter.start()
         if self.settings.fast_path:
             self.fast_path.serve(self.settings.socket_path)
-        if self.settings.http_port is not None:
-            self.http = self._serve_http()
         return self
-
-    def _serve_http(self) -> uvicorn.Server:
-        s = self.settings
-        assert s.http_port is not None
-        token = resolve_token(s)
-        check_binding(s.http_host, token)
-        app = create_app(
-            self.acquisition, self.config, self.reporter, self.receiving, token,
-            allowed_hosts(s.http_allowed_hosts, s.http_host),
-        )  # fmt: skip
-        server = start_server(app, s.http_host, s.http_port)
-        log.info("HTTP API on http://%s:%d", s.http_host, s.http_port)
-        return server
 
     def stop(self) -> None:
         self._stop.set()
-        if self.http is not None:
-            self.http.should_exit = True
         self.fast_path.stop()
         self.reporter.stop()
         self.publisher.stop()

@@ -34,7 +34,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from edge_agent.acquisition import Acquisition
-from edge_agent.client import is_loopback
+from edge_agent.app import EdgeApp
+from edge_agent.client import is_loopback, resolve_token
 from edge_agent.config import ConfigStore, OMEWriterConfig
 from edge_agent.errors import ConflictError, UnknownExperimentError
 from edge_agent.localtargets import Budget
@@ -307,6 +308,23 @@ def check_binding(host: str, token: str | None) -> None:
 def allowed_hosts(configured: tuple[str, ...], host: str) -> tuple[str, ...]:
     """The Host header names to accept (any port): the configured ones and the bound one."""
     return tuple(sorted({*configured, host} - {"0.0.0.0", "::", ""}))
+
+
+def serve(agent: EdgeApp) -> uvicorn.Server:
+    """Serve the agent's HTTP API (settings `http_*`) on a daemon thread; stop it with
+    `should_exit = True`. Refuses to start on a non-loopback address without a token."""
+    s = agent.settings
+    if s.http_port is None:
+        raise PermanentError("http_port is not set: the agent serves no HTTP API")
+    token = resolve_token(s)
+    check_binding(s.http_host, token)
+    app = create_app(
+        agent.acquisition, agent.config, agent.reporter, agent.receiving, token,
+        allowed_hosts(s.http_allowed_hosts, s.http_host),
+    )  # fmt: skip
+    server = start_server(app, s.http_host, s.http_port)
+    log.info("HTTP API on http://%s:%d", s.http_host, s.http_port)
+    return server
 
 
 def start_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:

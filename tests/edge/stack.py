@@ -14,6 +14,7 @@ import numpy as np
 from devtools.broker import Mosquitto
 from edge_agent.app import EdgeApp
 from edge_agent.frontdoor import FrontDoor
+from edge_agent.http import serve
 from edge_agent.live import MakeBackend, registry_backend
 from edge_agent.models import ExperimentSpec, FrameInfo
 from edge_agent.settings import AgentSettings
@@ -57,7 +58,12 @@ def running_stack(
         settings = AgentSettings(**(values | agent_settings))
         try:
             with EdgeApp(settings, make_backend) as app:
-                yield Stack(broker, ingest, app, settings, root)
+                http = serve(app) if settings.http_port is not None else None
+                try:
+                    yield Stack(broker, ingest, app, settings, root)
+                finally:
+                    if http is not None:
+                        http.should_exit = True
         finally:
             ingest.stop()
 
