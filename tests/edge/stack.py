@@ -19,7 +19,7 @@ from edge_agent.live import MakeBackend, registry_backend
 from edge_agent.models import ExperimentSpec, FrameInfo
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from server_ingest.service import IngestService
+from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
