@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := mosquitto mosquitto-clients
 APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev
 
-.PHONY: demo test lint typecheck pytest bench system test-system venv omero clean
+.PHONY: demo test lint typecheck pytest bench chaos system test-system venv omero clean
 
 demo: system venv
 	$(PY) -m devtools.demo
@@ -32,6 +32,17 @@ pytest: venv
 
 bench: system venv
 	$(PY) benchmarks/throughput.py
+
+# The real programs under seeded faults, then a pixel-for-pixel verdict (docs/chaos.md).
+# Needs root (it mounts small tmpfs disks). Not part of `make test`; tests/chaos/ runs a
+# short seeded run of it there. KINDS= limits the fault kinds (comma-separated).
+SEED ?= 1
+FAULTS ?= 40
+SCANS ?= 20
+MINUTES ?= 15
+chaos: system venv omero
+	$(PY) -m devtools.chaos --seed $(SEED) --faults $(FAULTS) --scans $(SCANS) \
+	  --minutes $(MINUTES) $(if $(KINDS),--kinds $(KINDS)) $(if $(DRAIN_S),--drain-s $(DRAIN_S))
 
 # Debian packages, installed only when missing (Mosquitto comes from Debian; the project
 # ships only its configuration, mosquitto/).

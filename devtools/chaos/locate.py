@@ -1,0 +1,68 @@
+"""Where a tile can be on its way: the edge's spool, the ingest's staging, the archive.
+
+Read straight from the disks, by the layouts the owners document (edge_agent/buffer.py,
+server_ingest/staging.py, tilebridge_storage/paths.py), so the verdict never depends on a
+message a wiped broker may have lost. A tile only moves downstream (spool -> staging ->
+backends) and is removed upstream only once it is safe downstream, so looking in that order
+finds every tile that exists, even while the image is still draining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import OpenManifest
+
+ARCHIVE_SUFFIX = ".ome.tif"
+
+
+def _tiles(folder: Path) -> dict[TileKey, Path]:
+    found = {}
+    if folder.is_dir():
+        for path in folder.glob("*.tile"):
+            try:
+                found[TileKey.from_slug(path.stem)] = path
+            except ValueError:
+                continue
+    return found
+
+
+def edge_holds(spool: Path, image_id: UUID) -> bool:
+    """The agent still has the image (it forgets it on the server's final answer)."""
+    return (spool / "images" / str(image_id)).exists()
+
+
+def buffered(spool: Path, image_id: UUID) -> dict[TileKey, Path]:
+    """Tiles the agent still holds because the server has not committed them."""
+    return _tiles(spool / "images" / str(image_id) / "tiles")
+
+
+def set_aside(spool: Path, image_id: UUID) -> dict[TileKey, Path]:
+    """Tiles the agent moved aside because the server refused them (or their image)."""
+    root = spool / "rejected" / str(image_id)
+    return {**_tiles(root), **_tiles(root / "image" / "tiles")}
+
+
+def staged(data_dir: Path, device: str, image_id: UUID) -> dict[TileKey, Path]:
+    """Tiles committed to the device and not yet let go by the ingest."""
+    return _tiles(data_dir / "staging" / device / str(image_id))
+
+
+def staging_holds(data_dir: Path, device: str, image_id: UUID) -> bool:
+    return (data_dir / "staging" / device / str(image_id)).exists()
+
+
+def archive_files(data_dir: Path, device: str, manifest: OpenManifest) -> list[Path]:
+    """Every archive file of the image (more than one would be a duplicate)."""
+    root = data_dir / "archive" / device
+    if not root.is_dir():
+        return []
+    return sorted(root.rglob(f"*_{manifest.image_id.hex[:8]}{ARCHIVE_SUFFIX}"))
+
+
+def archive_leftovers(data_dir: Path) -> list[Path]:
+    """Partial files an interrupted archive write left behind (atomic_write's temp names)."""
+    root = data_dir / "archive"
+    return sorted(root.rglob(".*.partial")) if root.is_dir() else []

@@ -1,0 +1,224 @@
+"""The acquisition side: one thread per device acts as the microscope's control program
+(ImSwitch, say) and sends its scans through the agent's local HTTP API with `EdgeClient`.
+
+It behaves as a careful client would: a frame counts as acquired once the agent answered 200
+(the agent promises it is durable by then); 503 means "busy, try again"; a dropped connection
+means the agent is gone or stalled, so it waits and asks whether the agent still knows the
+experiment. An agent that was restarted has forgotten the experiment (404): the client starts
+it again under the same image id and sends every frame again (a repeat changes nothing, and
+`finalize` wants to have seen every frame). Any other refusal ends the scan, recorded with
+the agent's words. Frames are the simulator's deterministic ones, so the verification can
+regenerate each of them bit for bit.
+
+Each thread owns its records; the runner reads them only after joining the thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from devtools.chaos.plan import ScanStep
+from edge_agent.client import EdgeApiError, EdgeClient
+from edge_agent.omewriter import ExperimentSpec, OMEWriterConfig
+from edge_agent.simulate import SyntheticScan
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import Layout, OpenManifest
+
+ACQUIRED_AT = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+"""Fixed, so a restarted experiment has the very same manifest as the first try."""
+PIXEL_UM = 0.65
+OVERLAP = 0.1
+
+
+def synthetic(step: ScanStep) -> SyntheticScan:
+    return SyntheticScan(
+        columns=step.columns,
+        rows=step.rows,
+        tile_size=step.tile_size,
+        channels=step.channels,
+        seed=step.seed,
+        overlap=OVERLAP,
+        pixel_um=PIXEL_UM,
+    )
+
+
+def experiment_spec(step: ScanStep) -> dict[str, Any]:
+    scan = synthetic(step)
+    step_um = scan.step_px * PIXEL_UM
+    return {
+        "experiment": f"chaos-{step.number:03d}",
+        "image_name": f"scan{step.number:03d}",
+        "image_id": str(step.image_id),
+        "tile_width": step.tile_size,
+        "tile_height": step.tile_size,
+        "dtype": "uint16",
+        "pixel_size_um": PIXEL_UM,
+        "grid": {
+            "columns": step.columns,
+            "rows": step.rows,
+            "x_step_um": step_um,
+            "y_step_um": step_um,
+        },
+        "channels": ["DAPI", "GFP"][: step.channels],
+        "acquired_at": ACQUIRED_AT.isoformat(),
+        "project": "chaos",
+        "dataset": step.device,
+        "key_values": {"chaos_scan": str(step.number), "seed": str(step.seed)},
+    }
+
+
+def expected_manifest(step: ScanStep, layout: str) -> OpenManifest:
+    """The manifest the agent makes of this scan (the same model does it)."""
+    config = OMEWriterConfig(write_tiff=False, write_omero=True, layout=Layout(layout))
+    return ExperimentSpec.model_validate(experiment_spec(step)).manifest(config)
+
+
+@dataclass
+class ScanRecord:
+    step: ScanStep
+    manifest: OpenManifest
+    started_at: float | None = None
+    acquired_at: float | None = None
+    """When `finalize` answered (monotonic); None: the scan was never fully acquired."""
+    frames_answered: int = 0
+    """POSTs of a frame answered 200 (repeats after an agent restart included)."""
+    answered: set[TileKey] = field(default_factory=set)
+    """Tiles the agent answered 200 for: acquired, as far as the camera can tell."""
+    busy: int = 0
+    """503 answers (the agent said: not now)."""
+    connection_errors: int = 0
+    agent_restarts: int = 0
+    """Times the agent had forgotten the experiment mid-scan (it was restarted)."""
+    refusals: list[str] = field(default_factory=list)
+    server_stream: dict[str, Any] | None = None
+    """The agent's own account of the stream to the server after finalize."""
+    gave_up: str | None = None
+
+    @property
+    def acquired(self) -> bool:
+        return self.acquired_at is not None
+
+
+class Microscope(threading.Thread):
+    def __init__(
+        self,
+        device: str,
+        url: str,
+        layout: str,
+        steps: list[ScanStep],
+        t0: float,
+        deadline: float,
+        stop: threading.Event,
+        say: Callable[[str], None] = lambda _: None,
+        acquire_timeout_s: float = 180.0,
+    ) -> None:
+        super().__init__(name=f"microscope-{device}", daemon=True)
+        self.device, self.url, self.layout, self.steps = device, url, layout, steps
+        self.t0, self.deadline, self._halt = t0, deadline, stop
+        self.acquire_timeout_s = acquire_timeout_s
+        self.say = say
+        self.records: list[ScanRecord] = []
+        self.skipped: list[ScanStep] = []
+        """Scans not started because the run's time bound came first."""
+
+    def run(self) -> None:
+        with EdgeClient(self.url, timeout=20) as client:
+            for step in self.steps:
+                start_at = self.t0 + step.start_at_s
+                while time.monotonic() < start_at and not self._halt.is_set():
+                    time.sleep(0.1)
+                if self._halt.is_set() or time.monotonic() > self.deadline:
+                    self.skipped.append(step)
+                    continue
+                record = self._scan(client, step)
+                self.records.append(record)
+                how = "acquired" if record.acquired else f"NOT acquired ({record.gave_up})"
+                self.say(
+                    f"scan {step.number} on {self.device}: {how}, {len(record.answered)}/"
+                    f"{step.tile_count} frames, {record.busy} busy, {record.agent_restarts} "
+                    "agent restarts"
+                )
+
+    def _scan(self, client: EdgeClient, step: ScanStep) -> ScanRecord:
+        scan = synthetic(step)
+        spec = experiment_spec(step)
+        record = ScanRecord(step, expected_manifest(step, self.layout), time.monotonic())
+        keys = record.manifest.tile_keys()
+        positions = record.manifest.positions
+        image_id = step.image_id
+        give_up_at = time.monotonic() + self.acquire_timeout_s
+        started, check, sent = False, False, 0
+        while record.acquired_at is None:
+            if time.monotonic() > give_up_at or self._halt.is_set():
+                record.gave_up = f"not acquired after {self.acquire_timeout_s:.0f} s"
+                return record
+            try:
+                if check or not started:
+                    state = self._experiment_state(client, image_id)
+                    if state is None:  # unknown to the agent: (re)start, send everything
+                        if started:
+                            record.agent_restarts += 1
+                        client.start_experiment(**spec)
+                        sent = 0
+                    elif state in ("finalized", "finalizing") and sent == len(keys):
+                        record.acquired_at = time.monotonic()
+                        break
+                    started, check = True, False
+                if sent < len(keys):
+                    key = keys[sent]
+                    self._send(client, scan, image_id, key, positions[key.index])
+                    record.frames_answered += 1
+                    record.answered.add(key)
+                    sent += 1
+                    time.sleep(step.frame_interval_s)
+                else:
+                    progress = client.finalize(image_id, timeout=30)
+                    if progress["state"] in ("finalized", "finalizing"):
+                        record.acquired_at = time.monotonic()
+                        record.server_stream = progress["backends"].get("omero")
+            except EdgeApiError as exc:
+                if exc.status_code == 503:
+                    record.busy += 1
+                    time.sleep(0.5)
+                elif exc.status_code == 404:
+                    check = True
+                else:
+                    record.refusals.append(f"{exc.status_code}: {exc.message}")
+                    record.gave_up = f"refused: {exc.status_code}: {exc.message}"
+                    return record
+            except httpx.TransportError:
+                record.connection_errors += 1
+                check = True
+                time.sleep(0.3)
+        return record
+
+    @staticmethod
+    def _experiment_state(client: EdgeClient, image_id: Any) -> str | None:
+        try:
+            return str(client.experiment(image_id)["state"])
+        except EdgeApiError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+
+    @staticmethod
+    def _send(
+        client: EdgeClient, scan: SyntheticScan, image_id: Any, key: TileKey, position: Any
+    ) -> None:
+        client.write_frame(
+            image_id,
+            scan.frame(key),
+            tile_index=key.index,
+            z_index=key.z,
+            channel_index=key.c,
+            time_index=key.t,
+            x_um=position.x_um,
+            y_um=position.y_um,
+        )

@@ -1,0 +1,293 @@
+"""One chaos run: start the stack, scan on two devices while the plan's faults hit, heal, wait
+for the drain (bounded), freeze the programs, verify every image, report.
+
+Concurrency: the main thread owns every process (it injects, heals and supervises: a part
+that ends on its own is restarted after `RESTART_S`, as systemd's Restart=on-failure would,
+and counted); one `Microscope` thread per device does the acquisition over HTTP and owns its
+records; the `Observer` (paho's thread) only witnesses. Nothing else is shared.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import httpx
+
+from devtools.chaos import locate
+from devtools.chaos.disks import MiB, unmount_stale
+from devtools.chaos.faults import FaultEvent, Injector
+from devtools.chaos.microscope import Microscope, ScanRecord
+from devtools.chaos.observe import Observer
+from devtools.chaos.plan import DEVICES, FAULT_KINDS, ChaosPlan, make_plan
+from devtools.chaos.stack import LAYOUTS, ChaosStack
+from devtools.chaos.timeline import Timeline
+from devtools.chaos.verify import ImageVerdict, omero_images_of, verify_scan
+from devtools.stack import wait_for
+from edge_agent.client import EdgeClient
+
+RESTART_S = 2.0
+TICK_S = 0.2
+
+
+@dataclass(frozen=True)
+class Options:
+    seed: int = 1
+    faults: int = 20
+    scans: int = 10
+    minutes: float = 15.0
+    """Bound on the fault and acquisition phase; the drain and verification come on top."""
+    drain_s: float = 180.0
+    """Longest wait, after the last fault and the last scan, for every image to finish."""
+    kinds: tuple[str, ...] = tuple(FAULT_KINDS)
+    workdir: Path = Path("/tmp/tilebridge-chaos")
+    echo: bool = True
+    """Print the timeline as it happens."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    part: str
+    at: float
+    code: int | None
+    log_tail: str
+
+
+@dataclass
+class Outcome:
+    options: Options
+    plan: ChaosPlan
+    t0: float
+    events: list[FaultEvent] = field(default_factory=list)
+    records: list[ScanRecord] = field(default_factory=list)
+    skipped: int = 0
+    exits: list[Exit] = field(default_factory=list)
+    verdicts: list[ImageVerdict] = field(default_factory=list)
+    omero_orphans: list[str] = field(default_factory=list)
+    archive_leftovers: list[str] = field(default_factory=list)
+    last_fault_at: float | None = None
+    last_scan_at: float | None = None
+    drained_at: float | None = None
+    not_drained: list[str] = field(default_factory=list)
+    error: str | None = None
+    """The run itself could not go on (the stack did not come up, the stand-in died...)."""
+
+
+def disk_sizes(plan: ChaosPlan) -> tuple[int, int]:
+    """(ingest data disk, each spool): room for everything the run stores, with margin."""
+    total = sum(s.tile_count * s.tile_bytes for s in plan.scans)
+    return 128 * MiB + 3 * total, 64 * MiB
+
+
+class Runner:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.plan = make_plan(
+            options.seed, options.faults, options.scans, options.kinds, options.minutes
+        )
+        self.workdir = options.workdir
+        unmount_stale(self.workdir)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
+        ingest_bytes, spool_bytes = disk_sizes(self.plan)
+        self.stack = ChaosStack(self.workdir, ingest_bytes, spool_bytes)
+        self.timeline = Timeline(self.workdir / "chaos.log", echo=options.echo)
+        self.held: set[str] = set()
+        self._dead_since: dict[str, float] = {}
+        self.outcome = Outcome(options, self.plan, time.monotonic())
+        self.stop = threading.Event()
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        observer: Observer | None = None
+        try:
+            self.timeline.say(
+                f"plan: seed {self.plan.seed}, {len(self.plan.faults)} faults, "
+                f"{len(self.plan.scans)} scans, span {self.plan.span_s:.0f} s"
+            )
+            self.stack.start()
+            observer = Observer(self.stack.broker.broker.host, self.stack.broker.broker.port)
+            self._wait_ready(observer)
+            self._acquire_under_faults()
+            self._drain(observer)
+            self._freeze()
+            self._verify(observer)
+        except Exception as exc:
+            self.outcome.error = f"{type(exc).__name__}: {exc}"
+            self.timeline.say(f"run aborted: {self.outcome.error}")
+            raise
+        finally:
+            self.stop.set()
+            if observer is not None:
+                observer.close()
+            self.stack.snapshot_logs(self.workdir / "logs")
+            self.stack.close()
+        return self.outcome
+
+    def _wait_ready(self, observer: Observer) -> None:
+        wait_for(
+            lambda: (s := observer.ingest_status()) and s.state == "online" and s.broker_connected,
+            90,
+            "the ingest online",
+        )
+        for device in DEVICES:
+            with EdgeClient(self.stack.agent_url(device), timeout=10) as client:
+                wait_for(partial(_answers, client), 90, f"the agent of {device}")
+                client.set_config(
+                    write_tiff=False,
+                    write_zarr=False,
+                    write_stitched_tiff=False,
+                    write_omero=True,
+                    layout=LAYOUTS[device],
+                )
+        self.timeline.say("stack ready: broker, OMERO stand-in, ingest, 2 agents")
+
+    def _acquire_under_faults(self) -> None:
+        o = self.outcome
+        o.t0 = time.monotonic()
+        deadline = o.t0 + self.options.minutes * 60
+        microscopes = [
+            Microscope(
+                d,
+                self.stack.agent_url(d),
+                LAYOUTS[d],
+                self.plan.scans_of(d),
+                o.t0,
+                deadline,
+                self.stop,
+                self.timeline.say,
+            )
+            for d in DEVICES
+        ]
+        for m in microscopes:
+            m.start()
+        injector = Injector(self.stack)
+        for step in self.plan.faults:
+            if not self._idle(step.gap_s, deadline):
+                self.timeline.say(f"time bound reached: faults from #{step.number} not injected")
+                break
+            event, self.held = injector.inject(step)
+            self.timeline.say(f"inject {step.describe()} {event.note}".rstrip())
+            self._idle(step.hold_s)
+            injector.heal(event)
+            self.held = set()
+            o.events.append(event)
+            o.last_fault_at = event.healed_at
+            self.timeline.say(f"healed #{step.number} {step.kind} {event.note}".rstrip())
+        while any(m.is_alive() for m in microscopes):
+            self._idle(1.0)
+        for m in microscopes:
+            o.records += m.records
+            o.skipped += len(m.skipped)
+        o.records.sort(key=lambda r: r.step.number)
+        acquired = [r.acquired_at for r in o.records if r.acquired_at is not None]
+        o.last_scan_at = max(acquired, default=None)
+        self.timeline.say(f"acquisition over: {len(acquired)} of {len(o.records)} scans acquired")
+
+    def _drain(self, observer: Observer) -> None:
+        o = self.outcome
+        since = max(o.last_fault_at or o.t0, o.last_scan_at or o.t0)
+        deadline = since + self.options.drain_s
+        while True:
+            pending = [r for r in o.records if not self._drained(r, observer)]
+            if not pending:
+                o.drained_at = time.monotonic()
+                self.timeline.say("drained: every image finished")
+                return
+            if time.monotonic() > deadline:
+                o.not_drained = [str(r.step.image_id) for r in pending]
+                self.timeline.say(
+                    f"{len(pending)} images did not drain in {self.options.drain_s:.0f} s"
+                )
+                return
+            self._idle(1.0)
+
+    def _drained(self, record: ScanRecord, observer: Observer) -> bool:
+        """The image will not change any more: the edge let go of it (the server gave its
+        final answer) and the ingest either stored it (staging gone) or failed it."""
+        if not record.acquired:
+            return True  # nothing more is coming; judged as not acquired
+        step = record.step
+        if locate.edge_holds(self.stack.spools[step.device].path, step.image_id):
+            return False
+        staged = locate.staging_holds(self.stack.ingest_disk.path, step.device, step.image_id)
+        return not staged or observer.final_phase(step.image_id) in ("failed", "rejected")
+
+    def _freeze(self) -> None:
+        """Stop the programs cleanly, so nothing moves while it is verified."""
+        for part in [*self.stack.agents.values(), self.stack.ingest]:
+            part.stop()
+
+    def _verify(self, observer: Observer) -> None:
+        o = self.outcome
+        images = self.stack.omero.images()
+        claimed: set[int] = set()
+        for record in o.records:
+            step = record.step
+            mine = omero_images_of(images, step.image_id)
+            claimed.update(i["id"] for i in mine)
+            o.verdicts.append(
+                verify_scan(
+                    record,
+                    spool=self.stack.spools[step.device].path,
+                    data_dir=self.stack.ingest_disk.path,
+                    omero_images=mine,
+                    standin=self.stack.omero,
+                    drained=str(step.image_id) not in o.not_drained,
+                    final=observer.final_phase(step.image_id),
+                )
+            )
+        o.omero_orphans = [
+            f"Image:{i['id']} {i['name']!r} ({i['state']}, {i['description']!r})"
+            for i in images
+            if i["id"] not in claimed
+        ]
+        o.archive_leftovers = [
+            str(p) for p in locate.archive_leftovers(self.stack.ingest_disk.path)
+        ]
+
+    # -- supervision ------------------------------------------------------------------------
+
+    def _idle(self, seconds: float, deadline: float | None = None) -> bool:
+        """Supervise for `seconds`; False if `deadline` passes first."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self._supervise()
+            time.sleep(TICK_S)
+        return deadline is None or time.monotonic() <= deadline
+
+    def _supervise(self) -> None:
+        if not self.stack.omero.alive:
+            raise RuntimeError(f"the OMERO stand-in process died:\n{self.stack.omero.log_tail()}")
+        now = time.monotonic()
+        for name, part in self.stack.parts().items():
+            if name in self.held or part.running:
+                self._dead_since.pop(name, None)
+                continue
+            if name not in self._dead_since:
+                self._dead_since[name] = now
+                exit_ = Exit(name, now, part.exit_code(), part.log_tail(30))
+                self.outcome.exits.append(exit_)
+                self.timeline.say(f"{name} exited by itself (status {exit_.code}); restarting")
+            elif now - self._dead_since[name] >= RESTART_S:
+                try:
+                    part.start()
+                    del self._dead_since[name]
+                except RuntimeError as exc:  # e.g. the broker not listening yet
+                    self._dead_since[name] = now
+                    self.timeline.say(f"restarting {name} failed: {exc}")
+
+
+def _answers(client: EdgeClient) -> bool:
+    try:
+        client.status()
+        return True
+    except httpx.TransportError:
+        return False
