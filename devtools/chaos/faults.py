@@ -71,6 +71,13 @@ class Injector:
             raise ValueError(f"unknown fault kind {kind}")
         return event, held
 
+    def fired(self, event: FaultEvent) -> bool:
+        """Whether the fault has happened yet (only an armed crash waits for its moment)."""
+        if event.step.kind != "omero-crash-mid-write":
+            return True
+        state = self.stack.omero.state()
+        return bool(state["crashed"] or not state["running"])
+
     def heal(self, event: FaultEvent) -> None:
         step, stack = event.step, self.stack
         kind = step.kind
@@ -92,7 +99,7 @@ class Injector:
             state = stack.omero.state()
             if state["running"] and not state["crashed"]:
                 stack.omero.action("disarm")
-                event.note = "did not fire: no setTile call during the hold"
+                event.note = "did not fire: no setTile call while it was armed"
             else:
                 stack.omero.action("start")
                 event.note = "crashed mid-write"

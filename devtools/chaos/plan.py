@@ -62,19 +62,18 @@ class Timing:
     stall: tuple[float, float] = (1.0, 8.0)
     disk: tuple[float, float] = (2.0, 8.0)
     omero: tuple[float, float] = (2.0, 8.0)
-    armed: tuple[float, float] = (6.0, 15.0)
-    """How long an armed mid-write crash may wait for pixel writes (it is down after)."""
+    armed_wait_s: float = 60.0
+    """How long an armed mid-write crash waits for pixel writes to crash into; its hold is
+    the down time after the crash."""
     busy: tuple[float, float] = (0.5, 0.9)
     """Share of its slot a device spends acquiring a scan: frames are paced so scans cover
     most of the fault phase, and faults land mid-scan."""
     frame_interval: tuple[float, float] = (0.02, 5.0)
     """Bounds on the pause between two frames."""
-    fault_overhead_s: float = 2.0
+    fault_overhead_s: float = 0.5
     """What injecting and healing costs on top of the hold (restarts), for pacing scans."""
 
     def hold(self, kind: str) -> tuple[float, float]:
-        if kind == "omero-crash-mid-write":
-            return self.armed
         return {"kill": self.kill, "stall": self.stall, "disk": self.disk, "omero": self.omero}[
             family(kind)
         ]
@@ -132,6 +131,7 @@ class ChaosPlan:
     scans: tuple[ScanStep, ...]
     span_s: float
     """How long the fault phase is expected to take."""
+    timing: Timing = Timing()
 
     def scans_of(self, device: str) -> list[ScanStep]:
         return [s for s in self.scans if s.device == device]
@@ -158,7 +158,7 @@ def make_plan(
     fault_steps = _faults(rng, faults, kinds, timing)
     estimate = sum(f.gap_s + f.hold_s + timing.fault_overhead_s for f in fault_steps)
     span = max(10.0, min(estimate, minutes * 60 * 0.8))
-    return ChaosPlan(seed, fault_steps, _scans(rng, seed, scans, span, timing), span)
+    return ChaosPlan(seed, fault_steps, _scans(rng, seed, scans, span, timing), span, timing)
 
 
 def _faults(

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.table import Table
 
+from devtools.chaos.microscope import ScanRecord
 from devtools.chaos.runner import Outcome
 from devtools.chaos.verify import Fate
 
@@ -127,7 +128,7 @@ def render(o: Outcome, s: Summary) -> RenderableType:
         res.add_row("scans not started (time bound)", str(s.scans_skipped))
     res.add_row("tiles acquired", str(s.tiles["acquired"]))
     for fate in Fate:
-        if fate is Fate.DELIVERED or s.tiles[fate.value]:
+        if fate in (Fate.DELIVERED, Fate.LOST) or s.tiles[fate.value]:
             res.add_row(f"tiles {fate.value}", str(s.tiles[fate.value]))
     res.add_row("tiles duplicated", str(s.tiles["duplicated"]))
     res.add_row("tiles corrupted", str(s.tiles["corrupted"]))
@@ -148,7 +149,8 @@ def render(o: Outcome, s: Summary) -> RenderableType:
     bad = [v for v in o.verdicts if not v.complete]
     if bad:
         images = Table(title="images that are not complete")
-        for column in ("scan", "device", "image id", "tiles by fate", "ingest said", "why"):
+        for column in ("scan", "device", "image id", "tiles by fate", "ingest said",
+                       "faults meanwhile", "why"):  # fmt: skip
             images.add_column(column)
         for v in bad:
             r = v.record
@@ -166,12 +168,29 @@ def render(o: Outcome, s: Summary) -> RenderableType:
                 str(r.step.image_id),
                 fates,
                 v.final or "-",
+                ", ".join(faults_meanwhile(o, r)) or "-",
                 "; ".join(why)[:300] or "-",
             )
         parts.append(images)
     verdict = "PASS" if s.ok else "FAIL: " + "; ".join(s.failures)
     parts.append(f"[bold {'green' if s.ok else 'red'}]{verdict}[/]")
     return Group(*parts)
+
+
+AFTERMATH_S = 15.0
+"""A fault this soon after a scan's last frame still meets its image on the way."""
+
+
+def faults_meanwhile(o: Outcome, record: ScanRecord) -> list[str]:
+    """The faults that overlapped the scan, from its start to shortly after its last frame:
+    where to look first for the cause of an incomplete image."""
+    start = record.started_at or o.t0
+    end = (record.acquired_at or o.last_fault_at or start) + AFTERMATH_S
+    return [
+        f"#{e.step.number} {e.step.kind} {e.step.target}"
+        for e in o.events
+        if e.injected_at <= end and (e.healed_at or end) >= start
+    ]
 
 
 def _seconds(value: float | None, o: Outcome) -> str:
@@ -181,7 +200,7 @@ def _seconds(value: float | None, o: Outcome) -> str:
 
 
 def to_json(o: Outcome, s: Summary, logs: dict[str, Any]) -> dict[str, Any]:
-    t0 = o.t0
+    t0 = o.started
     return {
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o.options).items()},
         "ok": s.ok,

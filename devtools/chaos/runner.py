@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,7 +62,10 @@ class Exit:
 class Outcome:
     options: Options
     plan: ChaosPlan
+    started: float
+    """When the run began (monotonic): the origin of the timeline and the JSON offsets."""
     t0: float
+    """When the acquisition and the faults began."""
     events: list[FaultEvent] = field(default_factory=list)
     records: list[ScanRecord] = field(default_factory=list)
     skipped: int = 0
@@ -96,9 +100,10 @@ class Runner:
         ingest_bytes, spool_bytes = disk_sizes(self.plan)
         self.stack = ChaosStack(self.workdir, ingest_bytes, spool_bytes)
         self.timeline = Timeline(self.workdir / "chaos.log", echo=options.echo)
+        started = self.timeline.started
         self.held: set[str] = set()
         self._dead_since: dict[str, float] = {}
-        self.outcome = Outcome(options, self.plan, time.monotonic())
+        self.outcome = Outcome(options, self.plan, started, started)
         self.stop = threading.Event()
 
     # -- the run ----------------------------------------------------------------------------
@@ -173,7 +178,8 @@ class Runner:
                 break
             event, self.held = injector.inject(step)
             self.timeline.say(f"inject {step.describe()} {event.note}".rstrip())
-            self._idle(step.hold_s)
+            waited = self._idle_until(partial(injector.fired, event), self.plan.timing.armed_wait_s)
+            self._idle(step.hold_s if waited else 0.0)
             injector.heal(event)
             self.held = set()
             o.events.append(event)
@@ -262,6 +268,15 @@ class Runner:
             self._supervise()
             time.sleep(TICK_S)
         return deadline is None or time.monotonic() <= deadline
+
+    def _idle_until(self, condition: Callable[[], bool], seconds: float) -> bool:
+        """Supervise until `condition` holds (True) or `seconds` pass (False)."""
+        end = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > end:
+                return False
+            self._idle(TICK_S)
+        return True
 
     def _supervise(self) -> None:
         if not self.stack.omero.alive:

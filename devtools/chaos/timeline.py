@@ -15,6 +15,8 @@ class Timeline:
         self.started = time.monotonic()
         self.echo = echo
         self._console = Console(stderr=True, highlight=False)
+        if not self._console.is_terminal:
+            self._console = Console(stderr=True, highlight=False, width=160)
         self._lock = threading.Lock()  # the main thread and the microscopes both write
 
     def offset(self, at: float) -> float:

@@ -199,6 +199,11 @@ def _omero(
         pixels = standin.pixels(whole[0]["id"])
         for key in tiles:
             copies[key] = _omero_tile(manifest, mosaic, pixels, key, frames[key])
+        missing = sum(copies[key] is Copy.MISSING for key in tiles)
+        if missing:
+            verdict.problems.append(
+                f"OMERO Image:{whole[0]['id']} lacks {missing} of {len(tiles)} tiles (unwritten)"
+            )
     for part, strays in by_part.items():
         verdict.problems.append(f"OMERO images {[i['id'] for i in strays]} for unknown part {part}")
     return copies

@@ -237,3 +237,12 @@ def test_images_of_other_scans_are_not_taken_for_this_one(scene: Scene) -> None:
     scene.archive()
     scene.omero()
     assert scene.verdict().complete
+
+
+def test_an_omero_image_with_unwritten_tiles_is_named(scene: Scene) -> None:
+    key = scene.keys[0]
+    scene.archive()
+    scene.omero({**scene.frames, key: np.zeros_like(scene.frames[key])})
+    verdict = scene.verdict()
+    assert verdict.fates[key] is Fate.PARTLY_STORED and key not in verdict.corrupted
+    assert any("lacks 1 of" in p for p in verdict.problems)
