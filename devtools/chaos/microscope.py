@@ -10,7 +10,8 @@ it again under the same image id and sends every frame again (a repeat changes n
 the agent's words. Frames are the simulator's deterministic ones, so the verification can
 regenerate each of them bit for bit.
 
-Each thread owns its records; the runner reads them only after joining the thread.
+Each thread owns its records; the runner reads them only after joining the thread (while it
+runs, only the `acquiring` event is read from outside).
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class Microscope(threading.Thread):
         self.records: list[ScanRecord] = []
         self.skipped: list[ScanStep] = []
         """Scans not started because the run's time bound came first."""
+        self.acquiring = threading.Event()
+        """Set while a scan is being acquired (the runner times faults by it)."""
 
     def run(self) -> None:
         with EdgeClient(self.url, timeout=20) as client:
@@ -137,7 +140,11 @@ class Microscope(threading.Thread):
                 if self._halt.is_set() or time.monotonic() > self.deadline:
                     self.skipped.append(step)
                     continue
-                record = self._scan(client, step)
+                self.acquiring.set()
+                try:
+                    record = self._scan(client, step)
+                finally:
+                    self.acquiring.clear()
                 self.records.append(record)
                 how = "acquired" if record.acquired else f"NOT acquired ({record.gave_up})"
                 self.say(

@@ -62,6 +62,9 @@ class Timing:
     stall: tuple[float, float] = (1.0, 8.0)
     disk: tuple[float, float] = (2.0, 8.0)
     omero: tuple[float, float] = (2.0, 8.0)
+    scan_wait_s: float = 30.0
+    """A fault is injected once a scan it can meet is being acquired (the target device's for
+    agent and spool faults, either device's for the others), or after this long."""
     armed_wait_s: float = 60.0
     """How long an armed mid-write crash waits for pixel writes to crash into; its hold is
     the down time after the crash."""

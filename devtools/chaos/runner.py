@@ -24,7 +24,7 @@ from devtools.chaos.disks import MiB, unmount_stale
 from devtools.chaos.faults import FaultEvent, Injector
 from devtools.chaos.microscope import Microscope, ScanRecord
 from devtools.chaos.observe import Observer
-from devtools.chaos.plan import DEVICES, FAULT_KINDS, ChaosPlan, make_plan
+from devtools.chaos.plan import BOTH, DEVICES, FAULT_KINDS, ChaosPlan, FaultStep, make_plan
 from devtools.chaos.stack import LAYOUTS, ChaosStack
 from devtools.chaos.timeline import Timeline
 from devtools.chaos.verify import ImageVerdict, omero_images_of, verify_scan
@@ -81,6 +81,20 @@ class Outcome:
     """The run itself could not go on (the stack did not come up, the stand-in died...)."""
 
 
+MARKER = ".tilebridge-chaos"
+
+
+def fresh_workdir(path: Path) -> None:
+    """Empty `path` for a new run, unmounting what a killed run left mounted; refuses a
+    folder that is neither empty nor an earlier run's."""
+    if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
+        raise ValueError(f"{path} is not empty and not a chaos workdir: refusing to clear it")
+    unmount_stale(path)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    (path / MARKER).touch()
+
+
 def disk_sizes(plan: ChaosPlan) -> tuple[int, int]:
     """(ingest data disk, each spool): room for everything the run stores, with margin."""
     total = sum(s.tile_count * s.tile_bytes for s in plan.scans)
@@ -94,9 +108,7 @@ class Runner:
             options.seed, options.faults, options.scans, options.kinds, options.minutes
         )
         self.workdir = options.workdir
-        unmount_stale(self.workdir)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        self.workdir.mkdir(parents=True)
+        fresh_workdir(self.workdir)
         ingest_bytes, spool_bytes = disk_sizes(self.plan)
         self.stack = ChaosStack(self.workdir, ingest_bytes, spool_bytes)
         self.timeline = Timeline(self.workdir / "chaos.log", echo=options.echo)
@@ -176,6 +188,7 @@ class Runner:
             if not self._idle(step.gap_s, deadline):
                 self.timeline.say(f"time bound reached: faults from #{step.number} not injected")
                 break
+            self._idle_until(partial(_scanning, microscopes, step), self.plan.timing.scan_wait_s)
             event, self.held = injector.inject(step)
             self.timeline.say(f"inject {step.describe()} {event.note}".rstrip())
             waited = self._idle_until(partial(injector.fired, event), self.plan.timing.armed_wait_s)
@@ -298,6 +311,15 @@ class Runner:
                 except RuntimeError as exc:  # e.g. the broker not listening yet
                     self._dead_since[name] = now
                     self.timeline.say(f"restarting {name} failed: {exc}")
+
+
+def _scanning(microscopes: list[Microscope], step: FaultStep) -> bool:
+    """Whether a scan the fault can meet is being acquired: on the target device for the
+    agent and spool faults, on either device for the others."""
+    if not any(m.is_alive() for m in microscopes):
+        return True  # every scan is over: nothing to wait for
+    hit = [m for m in microscopes if step.target in (m.device, BOTH) or step.target not in DEVICES]
+    return any(m.acquiring.is_set() for m in hit)
 
 
 def _answers(client: EdgeClient) -> bool:

@@ -191,18 +191,28 @@ def _omero(
         if not whole:
             continue
         tiles = [k for k in manifest.tile_keys() if part is None or k.index == part]
-        if len(whole) > 1:
-            verdict.duplicated += len(tiles) * (len(whole) - 1)
-            verdict.problems.append(
-                f"{len(whole)} OMERO images for position {part}: {[i['id'] for i in whole]}"
+        judged = []
+        for image in whole:
+            pixels = standin.pixels(image["id"])
+            judged.append(
+                (image, {k: _omero_tile(manifest, mosaic, pixels, k, frames[k]) for k in tiles})
             )
-        pixels = standin.pixels(whole[0]["id"])
-        for key in tiles:
-            copies[key] = _omero_tile(manifest, mosaic, pixels, key, frames[key])
-        missing = sum(copies[key] is Copy.MISSING for key in tiles)
+        # The best copy counts; an extra copy holding tiles exactly duplicates them.
+        judged.sort(key=lambda pair: sum(c is Copy.EXACT for c in pair[1].values()), reverse=True)
+        (best, best_copies), extras = judged[0], judged[1:]
+        copies.update(best_copies)
+        missing = sum(c is Copy.MISSING for c in best_copies.values())
         if missing:
             verdict.problems.append(
-                f"OMERO Image:{whole[0]['id']} lacks {missing} of {len(tiles)} tiles (unwritten)"
+                f"OMERO Image:{best['id']} lacks {missing} of {len(tiles)} tiles (unwritten)"
+            )
+        for image, extra_copies in extras:
+            exact = sum(c is Copy.EXACT for c in extra_copies.values())
+            verdict.duplicated += exact
+            verdict.corrupted.update(k for k, c in extra_copies.items() if c is Copy.CORRUPT)
+            verdict.problems.append(
+                f"OMERO Image:{image['id']} is a second image of position {part} "
+                f"(besides Image:{best['id']}), holding {exact} of {len(tiles)} tiles"
             )
     for part, strays in by_part.items():
         verdict.problems.append(f"OMERO images {[i['id'] for i in strays]} for unknown part {part}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from devtools.chaos.disks import MiB, SmallDisk, stale_mounts, unmount_stale
+from devtools.chaos.runner import fresh_workdir
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -37,3 +38,19 @@ def test_mounts_a_killed_run_left_behind_are_found_and_removed(tmp_path: Path) -
     assert stale_mounts(tmp_path / "run") == [left.path]
     unmount_stale(tmp_path / "run")
     assert stale_mounts(tmp_path / "run") == []
+
+
+def test_a_workdir_is_cleared_only_if_a_run_made_it(tmp_path: Path) -> None:
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="refusing to clear"):
+        fresh_workdir(precious)
+    assert (precious / "thesis.tex").exists()
+    run = tmp_path / "run"
+    fresh_workdir(run)
+    left = SmallDisk(run / "ingest-data", MiB).mount()
+    (run / "chaos.log").write_text("an earlier run")
+    fresh_workdir(run)
+    assert not left.path.exists() and stale_mounts(run) == []
+    assert sorted(p.name for p in run.iterdir()) == [".tilebridge-chaos"]

@@ -246,3 +246,14 @@ def test_an_omero_image_with_unwritten_tiles_is_named(scene: Scene) -> None:
     verdict = scene.verdict()
     assert verdict.fates[key] is Fate.PARTLY_STORED and key not in verdict.corrupted
     assert any("lacks 1 of" in p for p in verdict.problems)
+
+
+def test_a_partial_second_copy_duplicates_only_the_tiles_it_holds(scene: Scene) -> None:
+    key = scene.keys[0]
+    scene.archive()
+    scene.omero()
+    scene.omero({k: f if k == key else np.zeros_like(f) for k, f in scene.frames.items()})
+    verdict = scene.verdict()
+    assert verdict.duplicated == 1
+    assert verdict.counts == {Fate.DELIVERED: len(scene.keys)} and not verdict.corrupted
+    assert not verdict.complete and any("second image" in p for p in verdict.problems)
