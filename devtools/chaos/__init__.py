@@ -7,9 +7,10 @@ seeded schedule, then a pixel-for-pixel verdict on every image (docs/chaos.md).
     standin.py     the OMERO stand-in process and its control API
     faults.py      what each fault kind does and how it is healed
     microscope.py  the acquisition client of each device (the agent's HTTP API)
+    timeline.py    the run's own log
     observe.py     a witness of acks and status on the broker
     locate.py      where a tile can be on its way (spool, staging, archive)
     verify.py      each tile's fate, pixel for pixel, in the archive and in OMERO
     runner.py      one run: start, scan under faults, drain, freeze, verify
-    report.py      the table, the JSON report, the digest of the programs' error logs
+X
 """

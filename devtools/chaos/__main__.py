@@ -14,8 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from devtools.chaos.logdigest import log_digest, render_logs
 from devtools.chaos.plan import FAULT_KINDS
-from devtools.chaos.report import log_digest, render, render_logs, summarize, to_json
+from devtools.chaos.report import render, summarize, to_json
 from devtools.chaos.runner import Options, Runner
 
 

@@ -1,10 +1,10 @@
 """One chaos run: start the stack, scan on two devices while the plan's faults hit, heal, wait
 for the drain (bounded), freeze the programs, verify every image, report.
 
-Concurrency: the main thread owns every process (it injects, heals and supervises: a part
-that ends on its own is restarted after `RESTART_S`, as systemd's Restart=on-failure would,
-and counted); one `Microscope` thread per device does the acquisition over HTTP and owns its
-records; the `Observer` (paho's thread) only witnesses. Nothing else is shared.
+Concurrency: the main thread owns every process (it injects, heals, and lets the
+`Supervisor` restart what ended on its own); one `Microscope` thread per device does the
+acquisition over HTTP and owns its records (only its `acquiring` event is read meanwhile);
+the `Observer` (paho's thread) only witnesses, behind its lock. Nothing else is shared.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from devtools.chaos.microscope import Microscope, ScanRecord
 from devtools.chaos.observe import Observer
 from devtools.chaos.plan import BOTH, DEVICES, FAULT_KINDS, ChaosPlan, FaultStep, make_plan
 from devtools.chaos.stack import LAYOUTS, ChaosStack
+from devtools.chaos.supervise import Exit, Supervisor
 from devtools.chaos.timeline import Timeline
 from devtools.chaos.verify import ImageVerdict, omero_images_of, verify_scan
 from devtools.stack import wait_for
 from edge_agent.client import EdgeClient
 
-RESTART_S = 2.0
 TICK_S = 0.2
 
 
@@ -48,14 +48,6 @@ class Options:
     workdir: Path = Path("/tmp/tilebridge-chaos")
     echo: bool = True
     """Print the timeline as it happens."""
-
-
-@dataclass(frozen=True)
-class Exit:
-    part: str
-    at: float
-    code: int | None
-    log_tail: str
 
 
 @dataclass
@@ -113,9 +105,8 @@ class Runner:
         self.stack = ChaosStack(self.workdir, ingest_bytes, spool_bytes)
         self.timeline = Timeline(self.workdir / "chaos.log", echo=options.echo)
         started = self.timeline.started
-        self.held: set[str] = set()
-        self._dead_since: dict[str, float] = {}
         self.outcome = Outcome(options, self.plan, started, started)
+        self.supervisor = Supervisor(self.stack, self.timeline, self.outcome.exits)
         self.stop = threading.Event()
 
     # -- the run ----------------------------------------------------------------------------
@@ -189,12 +180,16 @@ class Runner:
                 self.timeline.say(f"time bound reached: faults from #{step.number} not injected")
                 break
             self._idle_until(partial(_scanning, microscopes, step), self.plan.timing.scan_wait_s)
-            event, self.held = injector.inject(step)
+            event, self.supervisor.held = injector.inject(step)
             self.timeline.say(f"inject {step.describe()} {event.note}".rstrip())
             waited = self._idle_until(partial(injector.fired, event), self.plan.timing.armed_wait_s)
             self._idle(step.hold_s if waited else 0.0)
-            injector.heal(event)
-            self.held = set()
+            try:
+                injector.heal(event)
+            except RuntimeError as exc:  # e.g. Mosquitto not listening yet: retried below
+                event.healed_at = time.monotonic()
+                event.note = f"{event.note}; healing failed ({exc}), left to the supervisor"
+            self.supervisor.held = set()
             o.events.append(event)
             o.last_fault_at = event.healed_at
             self.timeline.say(f"healed #{step.number} {step.kind} {event.note}".rstrip())
@@ -278,7 +273,7 @@ class Runner:
         while time.monotonic() < end:
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            self._supervise()
+            self.supervisor.tick()
             time.sleep(TICK_S)
         return deadline is None or time.monotonic() <= deadline
 
@@ -290,27 +285,6 @@ class Runner:
                 return False
             self._idle(TICK_S)
         return True
-
-    def _supervise(self) -> None:
-        if not self.stack.omero.alive:
-            raise RuntimeError(f"the OMERO stand-in process died:\n{self.stack.omero.log_tail()}")
-        now = time.monotonic()
-        for name, part in self.stack.parts().items():
-            if name in self.held or part.running:
-                self._dead_since.pop(name, None)
-                continue
-            if name not in self._dead_since:
-                self._dead_since[name] = now
-                exit_ = Exit(name, now, part.exit_code(), part.log_tail(30))
-                self.outcome.exits.append(exit_)
-                self.timeline.say(f"{name} exited by itself (status {exit_.code}); restarting")
-            elif now - self._dead_since[name] >= RESTART_S:
-                try:
-                    part.start()
-                    del self._dead_since[name]
-                except RuntimeError as exc:  # e.g. the broker not listening yet
-                    self._dead_since[name] = now
-                    self.timeline.say(f"restarting {name} failed: {exc}")
 
 
 def _scanning(microscopes: list[Microscope], step: FaultStep) -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from devtools.chaos.report import log_digest, render, render_logs, summarize
+from devtools.chaos.logdigest import log_digest, render_logs
+from devtools.chaos.report import render, summarize
 from devtools.chaos.runner import Options, Runner
 
 KINDS = (
