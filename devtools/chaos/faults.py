@@ -11,7 +11,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from devtools.chaos.plan import BOTH, FaultStep
+from devtools.chaos.plan import BOTH, FaultStep, family
 from devtools.chaos.stack import ChaosStack, Part
 
 
@@ -39,6 +39,10 @@ class Injector:
         kind, stack = step.kind, self.stack
         event = FaultEvent(step, time.monotonic())
         held: set[str] = set()
+        if family(kind) in ("kill", "stall") and kind.split("-")[0] in ("agent", "ingest"):
+            down = [p.name for p in self._parts(step) if not p.running]
+            if down:
+                event.note = f"{', '.join(down)} already down (exited by itself)"
         if kind in ("agent-kill", "ingest-kill", "broker-kill"):
             for part in self._parts(step):
                 part.kill()

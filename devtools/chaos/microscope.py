@@ -160,11 +160,13 @@ class Microscope(threading.Thread):
         keys = record.manifest.tile_keys()
         positions = record.manifest.positions
         image_id = step.image_id
-        give_up_at = time.monotonic() + self.acquire_timeout_s
+        # Long scans get longer: every frame may have to be sent twice after a restart.
+        timeout = max(self.acquire_timeout_s, 3 * step.frame_interval_s * len(keys))
+        give_up_at = time.monotonic() + timeout
         started, check, sent = False, False, 0
         while record.acquired_at is None:
             if time.monotonic() > give_up_at or self._halt.is_set():
-                record.gave_up = f"not acquired after {self.acquire_timeout_s:.0f} s"
+                record.gave_up = f"not acquired after {timeout:.0f} s"
                 return record
             try:
                 if check or not started:
@@ -182,9 +184,10 @@ class Microscope(threading.Thread):
                     key = keys[sent]
                     self._send(client, scan, image_id, key, positions[key.index])
                     record.frames_answered += 1
-                    record.answered.add(key)
                     sent += 1
-                    time.sleep(step.frame_interval_s)
+                    if key not in record.answered:  # a repeat is sent at once, not paced
+                        record.answered.add(key)
+                        time.sleep(step.frame_interval_s)
                 else:
                     progress = client.finalize(image_id, timeout=30)
                     if progress["state"] in ("finalized", "finalizing"):

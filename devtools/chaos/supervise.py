@@ -37,7 +37,9 @@ class Supervisor:
             raise RuntimeError(f"the OMERO stand-in process died:\n{self.stack.omero.log_tail()}")
         now = time.monotonic()
         for name, part in self.stack.parts().items():
-            if name in self.held or part.running:
+            if name in self.held:
+                continue  # a part that died before the fault is restarted after it, once
+            if part.running:
                 self._dead_since.pop(name, None)
                 continue
             if name not in self._dead_since:
