@@ -38,6 +38,7 @@ class Summary:
     archive_leftovers: int
     drain_after_fault_s: float | None
     drain_after_scan_s: float | None
+    last_finished_after_fault_s: float | None
     exits: Counter[str]
     client: Counter[str]
     failures: list[str] = field(default_factory=list)
@@ -75,6 +76,7 @@ def summarize(o: Outcome) -> Summary:
         archive_leftovers=len(o.archive_leftovers),
         drain_after_fault_s=_since(o.drained_at, o.last_fault_at),
         drain_after_scan_s=_since(o.drained_at, o.last_scan_at),
+        last_finished_after_fault_s=_since(o.last_finished_at, o.last_fault_at),
         exits=Counter(e.part for e in o.exits),
         client=client,
     )
@@ -135,6 +137,11 @@ def render(o: Outcome, s: Summary) -> RenderableType:
     res.add_row("partial archive files left", str(s.archive_leftovers))
     res.add_row("time to drain after the last fault", _seconds(s.drain_after_fault_s, o))
     res.add_row("time to drain after the last scan", _seconds(s.drain_after_scan_s, o))
+    if o.not_drained and s.last_finished_after_fault_s is not None:
+        res.add_row(
+            "  the last image that finished, after the last fault",
+            f"{s.last_finished_after_fault_s:.1f} s",
+        )
     res.add_row(
         "programs that exited by themselves",
         ", ".join(f"{p} x{n}" for p, n in sorted(s.exits.items())) or "none",
@@ -217,6 +224,7 @@ def to_json(o: Outcome, s: Summary, logs: dict[str, Any]) -> dict[str, Any]:
             "archive_leftovers": o.archive_leftovers,
             "drain_after_fault_s": s.drain_after_fault_s,
             "drain_after_scan_s": s.drain_after_scan_s,
+            "last_finished_after_fault_s": s.last_finished_after_fault_s,
             "exits": dict(s.exits),
             "client": dict(s.client),
             "not_drained": o.not_drained,
@@ -248,6 +256,7 @@ def to_json(o: Outcome, s: Summary, logs: dict[str, Any]) -> dict[str, Any]:
                 "gave_up": v.record.gave_up,
                 "server_stream": v.record.server_stream,
                 "omero_images": v.omero_ids,
+                "faults_meanwhile": faults_meanwhile(o, v.record),
             }
             for v in o.verdicts
         ],

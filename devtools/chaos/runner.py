@@ -68,6 +68,9 @@ class Outcome:
     last_fault_at: float | None = None
     last_scan_at: float | None = None
     drained_at: float | None = None
+    last_finished_at: float | None = None
+    """When the last image that did finish finished (the drain's progress, also when some
+    images never finish)."""
     not_drained: list[str] = field(default_factory=list)
     error: str | None = None
     """The run itself could not go on (the stack did not come up, the stand-in died...)."""
@@ -207,8 +210,11 @@ class Runner:
         o = self.outcome
         since = max(o.last_fault_at or o.t0, o.last_scan_at or o.t0)
         deadline = since + self.options.drain_s
+        left = len(o.records) + 1
         while True:
             pending = [r for r in o.records if not self._drained(r, observer)]
+            if len(pending) < left:
+                left, o.last_finished_at = len(pending), time.monotonic()
             if not pending:
                 o.drained_at = time.monotonic()
                 self.timeline.say("drained: every image finished")
