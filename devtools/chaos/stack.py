@@ -80,6 +80,8 @@ class ProgramPart(Part):
         self._last: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if self.running:  # a second process would orphan the first one
+            raise RuntimeError(f"{self.name} is running already")
         self.program.start(*self.args)
         self._last = self.program.proc
 
@@ -113,6 +115,8 @@ class BrokerPart(Part):
         return self.broker.workdir / "data" / "mosquitto.db"
 
     def start(self) -> None:
+        if self.running:
+            raise RuntimeError("mosquitto is running already")
         self.broker.start()
         self._last = self.broker.proc
 
