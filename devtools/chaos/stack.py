@@ -30,6 +30,8 @@ PYRAMID_THRESHOLD_PX = 300 * 300
 breaks), smaller ones and per-tile images plane by plane: both write paths meet faults."""
 PYRAMID_TILE = (64, 64)
 CHUNK_SIZE = 64 * 1024
+WIDE_LOGS = {"COLUMNS": "200"}
+"""rich wraps log lines at the terminal width: wide lines keep a message on one line."""
 
 
 class Part:
@@ -192,12 +194,24 @@ class ChaosStack:
         password.touch(mode=0o600)
         password.write_text(self.omero.ready["password"])
         self.ingest = ProgramPart(
-            Program("server_ingest", self._ingest_config(password), self.programs_dir, "ingest"),
+            Program(
+                "server_ingest",
+                self._ingest_config(password),
+                self.programs_dir,
+                "ingest",
+                env=WIDE_LOGS,
+            ),
             "run",
         )
         self.agents = {
             d: ProgramPart(
-                Program("edge_agent", self._agent_config(d), self.programs_dir, f"agent-{d}"),
+                Program(
+                    "edge_agent",
+                    self._agent_config(d),
+                    self.programs_dir,
+                    f"agent-{d}",
+                    env=WIDE_LOGS,
+                ),
                 "run",
             )
             for d in DEVICES
