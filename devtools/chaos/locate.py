@@ -1,8 +1,10 @@
 """Where a tile can be on its way: the edge's spool, the ingest's staging, the archive.
 
-Read straight from the disks, by the layouts the owners document (edge_agent/buffer.py,
-server_ingest/staging.py, tilebridge_storage/paths.py), so the verdict never depends on a
-message a wiped broker may have lost. A tile only moves downstream (spool -> staging ->
+Read straight from the disks, so the verdict never depends on a message a wiped broker may
+have lost: the spool and the staging by the layouts their owners document
+(edge_agent/buffer.py, server_ingest/staging.py; their classes open queues and create
+folders, so they are not used here), the archive by its own naming rule
+(tilebridge_storage.paths.image_path). A tile only moves downstream (spool -> staging ->
 backends) and is removed upstream only once it is safe downstream, so looking in that order
 finds every tile that exists, even while the image is still draining.
 """
@@ -14,8 +16,8 @@ from uuid import UUID
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
-
-ARCHIVE_SUFFIX = ".ome.tif"
+from tilebridge_storage.archive import SUFFIX as ARCHIVE_SUFFIX
+from tilebridge_storage.paths import image_path
 
 
 def _tiles(folder: Path) -> dict[TileKey, Path]:
@@ -55,11 +57,19 @@ def staging_holds(data_dir: Path, device: str, image_id: UUID) -> bool:
 
 
 def archive_files(data_dir: Path, device: str, manifest: OpenManifest) -> list[Path]:
-    """Every archive file of the image (more than one would be a duplicate)."""
-    root = data_dir / "archive" / device
-    if not root.is_dir():
-        return []
-    return sorted(root.rglob(f"*_{manifest.image_id.hex[:8]}{ARCHIVE_SUFFIX}"))
+    """Every archive file of the image: where the archive puts it (its own rule), and any
+    other file of the device whose name carries the image's id (a duplicate)."""
+    root = data_dir / "archive"
+    expected = image_path(root, device, manifest, ARCHIVE_SUFFIX)
+    found = {expected} if expected.exists() else set()
+    if (root / device).is_dir():
+        for mark in {str(manifest.image_id), manifest.image_id.hex, manifest.image_id.hex[:8]}:
+            found.update(
+                p
+                for p in (root / device).rglob(f"*{mark}*{ARCHIVE_SUFFIX}")
+                if not p.name.startswith(".")
+            )
+    return sorted(found)
 
 
 def archive_leftovers(data_dir: Path) -> list[Path]:
