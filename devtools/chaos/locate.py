@@ -2,7 +2,7 @@
 
 Read straight from the disks, so the verdict never depends on a message a wiped broker may
 have lost: the spool and the staging by the layouts their owners document
-(edge_agent/buffer.py, server_ingest/staging.py; their classes open queues and create
+(edge_agent/spool.py, server_ingest/staging.py; their classes open databases and create
 folders, so they are not used here), the archive by its own naming rule
 (tilebridge_storage.paths.image_path). A tile only moves downstream (spool -> staging ->
 backends) and is removed upstream only once it is safe downstream, so looking in that order
@@ -31,20 +31,15 @@ def _tiles(folder: Path) -> dict[TileKey, Path]:
     return found
 
 
-def edge_holds(spool: Path, image_id: UUID) -> bool:
-    """The agent still has the image (it forgets it on the server's final answer)."""
-    return (spool / "images" / str(image_id)).exists()
-
-
 def buffered(spool: Path, image_id: UUID) -> dict[TileKey, Path]:
     """Tiles the agent still holds because the server has not committed them."""
-    return _tiles(spool / "images" / str(image_id) / "tiles")
+    return _tiles(spool / "tiles" / str(image_id))
 
 
 def set_aside(spool: Path, image_id: UUID) -> dict[TileKey, Path]:
     """Tiles the agent moved aside because the server refused them (or their image)."""
     root = spool / "rejected" / str(image_id)
-    return {**_tiles(root), **_tiles(root / "image" / "tiles")}
+    return {**_tiles(root), **_tiles(root / "tiles")}
 
 
 def staged(data_dir: Path, device: str, image_id: UUID) -> dict[TileKey, Path]:

@@ -1,12 +1,13 @@
 """The acquisition side: one thread per device acts as the microscope's control program
 (ImSwitch, say) and sends its scans through the agent's local HTTP API with `EdgeClient`.
 
-It behaves as a careful client would: a frame counts as acquired once the agent answered 200
-(the agent promises it is durable by then); 503 means "busy, try again"; a dropped connection
-means the agent is gone or stalled, so it waits and asks whether the agent still knows the
-experiment. An agent that was restarted has forgotten the experiment (404): the client starts
-it again under the same image id and sends every frame again (a repeat changes nothing, and
-`finalize` wants to have seen every frame). Any other refusal ends the scan, recorded with
+It follows the front door's resume contract (docs/acquisition.md) as a careful client would:
+a frame counts as acquired once the agent answered 200 (it is durable by then); 503 means
+"busy, try again"; a dropped connection means the agent is gone or stalled, so it waits, asks
+for the experiment again and re-sends the frame it is not sure of. Should the agent ever not
+know the experiment (404), the client starts it again under the same image id and sends
+every frame again (a repeat changes nothing); that is counted, since the agent keeps its
+experiments across restarts. Any other refusal (422, 409, 500) ends the scan, recorded with
 the agent's words. Frames are the simulator's deterministic ones, so the verification can
 regenerate each of them bit for bit.
 
@@ -27,10 +28,10 @@ import httpx
 
 from devtools.chaos.plan import ScanStep
 from edge_agent.client import EdgeApiError, EdgeClient
-from edge_agent.omewriter import ExperimentSpec, OMEWriterConfig
+from edge_agent.models import ExperimentSpec
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import Layout, OpenManifest
+from tilebridge_protocol.messages import OpenManifest
 
 ACQUIRED_AT = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 """Fixed, so a restarted experiment has the very same manifest as the first try."""
@@ -50,7 +51,9 @@ def synthetic(step: ScanStep) -> SyntheticScan:
     )
 
 
-def experiment_spec(step: ScanStep) -> dict[str, Any]:
+def experiment_spec(step: ScanStep, layout: str) -> dict[str, Any]:
+    """The experiment as the acquisition program starts it: only the server stream, no local
+    files, every field the manifest needs given (so a restart repeats it exactly)."""
     scan = synthetic(step)
     step_um = scan.step_px * PIXEL_UM
     return {
@@ -72,13 +75,15 @@ def experiment_spec(step: ScanStep) -> dict[str, Any]:
         "project": "chaos",
         "dataset": step.device,
         "key_values": {"chaos_scan": str(step.number), "seed": str(step.seed)},
+        "layout": layout,
+        "targets": [],
+        "server": True,
     }
 
 
 def expected_manifest(step: ScanStep, layout: str) -> OpenManifest:
     """The manifest the agent makes of this scan (the same model does it)."""
-    config = OMEWriterConfig(write_tiff=False, write_omero=True, layout=Layout(layout))
-    return ExperimentSpec.model_validate(experiment_spec(step)).manifest(config)
+    return ExperimentSpec.model_validate(experiment_spec(step, layout)).manifest()
 
 
 @dataclass
@@ -95,11 +100,13 @@ class ScanRecord:
     busy: int = 0
     """503 answers (the agent said: not now)."""
     connection_errors: int = 0
-    agent_restarts: int = 0
-    """Times the agent had forgotten the experiment mid-scan (it was restarted)."""
+    forgotten: int = 0
+    """Times the agent did not know the experiment mid-scan (404 after it was started)."""
     refusals: list[str] = field(default_factory=list)
     server_stream: dict[str, Any] | None = None
     """The agent's own account of the stream to the server after finalize."""
+    server: str | None = None
+    """The experiment's server state at finalize (sending, failed, refused, ...)."""
     gave_up: str | None = None
 
     @property
@@ -149,13 +156,13 @@ class Microscope(threading.Thread):
                 how = "acquired" if record.acquired else f"NOT acquired ({record.gave_up})"
                 self.say(
                     f"scan {step.number} on {self.device}: {how}, {len(record.answered)}/"
-                    f"{step.tile_count} frames, {record.busy} busy, {record.agent_restarts} "
-                    "agent restarts"
+                    f"{step.tile_count} frames, {record.busy} busy, "
+                    f"{record.connection_errors} dropped connections"
                 )
 
     def _scan(self, client: EdgeClient, step: ScanStep) -> ScanRecord:
         scan = synthetic(step)
-        spec = experiment_spec(step)
+        spec = experiment_spec(step, self.layout)
         record = ScanRecord(step, expected_manifest(step, self.layout), time.monotonic())
         keys = record.manifest.tile_keys()
         positions = record.manifest.positions
@@ -173,7 +180,7 @@ class Microscope(threading.Thread):
                     state = self._experiment_state(client, image_id)
                     if state is None:  # unknown to the agent: (re)start, send everything
                         if started:
-                            record.agent_restarts += 1
+                            record.forgotten += 1
                         client.start_experiment(**spec)
                         sent = 0
                     elif state in ("finalized", "finalizing") and sent == len(keys):
@@ -193,6 +200,7 @@ class Microscope(threading.Thread):
                     if progress["state"] in ("finalized", "finalizing"):
                         record.acquired_at = time.monotonic()
                         record.server_stream = progress["backends"].get("omero")
+                        record.server = progress.get("server")
             except EdgeApiError as exc:
                 if exc.status_code == 503:
                     record.busy += 1

@@ -60,7 +60,7 @@ def summarize(o: Outcome) -> Summary:
         client.update(
             busy=r.busy,
             connection_errors=r.connection_errors,
-            agent_restarts=r.agent_restarts,
+            forgotten=r.forgotten,
             refusals=len(r.refusals),
         )
     s = Summary(
@@ -147,9 +147,9 @@ def render(o: Outcome, s: Summary) -> RenderableType:
         ", ".join(f"{p} x{n}" for p, n in sorted(s.exits.items())) or "none",
     )
     res.add_row(
-        "client: 503 busy / connection errors / agent restarts / refusals",
+        "client: 503 busy / dropped connections / forgotten experiments / refusals",
         f"{s.client['busy']} / {s.client['connection_errors']} / "
-        f"{s.client['agent_restarts']} / {s.client['refusals']}",
+        f"{s.client['forgotten']} / {s.client['refusals']}",
     )
     parts: list[RenderableType] = [faults, res]
     bad = [v for v in o.verdicts if not v.complete]
@@ -167,6 +167,8 @@ def render(o: Outcome, s: Summary) -> RenderableType:
                 why.insert(0, "did not drain")
             if r.server_stream and r.server_stream.get("state") == "failed":
                 why.append(f"agent: server stream failed: {r.server_stream.get('error')}")
+            elif r.server in ("failed", "refused"):
+                why.append(f"agent: server {r.server}")
             fates = ", ".join(f"{f.value} {n}" for f, n in sorted(v.counts.items()))
             images.add_row(
                 str(r.step.number),

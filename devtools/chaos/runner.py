@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 
@@ -30,7 +31,7 @@ from devtools.chaos.supervise import Exit, Supervisor
 from devtools.chaos.timeline import Timeline
 from devtools.chaos.verify import ImageVerdict, omero_images_of, verify_scan
 from devtools.stack import wait_for
-from edge_agent.client import EdgeClient
+from edge_agent.client import EdgeApiError, EdgeClient
 
 TICK_S = 0.2
 
@@ -149,13 +150,6 @@ class Runner:
         for device in DEVICES:
             with EdgeClient(self.stack.agent_url(device), timeout=10) as client:
                 wait_for(partial(_answers, client), 90, f"the agent of {device}")
-                client.set_config(
-                    write_tiff=False,
-                    write_zarr=False,
-                    write_stitched_tiff=False,
-                    write_omero=True,
-                    layout=LAYOUTS[device],
-                )
         self.timeline.say("stack ready: broker, OMERO stand-in, ingest, 2 agents")
 
     def _acquire_under_faults(self) -> None:
@@ -210,9 +204,20 @@ class Runner:
         o = self.outcome
         since = max(o.last_fault_at or o.t0, o.last_scan_at or o.t0)
         deadline = since + self.options.drain_s
+        clients = {d: EdgeClient(self.stack.agent_url(d), timeout=10) for d in DEVICES}
+        try:
+            self._await_drain(observer, clients, deadline)
+        finally:
+            for client in clients.values():
+                client.close()
+
+    def _await_drain(
+        self, observer: Observer, clients: dict[str, EdgeClient], deadline: float
+    ) -> None:
+        o = self.outcome
         left = len(o.records) + 1
         while True:
-            pending = [r for r in o.records if not self._drained(r, observer)]
+            pending = [r for r in o.records if not self._drained(r, observer, clients)]
             if len(pending) < left:
                 left, o.last_finished_at = len(pending), time.monotonic()
             if not pending:
@@ -227,13 +232,16 @@ class Runner:
                 return
             self._idle(1.0)
 
-    def _drained(self, record: ScanRecord, observer: Observer) -> bool:
-        """The image will not change any more: the edge let go of it (the server gave its
-        final answer) and the ingest either stored it (staging gone) or failed it."""
+    def _drained(
+        self, record: ScanRecord, observer: Observer, clients: dict[str, EdgeClient]
+    ) -> bool:
+        """The image will not change any more: its agent has the server's final answer
+        (`server` is no longer `sending`), and the ingest either stored it (its staging is
+        gone) or failed it."""
         if not record.acquired:
             return True  # nothing more is coming; judged as not acquired
         step = record.step
-        if locate.edge_holds(self.stack.spools[step.device].path, step.image_id):
+        if _edge_server_state(clients[step.device], step.image_id) == "sending":
             return False
         staged = locate.staging_holds(self.stack.ingest_disk.path, step.device, step.image_id)
         return not staged or observer.final_phase(step.image_id) in ("failed", "rejected")
@@ -300,6 +308,17 @@ def _scanning(microscopes: list[Microscope], step: FaultStep) -> bool:
         return True  # every scan is over: nothing to wait for
     hit = [m for m in microscopes if step.target in (m.device, BOTH) or step.target not in DEVICES]
     return any(m.acquiring.is_set() for m in hit)
+
+
+def _edge_server_state(client: EdgeClient, image_id: UUID) -> str | None:
+    """The agent's word on the image's server side: sending, complete, failed, refused;
+    None if it no longer knows the image. `sending` while it cannot be asked."""
+    try:
+        return str(client.experiment(image_id)["server"])
+    except EdgeApiError as exc:
+        return None if exc.status_code == 404 else "sending"
+    except httpx.TransportError:
+        return "sending"
 
 
 def _answers(client: EdgeClient) -> bool:

@@ -115,7 +115,7 @@ class Scene:
 
     def put(self, where: str, key: TileKey, frame: np.ndarray[Any, Any] | None = None) -> None:
         folder = {
-            "buffered": self.spool / "images" / str(self.step.image_id) / "tiles",
+            "buffered": self.spool / "tiles" / str(self.step.image_id),
             "set aside": self.spool / "rejected" / str(self.step.image_id),
             "staged": self.data / "staging" / self.device / str(self.step.image_id),
         }[where]
