@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from devtools.broker import free_port
 from devtools.chaos.standin import StandinProcess
+from devtools.stack import wait_for
 from tilebridge_protocol.errors import TransientError
 from tilebridge_storage.mosaic import assemble
 from tilebridge_storage.omero_backend.backend import OmeroBackend
@@ -92,8 +93,9 @@ def test_an_armed_crash_fires_mid_write_and_the_server_comes_back(
         with pytest.raises(TransientError):
             for key in manifest.tile_keys():
                 writer.write_tile(key, tiles[key])
-        state = standin.state()
-        assert state["crashed"] and not state["running"] and state["armed"] is None
+        # The crash stops the server from a thread of its own: it is down shortly after.
+        state = wait_for(lambda: (s := standin.state()) and not s["running"] and s, 30, "down")
+        assert state["crashed"] and state["armed"] is None
         writer.abort()
         standin.action("start")
         assert [i["state"] for i in standin.images()] == ["broken"]
