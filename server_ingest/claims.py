@@ -55,6 +55,10 @@ class Claims(ABC):
     def release(self, kind: str, name: str) -> None: ...
 
     @abstractmethod
+    def held(self) -> list[str]:
+        """Devices claimed by us (also before a restart of this instance)."""
+
+    @abstractmethod
     def orphans(self) -> list[str]:
         """Devices with images receiving or storing whose device claim is free or expired."""
 
@@ -79,6 +83,9 @@ class LocalClaims(Claims):
 
     def release(self, kind: str, name: str) -> None:
         pass
+
+    def held(self) -> list[str]:
+        return []
 
     def orphans(self) -> list[str]:
         return []
