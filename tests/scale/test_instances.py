@@ -80,7 +80,7 @@ def test_an_instance_killed_mid_scan_leaves_its_devices_to_the_others(cluster: C
     for n in range(1, 4):
         cluster.start_agent(n, frame_delay=0.15)
     holder = wait_for(lambda: cluster.holder(DEVICE, "scope-1"), 30, "scope-1 claimed")
-    wait_for(lambda: cluster.tiles_recorded(), 30, "tiles committed")
+    wait_for(cluster.tiles_recorded, 30, "tiles committed")
     cluster.ingests[holder].kill()  # kill -9, mid-scan: its partial tiles, its images
     cluster.wait_agents()
     assert cluster.holder(DEVICE, "scope-1") not in (None, holder)
@@ -97,7 +97,7 @@ def test_the_database_restarted_mid_scan_loses_nothing(
         cluster.start_ingests("ingest-1", "ingest-2")
         for n in range(1, 3):
             cluster.start_agent(n, frame_delay=0.1)
-        wait_for(lambda: cluster.tiles_recorded(), 30, "tiles committed")
+        wait_for(cluster.tiles_recorded, 30, "tiles committed")
         postgres.kill()  # as a crash: recovery at the next start
         postgres.start()
         cluster.wait_agents()
