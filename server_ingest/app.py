@@ -17,7 +17,8 @@ import itertools
 import logging
 import resource
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from server_ingest.backends import build_backends
 from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe, subscriptions
@@ -67,7 +68,9 @@ class Engine:
         backends: Sequence[StorageBackend] | None = None,
         ledger: Ledger | None = None,
         relay: Relay | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock`: the wall clock events are stamped with (tests move it ahead)."""
         self.settings = settings
         limits = settings.limits
         self.inbox = Inbox(settings.inbox_messages)
@@ -122,6 +125,7 @@ class Engine:
             on_idle=self._idle,
             router=router,
             windows=windows,
+            clock=clock,
         )
         self._started = False
 

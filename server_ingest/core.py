@@ -90,8 +90,11 @@ class Core:
         on_idle: Callable[[int], None] | None = None,
         router: Router | None = None,
         windows: Windows | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.inbox, self.limits, self.policy = inbox, limits, policy
+        # Wall-clock time of the events (expiry, records); injected so tests can jump ahead.
+        self._clock = clock
         self._ledger, self._stager, self._storer, self._outbox = ledger, stager, storer, outbox
         self._dead_letter_bytes = dead_letter_bytes
         self._on_idle = on_idle
@@ -232,7 +235,7 @@ class Core:
                 ErrorAck(reason=ReasonCode.INTERNAL_ERROR, detail=detail, topic=message.topic),
             )
             letter = DeadLettered(
-                time.time(),
+                self.now(),
                 device,
                 message.topic,
                 ReasonCode.INTERNAL_ERROR,
@@ -326,7 +329,7 @@ class Core:
         self._outbox.image_status(image_status(book), done)
 
     def now(self) -> float:
-        return time.time()
+        return self._clock()
 
     # -- effects ------------------------------------------------------------------------------
 
