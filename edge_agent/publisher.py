@@ -8,8 +8,9 @@ So a flight is registered before its first publish, and a PUBACK that the networ
 sees before `publish()` has even returned waits in the mailbox until the owner has recorded
 that message id: it can never be lost or applied to nothing.
 
-Tile bytes in flight are bounded by `inflight_bytes` (the budget), which bounds memory here
-and the broker's queue for the ingest, however large the backlog. A tile whose `committed`
+Tile bytes in flight are bounded by `inflight_bytes` (the budget), or by the smaller window
+the server granted this device (a `credit` ack: fleet-level flow control), which bounds
+memory here and the broker's queue for the ingest, however large the backlog and the fleet. A tile whose `committed`
 ack does not come is published again after `commit_timeout_s`, doubling up to
 `max_commit_timeout_s`, but only while the ingest reports itself online. The loop never
 blocks on anything but its mailbox (and the bandwidth cap, when one is set).
@@ -36,6 +37,7 @@ from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.framing import encode_tile
 from tilebridge_protocol.messages import (
     AnyAck,
+    CreditAck,
     ErrorAck,
     ImageAck,
     ImageState,
@@ -279,6 +281,11 @@ class Publisher:
             self._open_ack(ack)
         elif isinstance(ack, ImageAck):
             self._image_ack(ack)
+        elif isinstance(ack, CreditAck):
+            # The server's window for this device (fleet flow control, docs/protocol.md):
+            # never more than our own cap; 0 pauses new flights, a resend still goes.
+            self._budget.limit = min(self.settings.inflight_bytes, ack.window_bytes)
+            self.counters.window_bytes = self._budget.limit
         else:
             self._error_ack(ack)
 

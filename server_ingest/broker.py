@@ -63,7 +63,7 @@ class MqttOutbox:
         self._ttl = image_status_ttl_s
         self._relay_ttl = expiring(relay_ttl_s)
 
-    def ack(self, device: str, ack: AnyAck | CreditAck) -> None:
+    def ack(self, device: str, ack: AnyAck) -> None:
         # A window is retained: the device learns it on every (re)connect, ingest up or not.
         retain = isinstance(ack, CreditAck)
         self._connection.publish(

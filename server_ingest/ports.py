@@ -11,7 +11,7 @@ from server_ingest.ledger.records import ImageKey, Record
 from server_ingest.lifecycle import Event
 from server_ingest.stager import Job
 from server_ingest.storer import Command
-from tilebridge_protocol.messages import AnyAck, CreditAck
+from tilebridge_protocol.messages import AnyAck
 from tilebridge_protocol.status import ImageStatus
 
 
@@ -32,7 +32,7 @@ class StorerPort(Protocol):
 class Outbox(Protocol):
     """Where answers go: the broker in production, a list in tests."""
 
-    def ack(self, device: str, ack: AnyAck | CreditAck) -> None: ...
+    def ack(self, device: str, ack: AnyAck) -> None: ...
 
     def image_status(self, status: ImageStatus, done: bool) -> None: ...
 

@@ -121,9 +121,9 @@ class FlowSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = False
-    """Grant windows. Agents before credits read a `credit` ack as one they cannot use and
-    log it; turn this on once every agent of the fleet obeys windows."""
+    enabled: bool = True
+    """Grant windows. An agent older than credits cannot read a `credit` ack (it logs it
+    and goes on with its own `inflight_bytes`); off: no windows at all."""
     broker_bytes: int = Field(default=256 * MiB, ge=MiB)
     """Tile bytes this instance lets its devices have in flight at once, all together: what
     they may queue in the broker for it. Divided among the devices sending lately."""

@@ -349,7 +349,7 @@ class CreditAck(_Message):
     window_bytes: int = Field(ge=0)
 
 
-AnyAck = TileAck | OpenAck | ImageAck | ErrorAck
+AnyAck = TileAck | OpenAck | ImageAck | ErrorAck | CreditAck
 """Every ack the ingest sends; `decode_ack` tells them apart by `kind`."""
 Ack = Annotated[AnyAck, Field(discriminator="kind")]
 _ACK = TypeAdapter[AnyAck](Ack)

@@ -3,11 +3,17 @@ stays within the budget however the fleet grows, and every device gets a share."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server_ingest.flow import Windows
 from server_ingest.settings import FlowSettings
+from tests.ingest.harness import DEVICE, Harness
+from tilebridge_protocol.messages import CreditAck
+from tilebridge_protocol.topics import DeviceTopic
+from tilebridge_storage.testing.manifests import make_manifest
 
 MiB = 1024 * 1024
 FLOW = FlowSettings(broker_bytes=64 * MiB, min_window_bytes=2 * MiB, max_window_bytes=16 * MiB)
@@ -51,3 +57,21 @@ def test_the_windows_never_hold_more_than_the_budget_and_a_minimum_each(
         assert FLOW.min_window_bytes <= current[f"scope-{device}"] <= FLOW.max_window_bytes
         active = len(windows._devices)
         assert windows.granted <= FLOW.broker_bytes + active * FLOW.min_window_bytes
+
+
+def test_the_ingest_grants_windows_on_the_ack_topic_as_the_fleet_grows(tmp_path: Path) -> None:
+    flow = FlowSettings(broker_bytes=8 * MiB, min_window_bytes=MiB, max_window_bytes=8 * MiB)
+    harness = Harness(tmp_path, flow=flow)
+    try:
+        manifest = make_manifest()
+        harness.send(DeviceTopic.OPEN, manifest.to_bytes())
+        assert harness.recorder.credits == [(DEVICE, CreditAck(window_bytes=8 * MiB))]
+        for n in range(2, 5):  # three more devices: each gets what is left, then its share
+            harness.send(DeviceTopic.OPEN, make_manifest().to_bytes(), device=f"scope-{n}")
+        harness.send(DeviceTopic.OPEN, manifest.to_bytes())  # the first one sends again
+        latest = dict(harness.recorder.credits)
+        assert latest[DEVICE].window_bytes == 2 * MiB
+        assert all(c.window_bytes >= MiB for c in latest.values())
+        assert harness.recorder.acks  # the opens were answered as ever
+    finally:
+        harness.close()
