@@ -236,7 +236,7 @@ def test_the_servers_window_bounds_what_is_in_flight(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert connection.sent == []  # everything held back on the Pi's disk
         _ack(publisher, CreditAck(window_bytes=manifest.tile_bytes))
-        wait_for(lambda: connection.tiles_sent(), 10, "a tile")
+        wait_for(connection.tiles_sent, 10, "a tile")
         time.sleep(0.3)
         sent = {tile for tile, _ in connection.tiles_sent()}
         assert len(sent) == 1 and publisher.counters.inflight_tiles == 1

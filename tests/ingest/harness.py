@@ -23,8 +23,8 @@ from tilebridge_protocol.framing import encode_tile, tile_digest
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     AnyAck,
-    CreditAck,
     CloseManifest,
+    CreditAck,
     ImageAck,
     OpenManifest,
     TileAck,
