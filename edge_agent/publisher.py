@@ -12,8 +12,8 @@ Tile bytes in flight are bounded by `inflight_bytes` (the budget), or by the sma
 the server granted this device (a `credit` ack: fleet-level flow control), which bounds
 memory here and the broker's queue for the ingest, however large the backlog and the fleet.
 A tile whose `committed` ack does not come is published again after `commit_timeout_s`,
-doubling up to `max_commit_timeout_s`, but only while the ingest reports itself online. The loop never
-blocks on anything but its mailbox (and the bandwidth cap, when one is set).
+doubling up to `max_commit_timeout_s`, but only while the ingest reports itself online.
+The loop never blocks on anything but its mailbox (and the bandwidth cap, when one is set).
 """
 
 from __future__ import annotations
