@@ -43,7 +43,7 @@ from server_ingest.storer import Storer
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import IngestStatus, Liveness
 from tilebridge_protocol.topics import ingest_status_topic
-from tilebridge_runtime.mqtt import MqttConnection
+from tilebridge_runtime.mqtt import SESSION_EXPIRY_S, MqttConnection
 from tilebridge_storage.base import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,9 @@ class IngestService:
             on_connected=self._connected,
             on_message=lambda message: self.engine.handle(inbound(message)),
             will=(self.status_topic, offline.to_bytes()),
+            # A member of a shared subscription must not keep a session once gone: the broker
+            # would go on handing it its share of every device's messages (docs/scale.md).
+            session_expiry_s=0 if settings.cluster.subscription == "shared" else SESSION_EXPIRY_S,
         )
         outbox = MqttOutbox(
             self.connection, settings.image_status_ttl_s, settings.cluster.relay_ttl_s

@@ -59,10 +59,12 @@ class Cluster:
         finally:
             watcher.close()
 
-    def scan(self, n: int) -> SyntheticScan:
-        return SyntheticScan(**SCAN, seed=n)
+    def scan(self, n: int, **shape: int) -> SyntheticScan:
+        return SyntheticScan(**{**SCAN, **shape}, seed=n)
 
-    def start_agent(self, n: int, frame_delay: float = 0.0, **settings: Any) -> Program:
+    def start_agent(
+        self, n: int, frame_delay: float = 0.0, shape: dict[str, int] | None = None, **settings: Any
+    ) -> Program:
         name = f"agent-{n}"
         program = agent_program(
             self.broker,
@@ -72,8 +74,9 @@ class Cluster:
             spool_dir=str(self.workdir / f"spool-{n}"),
             **{**FAST_RETRY, **settings},
         )
-        args = [f"--{k.replace('_', '-')}" for k in SCAN]
-        values = [str(v) for v in SCAN.values()]
+        scan = {**SCAN, **(shape or {})}
+        args = [f"--{k.replace('_', '-')}" for k in scan]
+        values = [str(v) for v in scan.values()]
         program.start(
             "simulate",
             *[x for pair in zip(args, values, strict=True) for x in pair],

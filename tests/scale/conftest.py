@@ -37,3 +37,12 @@ def postgres(tmp_path: Path) -> Iterator[Postgres]:
     server = Postgres(tmp_path / "postgres").start()
     yield server
     server.remove()
+
+
+from tests.omero_standin.fixtures import (  # noqa: E402, F401 - fixtures are used by name
+    import_omero_quietly,
+    omero_standin,
+    omero_standin_factory,
+)
+
+import_omero_quietly()
