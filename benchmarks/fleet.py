@@ -190,11 +190,14 @@ def main() -> None:
             f"{r['devices']:>8} {r['instances']:>5} {r['mb_s']:>7.0f} "
             f"{r['mb_s'] / base['mb_s']:>5.2f}x {r['rss_mib']:>8.0f} "
             f"{r['rss_mib'] / base['rss_mib']:>5.2f}x {r['p50_s']:>6.2f} "
-            f"{r['p50_s'] / base['p50_s']:>5.2f}x {r['p99_s']:>6.2f} {r['p99_s'] / base['p99_s']:>5.2f}x"
+            f"{r['p50_s'] / base['p50_s']:>5.2f}x {r['p99_s']:>6.2f} "
+            f"{r['p99_s'] / base['p99_s']:>5.2f}x"
         )
     if args.down_s:
-        print(f"ingest down {args.down_s:.0f} s with {max(fleets)} devices: broker peak RSS "
-              f"{down['down_rss_mib']:.0f} MiB while down, {down['rss_mib']:.0f} MiB in all")  # fmt: skip
+        print(
+            f"ingest down {args.down_s:.0f} s with {max(fleets)} devices: broker peak RSS "
+            f"{down['down_rss_mib']:.0f} MiB while down, {down['rss_mib']:.0f} MiB in all"
+        )
     if args.json:
         args.json.write_text(json.dumps({"runs": results, "down": down if args.down_s else None}))
 
