@@ -40,6 +40,29 @@ MiB = 1024 * 1024
 TILE_BYTES = 2 * MiB
 
 
+def cpu_s(pids: list[int], children: bool = False) -> float:
+    """User + system CPU seconds of these processes (and their children) so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            procs = [psutil.Process(pid)]
+            if children:
+                procs += procs[0].children(recursive=True)
+            for proc in procs:
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def postmaster(pg: Postgres | None) -> list[int]:
+    pid_file = pg.data / "postmaster.pid" if pg is not None else None
+    if pid_file is None or not pid_file.exists():
+        return []
+    return [int(pid_file.read_text().splitlines()[0])]
+
+
 class RssPeak(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -113,6 +136,12 @@ def run(
             rss = RssPeak(broker.proc.pid)
             rss.start()
             out = work / "devices.json"
+            ingest_pids = [p.proc.pid for p in programs if p.proc is not None]
+            cpu0 = {
+                "broker": cpu_s([broker.proc.pid]),
+                "ingest": cpu_s(ingest_pids),
+                "postgres": cpu_s(postmaster(pg), children=True) if dsn else 0.0,
+            }
             sim = subprocess.Popen(
                 [sys.executable, str(ROOT / "benchmarks" / "fleet_devices.py"),
                  "--port", str(broker.port), "--devices", str(devices), "--tiles", str(tiles),
@@ -131,6 +160,14 @@ def run(
                 start_all(broker, programs)
             sim.wait(timeout=1800)
             peak = rss.stop()
+            cpu = {
+                "broker": cpu_s([broker.proc.pid]) - cpu0["broker"],
+                "ingest": cpu_s([p.proc.pid for p in programs if p.proc is not None])
+                - (cpu0["ingest"] if not down_s else 0.0),
+                "postgres": (cpu_s(postmaster(pg), children=True) - cpu0["postgres"])
+                if dsn
+                else 0.0,
+            }
         finally:
             for p in programs:
                 p.stop()
@@ -152,6 +189,8 @@ def run(
         "down_rss_mib": down_peak / MiB,
         "p50_s": statistics.median(latency),
         "p99_s": latency[min(len(latency) - 1, round(0.99 * (len(latency) - 1)))],
+        "cpu_s_per_gib": {part: s / (nbytes / 1024**3) for part, s in cpu.items()},
+        "devices_cpu_s_per_gib": timings[0].get("cpu_s", 0.0) / (nbytes / 1024**3),
     }
 
 

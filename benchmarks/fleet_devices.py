@@ -40,6 +40,7 @@ from tilebridge_runtime.mqtt import connect_properties
 
 TILE = 1024  # 1024 x 1024 uint16: 2 MiB tiles
 OWN_CAP = 64 * 1024 * 1024  # the edge's default inflight_bytes
+INITIAL_WINDOW = 8 * 1024 * 1024  # the edge's default initial_window_bytes
 RESEND_S = 30.0
 
 
@@ -56,7 +57,7 @@ class Device(threading.Thread):
         rng = np.random.default_rng(abs(hash(name)) % 2**32)
         self.data = rng.integers(0, 4096, (TILE, TILE), dtype="<u2").tobytes()
         self.digest = tile_digest(self.data)
-        self.window = OWN_CAP
+        self.window = INITIAL_WINDOW
         self.inflight: dict[TileKey, float] = {}
         self.committed: set[TileKey] = set()
         self.cond = threading.Condition()
@@ -153,10 +154,11 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     for device in devices:
         device.join(max(0.0, deadline - time.monotonic()))
+    cpu = time.process_time()  # the whole fleet's CPU, reported on the first device's row
     result = [
         {"device": d.device, "tile_bytes": len(d.data), "tiles": args.tiles, **d.times,
-         "windows": d.windows[-3:]}
-        for d in devices
+         "windows": d.windows[-3:], "cpu_s": cpu if n == 0 else 0.0}
+        for n, d in enumerate(devices)
     ]  # fmt: skip
     args.out.write_text(json.dumps(result))
 

@@ -78,7 +78,9 @@ class Publisher:
         self._on_image_done = on_image_done
         self._flights: dict[FlightKey, Flight] = {}
         self._by_mid: dict[int, FlightKey] = {}
-        self._budget = Budget(settings.inflight_bytes)
+        # Until the server grants a window: a small one, so a fleet starting at once (or
+        # while no ingest runs) cannot fill the broker (docs/protocol.md, "Credits").
+        self._budget = Budget(min(settings.inflight_bytes, settings.initial_window_bytes))
         self._cursor = 0
         self._ingest_online: dict[str, bool] = {}
         self._stop = threading.Event()

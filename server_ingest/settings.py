@@ -123,7 +123,8 @@ class FlowSettings(BaseModel):
 
     enabled: bool = True
     """Grant windows. An agent older than credits cannot read a `credit` ack (it logs it
-    and goes on with its own `inflight_bytes`); off: no windows at all."""
+    and goes on with its own `inflight_bytes`); off: no windows at all (agents then stay at
+    their `initial_window_bytes`)."""
     broker_bytes: int = Field(default=256 * MiB, ge=MiB)
     """Tile bytes this instance lets its devices have in flight at once, all together: what
     they may queue in the broker for it. Divided among the devices sending lately."""
