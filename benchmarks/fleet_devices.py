@@ -26,6 +26,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     CloseManifest,
     CreditAck,
+    ErrorAck,
     ImageAck,
     OpenManifest,
     PixelSize,
@@ -35,6 +36,7 @@ from tilebridge_protocol.messages import (
     TileState,
     decode_ack,
 )
+from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_protocol.topics import DeviceTopic, device_topic
 from tilebridge_runtime.mqtt import connect_properties
 
@@ -63,6 +65,9 @@ class Device(threading.Thread):
         self.cond = threading.Condition()
         self.times: dict[str, float] = {}
         self.windows: list[int] = []
+        self.open_again = False
+        self.close_again = False
+        self.retransmits = 0
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"sim-{name}", protocol=mqtt.MQTTv5
         )
@@ -80,8 +85,17 @@ class Device(threading.Thread):
             elif isinstance(ack, TileAck) and ack.state is TileState.COMMITTED:
                 self.inflight.pop(ack.tile, None)
                 self.committed.add(ack.tile)
+            elif isinstance(ack, TileAck) and ack.tile in self.inflight:
+                # As the edge does: a chunk that overtook its open (another instance got the
+                # open) is answered unknown_image: send the open again, then the tile.
+                self.open_again = ack.reason is ReasonCode.UNKNOWN_IMAGE
+                self.inflight[ack.tile] = float("-inf")
+                self.retransmits += 1
             elif isinstance(ack, ImageAck):
                 self.times.setdefault("complete", time.time())
+            elif isinstance(ack, ErrorAck) and ack.reason is ReasonCode.UNKNOWN_IMAGE:
+                self.open_again = True  # as the edge does: the open, then the close again
+                self.close_again = ack.topic.endswith("/close")
             self.cond.notify_all()
 
     def _publish(self, kind: DeviceTopic, payload: bytes) -> None:
@@ -106,7 +120,7 @@ class Device(threading.Thread):
         for key in keys:
             with self.cond:
                 while self.inflight and len(self.inflight) * len(self.data) >= self.window:
-                    self.cond.wait(1.0)
+                    self.cond.wait(0.05)
                     self._resend_due()
                 self.inflight[key] = time.monotonic()
             self._send_tile(key)
@@ -118,9 +132,10 @@ class Device(threading.Thread):
         sent_close = time.monotonic()
         with self.cond:
             while "complete" not in self.times:
-                self.cond.wait(1.0)
+                self.cond.wait(0.05)
                 self._resend_due()
-                if time.monotonic() - sent_close > RESEND_S:
+                if self.close_again or time.monotonic() - sent_close > RESEND_S:
+                    self.close_again = False
                     self._publish(DeviceTopic.CLOSE, close.to_bytes())
                     sent_close = time.monotonic()
         self.client.loop_stop()
@@ -128,6 +143,9 @@ class Device(threading.Thread):
 
     def _resend_due(self) -> None:
         now = time.monotonic()
+        if self.open_again:
+            self.open_again = False
+            self._publish(DeviceTopic.OPEN, self.manifest.to_bytes())
         for key, sent in list(self.inflight.items()):
             if now - sent > RESEND_S:
                 self.inflight[key] = now
@@ -157,7 +175,8 @@ def main() -> None:
     cpu = time.process_time()  # the whole fleet's CPU, reported on the first device's row
     result = [
         {"device": d.device, "tile_bytes": len(d.data), "tiles": args.tiles, **d.times,
-         "windows": d.windows[-3:], "cpu_s": cpu if n == 0 else 0.0}
+         "windows": d.windows[-3:], "retransmits": d.retransmits,
+         "cpu_s": cpu if n == 0 else 0.0}
         for n, d in enumerate(devices)
     ]  # fmt: skip
     args.out.write_text(json.dumps(result))

@@ -378,6 +378,10 @@ class Publisher:
         self.problems.set(("image", ack.image_id), message)
         if ack.reason is ReasonCode.UNKNOWN_IMAGE:
             self._resend_open(ack.image_id)
+            close = self._flights.get(("close", ack.image_id, None))
+            if close is not None and ack.topic.endswith(f"/{DeviceTopic.CLOSE.value}"):
+                # The close overtook its open (several ingest instances): again, after it.
+                close.resend_now = True
 
     def _answered(self, image_id: UUID) -> None:
         if self._on_image_done is not None:
