@@ -5,7 +5,9 @@ OMERO): the layout, the ownership rule, band queries, and 2x2-mean pyramid helpe
 
 Placement: a stage position names the top-left corner of its tile. The canvas origin is the
 smallest stage x and y; tile `i` starts at pixel `round((x_um - min_x) / pixel_size.x_um)`
-(likewise y), and the canvas just covers every tile. Pixels no tile covers stay 0.
+(likewise y), and the canvas just covers every tile. Pixels no tile covers stay 0, and so
+does the area a tile owns when the image does not hold it (a sparse or partial image): the
+plan is the manifest's, whichever tiles arrive.
 
 Ownership: every canvas pixel shows exactly one tile, decided by the pixel alone, never by
 arrival order, so a canvas painted tile by tile as tiles arrive equals one assembled at the
@@ -156,11 +158,14 @@ def plan(manifest: OpenManifest) -> Mosaic:
 def assemble(
     manifest: OpenManifest, tiles_for_plane: Mapping[int, np.ndarray[Any, Any]]
 ) -> np.ndarray[Any, Any]:
-    """The canvas of one plane, from position index -> tile (for tests and small images)."""
+    """The canvas of one plane, from position index -> tile (for tests and small images).
+    A position without a tile leaves the area it owns 0 (see the module docstring)."""
     mosaic = plan(manifest)
     canvas = np.zeros((mosaic.height, mosaic.width), manifest.dtype.numpy.newbyteorder("="))
     for piece in mosaic.pieces:
-        canvas[piece.canvas.slices] = tiles_for_plane[piece.index][piece.tile.slices]
+        tile = tiles_for_plane.get(piece.index)
+        if tile is not None:
+            canvas[piece.canvas.slices] = tile[piece.tile.slices]
     return canvas
 
 
