@@ -111,6 +111,7 @@ class FastPath:
             progress = a.finalize(
                 image_id,
                 partial=bool(request.get("partial")),
+                not_planned=[int(i) for i in request.get("not_planned") or ()],
                 timeout=None if timeout is None else float(timeout),
             )
             return progress.model_dump(mode="json")
