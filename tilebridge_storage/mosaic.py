@@ -169,6 +169,21 @@ def assemble(
     return canvas
 
 
+CHUNK = 512
+"""Side of the square chunks a viewer loads one at a time (the NGFF 0.4 live store's): what
+ImSwitch's live view is told a frame painted (`chunks_of`)."""
+
+
+def chunks_of(mosaic: Mosaic, index: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """(row, column) of every level-0 chunk that tile `index` paints."""
+    out: set[tuple[int, int]] = set()
+    for piece in mosaic.pieces_of(index):
+        c = piece.canvas
+        for row in range(c.y0 // chunk, (c.y1 - 1) // chunk + 1):
+            out.update((row, col) for col in range(c.x0 // chunk, (c.x1 - 1) // chunk + 1))
+    return sorted(out)
+
+
 def pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
     """(height, width) per level: each half the previous (rounded up) until one fits a tile."""
     shapes = [(height, width)]

@@ -37,12 +37,20 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.mosaic import Mosaic, downsample_level, plan, pyramid_shapes, require_mosaic
+from tilebridge_storage.mosaic import (
+    CHUNK,
+    chunks_of,
+    downsample_level,
+    plan,
+    pyramid_shapes,
+    require_mosaic,
+)
 from tilebridge_storage.ome_zarr import multiscale, omero_block, tilebridge_block
 from tilebridge_storage.paths import claim, named_path, release
 
+__all__ = ["CHUNK", "OmeZarrV04Backend", "chunks_of"]
+
 SUFFIX = ".ome.zarr"
-CHUNK = 512
 
 
 class OmeZarrV04Backend(StorageBackend):
@@ -60,16 +68,6 @@ class OmeZarrV04Backend(StorageBackend):
         path = named_path(self.root, manifest, f"{{name}}{SUFFIX}")
         claim(path, manifest.image_id)
         return _LiveZarrWriter(device, manifest, self.name, path, self.chunk)
-
-
-def chunks_of(mosaic: Mosaic, index: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
-    """(row, column) of every level-0 chunk that tile `index` paints."""
-    out: set[tuple[int, int]] = set()
-    for piece in mosaic.pieces_of(index):
-        c = piece.canvas
-        for row in range(c.y0 // chunk, (c.y1 - 1) // chunk + 1):
-            out.update((row, col) for col in range(c.x0 // chunk, (c.x1 - 1) // chunk + 1))
-    return sorted(out)
 
 
 class _LiveZarrWriter(ImageWriter):
