@@ -149,6 +149,22 @@ def _answers(socket: Path) -> bool:
         return False
 
 
+def pixels_of(conn: Any, image_id: int) -> tuple[float | None, list[tuple[int, int, int]]]:
+    """An image's time increment (s) and channel colours (RGB), as OMERO holds them."""
+    import omero
+
+    [pixels] = conn.c.sf.getQueryService().findAllByQuery(
+        "select p from Pixels p join fetch p.channels where p.image.id = :id",
+        omero.sys.ParametersI().addId(image_id),
+    )
+    increment = pixels.getTimeIncrement()
+    channels = sorted(pixels.copyChannels(), key=lambda c: c.getId().getValue())
+    colors = [
+        (c.getRed().getValue(), c.getGreen().getValue(), c.getBlue().getValue()) for c in channels
+    ]
+    return (None if increment is None else increment.getValue()), colors
+
+
 def plane_infos(conn: Any, image_id: int) -> dict[tuple[int, int, int], tuple[Any, ...]]:
     """OMERO's PlaneInfo of an image: (t, c, z) -> (PositionX, Y, Z, ExposureTime, DeltaT)."""
     import omero
@@ -306,6 +322,9 @@ def test_a_three_point_time_lapse_of_per_time_point_writers(adapter: Stack, data
         kv = key_values(adapter.conn, image_id, METADATA_NS)
         assert (kv["time_point"], kv["time_points"], kv["time_interval_s"]) == (str(t), "3", "30")
         assert (kv["plate"], kv["well"], kv["area"]) == ("corning 96", "C4", "C4")
+        # The manifest's fields reached OMERO as OMERO's own: time increment, channel colour.
+        increment, colors = pixels_of(adapter.conn, image_id)
+        assert (increment, colors) == (30.0, [(0, 255, 0)])  # ImSwitch's first default colour
         images.add(image_id)
     assert len(images) == 3  # one OMERO image per time point (docs/imswitch.md says why)
 

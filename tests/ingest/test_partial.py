@@ -2,7 +2,7 @@
 (real staging, SQLite ledger, archive): partial (stopped early: stored, flagged incomplete)
 and sparse (positions never planned: stored complete, not flagged), never confused; a close
 that leaves out staged tiles drops them; a close contradicting the first one is a conflict.
-docs/protocol.md, "Partial images"."""
+docs/protocol.md, "Images with fewer tiles"."""
 
 from __future__ import annotations
 
