@@ -203,7 +203,7 @@ class Intake:
         reassembled) it leaves out were sent, then left out; they are dropped, never stored.
         Returns how many of the listed tiles are staged."""
         listed = {d.tile for d in close.digests}
-        dropped = [k for k in (*book.staged, *book.assemblies) if k not in listed]
+        dropped = {k for k in (*book.staged, *book.assemblies) if k not in listed}
         for tile in dropped:
             book.staged.pop(tile, None)
             book.assemblies.pop(tile, None)

@@ -110,8 +110,8 @@ class Images:
             )
         if missing:
             self.logger.warning(
-                f"tilebridge: {m.image_name}: {len(missing)} planned frames never came (a "
-                "stopped scan): it is stored as incomplete"
+                f"tilebridge: {m.image_name}: {len(missing)} planned frames never came (the "
+                "scan stopped, or a frame was refused): it is stored as incomplete"
             )
         self.retrying(lambda: self.edge.close(m.image_id, not_planned, bool(missing)))
         for name, target in self.edge.progress(m.image_id).targets.items():

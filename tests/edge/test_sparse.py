@@ -195,3 +195,36 @@ def test_after_a_restart_a_sparse_image_being_finished_finishes_the_same(
         np.testing.assert_array_equal(canvas(tmp_path), expected)
     finally:
         second.spool.close()
+
+
+def test_the_fast_path_carries_not_planned_and_refuses_it_malformed(
+    app: EdgeApp, tmp_path: Path
+) -> None:
+    import json
+    import socket as sockets
+    import tempfile
+
+    from edge_agent.fastpath_client import HEADER, FastPathClient
+
+    start(app, tmp_path)
+    write(app, [k for k in MANIFEST.tile_keys() if k.index not in CORNERS])
+    with tempfile.TemporaryDirectory(prefix="tb-") as folder:
+        path = Path(folder) / "acquire.sock"
+        app.fast_path.serve(path)
+        try:
+            raw = sockets.socket(sockets.AF_UNIX)
+            raw.connect(str(path))
+            with raw:  # a hostile client: not_planned that is no list of indices
+                body = json.dumps({"op": "finalize", "image_id": str(MANIFEST.image_id),
+                                   "not_planned": "0, 2"}).encode()  # fmt: skip
+                raw.sendall(HEADER.pack(len(body), 0) + body)
+                length, _ = HEADER.unpack(raw.recv(HEADER.size))
+                answer = json.loads(raw.recv(length))
+            assert not answer["ok"] and "list of position indices" in answer["error"]["message"]
+            with FastPathClient(path) as client:
+                done = client.finalize(MANIFEST.image_id, not_planned=CORNERS, timeout=30)
+            assert done.state == "finalized" and not done.partial
+        finally:
+            app.fast_path.stop()
+    close = decode_close(app.spool.image(MANIFEST.image_id).close or b"")
+    assert close.not_planned == (0, 2)
