@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Mosquitto for everything. The tests also need: chromium for the dashboard's browser test
 # (driven by Playwright, which must not download a browser of its own), shellcheck and
-# systemd-analyze for deploy/, openssl for certificates, and a compiler with the OpenSSL and
-# bzip2 headers for the zeroc-ice build.
+# systemd-analyze for deploy/, openssl for certificates, a compiler with the OpenSSL and
+# bzip2 headers for the zeroc-ice build, and PostgreSQL for the shared ledger's tests (they
+# start their own throw-away server: devtools/postgres.py; the packaged one is not used).
 APT_PACKAGES := mosquitto mosquitto-clients
-APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev
+APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev postgresql
 
-.PHONY: demo test lint typecheck pytest bench chaos system test-system venv omero clean
+.PHONY: demo test lint typecheck pytest bench bench-fleet chaos system test-system venv omero clean
 
 demo: system venv
 	$(PY) -m devtools.demo
@@ -32,6 +33,9 @@ pytest: venv
 
 bench: system venv
 	$(PY) benchmarks/throughput.py
+
+bench-fleet: system test-system venv
+	$(PY) benchmarks/fleet.py
 
 # The real programs under seeded faults, then a pixel-for-pixel verdict (docs/chaos.md).
 # Needs root (it mounts small tmpfs disks). Not part of `make test`; tests/chaos/ runs a
@@ -56,6 +60,7 @@ endef
 
 test-system:
 	$(call apt_install,$(APT_TEST_PACKAGES))
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "PostgreSQL's initdb not found" >&2; exit 1; }
 
 system:
 	$(call apt_install,$(APT_PACKAGES))

@@ -18,6 +18,8 @@ class Inbound:
     topic: str
     payload: bytes
     retained: bool = False
+    relayed: bool = False
+    """Forwarded by the instance that got it from the broker (docs/scale.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,17 @@ class StoreAttempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """Who holds a device now (the claims thread's answer); `images` are the device's images
+    with staged tiles when we just took it over, for the core to hold and resume."""
+
+    device: str
+    holder: str
+    valid_s: float
+    images: tuple[StoredImage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Barrier:
     """Posted by `Engine.wait_idle`: set `done` once nothing is in flight."""
 
@@ -111,5 +124,5 @@ class Barrier:
 
 InboxItem = (
     Inbound | ChunkWritten | TileSealed | StagingDone | Durable | Looked | LedgerTrouble
-    | ForImage | BackendHealth | StoreAttempt | Barrier
+    | ForImage | BackendHealth | StoreAttempt | Owner | Barrier
 )  # fmt: skip

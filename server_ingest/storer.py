@@ -13,7 +13,14 @@ the core as events and keep no state anyone else reads. Each backend of an image
 * a backend that refuses for good (`PermanentError`) fails the image with its reason; the
   tiles stay staged;
 * a backend that finished is reported (`Stored`) and recorded by the core, so it is never
-  written again, also after a restart.
+  written again, also after a restart;
+* with several instances, a backend's writer opens only once this instance holds the image
+  store's claim (server_ingest/claims.py): held by another (a dead instance, until its lease
+  runs out) it is a fault that may pass, retried like any other.
+
+An image whose close lists fewer tiles than its open (sparse or partial: `Holdings`) is told
+so (`ImageWriter.expect`) before it is finished; a writer already fed a tile the close
+leaves out is started afresh without it.
 """
 
 from __future__ import annotations
@@ -27,16 +34,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
+from server_ingest.claims import STORE, Claims, LocalClaims, store_name
 from server_ingest.events import BackendHealth, ForImage, InboxItem, StoreAttempt
 from server_ingest.ledger.records import ImageKey
 from server_ingest.lifecycle import Stored, StoreDelayed, StoreDone, StoreFailed
 from server_ingest.staging import Staging
-from tilebridge_protocol.errors import PermanentError, TilebridgeError
+from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_runtime.backoff import Backoff
-from tilebridge_storage.base import ImageWriter, StorageBackend
+from tilebridge_storage.base import Holdings, ImageWriter, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,11 @@ class _Job:
     lanes: dict[str, _Lane]
     staged: list[TileKey]
     close: CloseManifest | None = None
+    holdings: Holdings | None = None
+    """What the close says the image holds, when that is fewer tiles than the open's."""
+
+    def holds(self, key: TileKey) -> bool:
+        return self.holdings is None or key in self.holdings.tiles
 
 
 class Storer:
@@ -101,8 +114,10 @@ class Storer:
         retry_s: float = 5.0,
         retry_max_s: float = 300.0,
         workers: int = 2,
+        claims: Claims | None = None,
     ) -> None:
         self.backends = list(backends)
+        self._claims = claims or LocalClaims("")
         self._staging = staging
         self._post = post
         self._retry = (retry_s, retry_max_s)
@@ -169,9 +184,15 @@ class Storer:
         if job is None:
             return
         if isinstance(command, Cancel):
-            _abort(jobs.pop(command.key))
+            self._give_up(jobs.pop(command.key))
         elif isinstance(command, Finish):
             job.close = command.close
+            job.holdings = Holdings.of(job.begin.manifest, command.close)
+            job.staged = [key for key in job.staged if job.holds(key)]
+            for lane in job.lanes.values():
+                if lane.writer is not None and not all(map(job.holds, lane.fed)):
+                    _quiet_abort(lane.writer)  # it holds a tile the close left out
+                    lane.writer, lane.retry_at = None, 0.0
         elif command.tile not in job.staged:
             job.staged.append(command.tile)
             for lane in job.lanes.values():
@@ -196,7 +217,14 @@ class Storer:
     def _open(self, job: _Job, lane: _Lane) -> None:
         """Open a fresh writer and feed it every tile staged so far."""
         lane.started, lane.nbytes, lane.fed = time.monotonic(), 0, set()
-        lane.writer = lane.backend.open_image(job.begin.key.device, job.begin.manifest)
+        key = job.begin.key
+        claim = self._claims.claim(STORE, store_name(*key, lane.backend.name))
+        if claim.holder != self._claims.me:
+            raise TransientError(
+                f"{key} is being written by {claim.holder or 'another instance'} "
+                f"(its claim runs {claim.valid_s:.0f} s more)"
+            )
+        lane.writer = lane.backend.open_image(key.device, job.begin.manifest)
         self._feed(job, lane)
         if lane.backoff is not None:
             log.info("image %s: %s is writing again", job.begin.key, lane.backend.name)
@@ -207,7 +235,7 @@ class Storer:
         assert lane.writer is not None
         manifest, device = job.begin.manifest, job.begin.key.device
         for key in job.staged:
-            if key not in lane.fed:
+            if key not in lane.fed and job.holds(key):
                 lane.writer.write_tile(key, self._staging.load(device, manifest, key))
                 lane.fed.add(key)
                 lane.nbytes += manifest.tile_bytes
@@ -215,9 +243,13 @@ class Storer:
     def _finish(self, job: _Job, name: str, lane: _Lane) -> None:
         assert lane.writer is not None and job.close is not None
         self._feed(job, lane)
+        if job.holdings is not None:
+            lane.writer.expect(job.holdings)
         lane.writer.add_planes(job.close.planes())
         stored = lane.writer.finish()
         del job.lanes[name]
+        if self._claims.shared:
+            self._release(job.begin.key, name)
         self._attempt(lane, "ok")
         self._post(ForImage(job.begin.key, Stored(name, stored.location)))
         log.info("image %s stored in %s: %s", job.begin.key, name, stored.location)
@@ -231,7 +263,7 @@ class Storer:
             step()
         except PermanentError as exc:
             self._attempt(lane, "failed")
-            _abort(jobs.pop(key, job))
+            self._give_up(jobs.pop(key, job))
             log.error("image %s: %s refused it: %s", key, name, exc)
             self._post(
                 ForImage(key, StoreFailed(time.time(), name, ReasonCode.STORAGE_FAILED, str(exc)))
@@ -253,6 +285,18 @@ class Storer:
             self._attempt(lane, "retry")
             self._post(BackendHealth(name, detail))
             self._post(ForImage(key, StoreDelayed(name, detail)))
+
+    def _give_up(self, job: _Job) -> None:
+        _abort(job)
+        if self._claims.shared:
+            for name in job.lanes:
+                self._release(job.begin.key, name)
+
+    def _release(self, key: ImageKey, backend: str) -> None:
+        try:
+            self._claims.release(STORE, store_name(*key, backend))
+        except TransientError as exc:  # it runs out by itself once we stop renewing
+            log.warning("image %s: could not give up the %s store claim: %s", key, backend, exc)
 
     def _attempt(self, lane: _Lane, outcome: str) -> None:
         if lane.started:

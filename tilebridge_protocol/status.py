@@ -137,3 +137,9 @@ class ImageStatus(_Status):
     tiles_stored: int
     locations: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
+    incomplete: bool = False
+    """Closed as partial (the acquisition stopped early): stored with the tiles it has,
+    `tiles_stored` of the planned ones, and flagged incomplete in every backend."""
+    tiles_not_planned: int = 0
+    """Of `tiles_total`, those at positions the close says were never planned (a round scan
+    area's empty grid cells): not missing, so the image is complete without them."""

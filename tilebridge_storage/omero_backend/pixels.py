@@ -12,13 +12,17 @@ arrived, and only one band is ever assembled in memory.
 * Small ("ROMIO") images accept full-width stripes in any order, so any ready band is
   written at once.
 
+A tile the image does not hold (`expect`: a sparse or partial image) is never waited for:
+once the sink is told what is held (`held`), its area of a band stays 0 and `advance`
+writes every band that was waiting only for it, still in the one pass.
+
 Per-channel min/max is tracked over what is written and set after `save()`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,9 +102,11 @@ class PixelSink:
         """Pyramids: the next band in write order, as plane * len(bands) + band."""
         self.ranges: dict[int, tuple[float, float]] = {}
         self.saved = False
+        self.held: Callable[[TileKey], bool] = lambda key: True
+        """Whether the image holds a tile (set by the writer's `expect`)."""
 
     # -- writing -------------------------------------------------------------------------
-    def offer(self, key: TileKey) -> None:
+    def offer(self, key: TileKey | None) -> None:
         """Write every band that tile `key` (now in `tiles`) made ready, as the rules allow."""
         if self.rps is None:
             self._open()
@@ -112,8 +118,20 @@ class PixelSink:
                     return
                 self._write(plane, band)
                 self.cursor += 1
-        else:
+        elif key is not None:
             plane = self._plane_of[(key.z, key.c, key.t)]
+            for band in range(len(self.bands)):
+                if band not in self.written[plane] and self._ready(plane, band):
+                    self._write(plane, band)
+
+    def advance(self) -> None:
+        """Write every band that is ready now (after `held` changed)."""
+        if self.rps is None:
+            self._open()
+        if self.pyramid:
+            self.offer(None)
+            return
+        for plane in range(len(self.planes)):
             for band in range(len(self.bands)):
                 if band not in self.written[plane] and self._ready(plane, band):
                     self._write(plane, band)
@@ -168,7 +186,8 @@ class PixelSink:
 
     def _ready(self, plane: int, band: int) -> bool:
         z, c, t = self.planes[plane]
-        return all(TileKey(i, z, c, t) in self.tiles for i in self.needs[band])
+        keys = (TileKey(i, z, c, t) for i in self.needs[band])
+        return all(key in self.tiles or not self.held(key) for key in keys)
 
     def _write(self, plane: int, band: int) -> None:
         z, c, t = self.planes[plane]
@@ -177,7 +196,9 @@ class PixelSink:
         pixels = np.zeros((y1 - y0, width), self.dtype)
         for piece in self.pieces[band]:
             r = piece.canvas
-            tile = self.tiles[TileKey(piece.index, z, c, t)]
+            tile = self.tiles.get(TileKey(piece.index, z, c, t))
+            if tile is None:  # a tile the image does not hold: its area stays 0
+                continue
             pixels[r.y0 - y0 : r.y1 - y0, r.x0 : r.x1] = tile[piece.tile.slices]
         self._track(c, pixels)
         wire = self.dtype.newbyteorder(">")
