@@ -72,6 +72,7 @@ class ImageBook:
             reason=stored.reason,
             detail=stored.detail,
             last_seen=now,
+            digests=tuple(stored.digests.items()),
         )
         return cls(image, m, stored.close, dict(stored.tiles), manifest_size=len(m.to_bytes()))
 
@@ -91,6 +92,7 @@ def finished_image(stored: StoredImage) -> Image:
         reason=stored.reason,
         detail=stored.detail,
         last_seen=stored.updated,
+        digests=tuple(stored.digests.items()),
     )
 
 

@@ -219,7 +219,7 @@ class Storer:
         stored = lane.writer.finish()
         del job.lanes[name]
         self._attempt(lane, "ok")
-        self._post(ForImage(job.begin.key, Stored(name, stored.location)))
+        self._post(ForImage(job.begin.key, Stored(name, stored.location, stored.digest)))
         log.info("image %s stored in %s: %s", job.begin.key, name, stored.location)
 
     def _guard(

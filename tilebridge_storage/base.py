@@ -65,6 +65,8 @@ class StoredImage:
     """A path, or a backend URI such as `omero:Image:42`."""
     ids: dict[str, int] = field(default_factory=dict)
     """Backend object ids, e.g. {"image": 42, "dataset": 7} for OMERO."""
+    digest: str | None = None
+    """`sha1:<hex>` of the pixels the backend was read back to hold, if it verifies them."""
 
 
 class ImageWriter(ABC):

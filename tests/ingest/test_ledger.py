@@ -38,6 +38,7 @@ def test_records_round_trip_and_one_device_never_sees_anothers_image(tmp_path: P
             TileStaged(mine, tile, b"d" * 16, 6144),  # a retried batch changes nothing
             CloseReceived(mine, close_for(m, tiles_for(m))),
             BackendStored(mine, "archive", "/a.ome.tif"),
+            BackendStored(mine, "omero", "omero:Image:4 dataset:1", "sha1:" + "ab" * 20),
             PhaseSet(mine, ImagePhase.FAILED, 2.0, ReasonCode.STORAGE_FAILED, "omero: denied"),
             ImageRefused(theirs, ReasonCode.INVALID_MANIFEST, "junk", 3.0),
             *(
@@ -50,7 +51,11 @@ def test_records_round_trip_and_one_device_never_sees_anothers_image(tmp_path: P
     assert found[mine].phase is ImagePhase.FAILED and found[mine].manifest == m
     assert (found[mine].reason, found[mine].detail) == (ReasonCode.STORAGE_FAILED, "omero: denied")
     assert found[mine].tiles == {tile: b"d" * 16}
-    assert found[mine].locations == {"archive": "/a.ome.tif"}
+    assert found[mine].locations == {
+        "archive": "/a.ome.tif",
+        "omero": "omero:Image:4 dataset:1",
+    }
+    assert found[mine].digests == {"omero": "sha1:" + "ab" * 20}  # the archive's: unverified
     assert found[theirs].phase is ImagePhase.REJECTED and found[theirs].manifest is None
     assert [i.key for i in ledger.recover()] == [mine]  # its tiles are still staged
     assert len(ledger.dead_letters()) == 2  # bounded
@@ -89,3 +94,31 @@ def test_a_ledger_from_before_versioning_is_migrated(tmp_path: Path) -> None:
     )
     ledger.close()
     assert SqliteLedger(path).schema_version == SCHEMA_VERSION  # opens again, no migration
+
+
+def test_a_version_2_ledger_gains_the_digest_column(tmp_path: Path) -> None:
+    """Issue 13 added each backend's verified digest: a ledger of issue 12 opens with its
+    locations kept and no digest recorded for them."""
+    from server_ingest.ledger.sqlite import MIGRATIONS
+
+    path = tmp_path / "ledger.sqlite"
+    m = make_manifest()
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for migration in MIGRATIONS[:2]:
+            migration(db)
+        db.execute("PRAGMA user_version = 2")
+        db.execute(
+            "INSERT INTO images VALUES ('scope-1', ?, 'complete', ?, NULL, NULL, NULL, 1, 1)",
+            (str(m.image_id), m.model_dump_json()),
+        )
+        db.execute(
+            "INSERT INTO locations VALUES ('scope-1', ?, 'archive', '/x')", (str(m.image_id),)
+        )
+    ledger = SqliteLedger(path)
+    key = ImageKey("scope-1", m.image_id)
+    assert ledger.schema_version == SCHEMA_VERSION == 3
+    found = ledger.lookup([key])[key]
+    assert (found.locations, found.digests) == ({"archive": "/x"}, {})
+    ledger.write([BackendStored(key, "archive", "/x", "sha1:" + "00" * 20)])
+    assert ledger.lookup([key])[key].digests == {"archive": "sha1:" + "00" * 20}
+    ledger.close()
