@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from server_ingest.backends import build_backends
 from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe
+from server_ingest.control import ControlServer
 from server_ingest.core import Core
 from server_ingest.events import Barrier, Inbound
 from server_ingest.inbox import Inbox
@@ -37,7 +38,8 @@ from server_ingest.state import Snapshot
 from server_ingest.storer import Storer
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import IngestStatus, Liveness
-from tilebridge_protocol.topics import ingest_status_topic
+from tilebridge_protocol.topics import DeviceTopic, device_topic, ingest_status_topic
+from tilebridge_runtime.durable import HeldLock
 from tilebridge_runtime.mqtt import MqttConnection
 from tilebridge_storage.base import StorageBackend
 
@@ -65,6 +67,8 @@ class Engine:
     ) -> None:
         self.settings = settings
         limits = settings.limits
+        # One process per data directory: never a second writer of its ledger and staging.
+        self._lock = HeldLock(settings.lock_path)
         self.inbox = Inbox(settings.inbox_messages)
         self.ledger = ledger or SqliteLedger(settings.ledger_path, settings.dead_letters_max)
         self.staging = Staging(settings.staging_dir)
@@ -119,6 +123,7 @@ class Engine:
             self.storer.stop()
             self.ledger_writer.stop()
         self.ledger.close()
+        self._lock.release()
 
     def handle(self, message: Inbound) -> None:
         """Put a device message into the core's inbox (blocks while the inbox is full)."""
@@ -159,6 +164,9 @@ class IngestService:
         )
         self.engine = Engine(settings, MqttOutbox(self.connection, settings.image_status_ttl_s))
         self.storer = self.engine.storer
+        self.control = ControlServer(
+            settings.control_path, self.engine.inbox.post, self._clear_device_status
+        )
         self.reporter = StatusReporter(
             self.connection,
             self.status_topic,
@@ -171,7 +179,7 @@ class IngestService:
             collector = IngestCollector(
                 settings.instance, self.engine.snapshot, self.connection.connected.is_set
             )
-            self.metrics = MetricsServer(settings.metrics_port, collector)
+            self.metrics = MetricsServer(settings.metrics_host, settings.metrics_port, collector)
 
     def start(self) -> IngestService:
         raise_open_file_limit()
@@ -180,9 +188,11 @@ class IngestService:
         self.engine.start()
         self.connection.start()
         self.reporter.start()
+        self.control.start()
         return self
 
     def stop(self) -> None:
+        self.control.stop()
         self.reporter.stop()
         offline = self.status(Liveness.OFFLINE)
         self.connection.stop(final=(self.status_topic, offline.to_bytes()))
@@ -198,6 +208,11 @@ class IngestService:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    def _clear_device_status(self, device: str) -> None:
+        """A removed device's retained status would say `online` forever (the broker drops
+        its connection without publishing its will): an empty retained message clears it."""
+        self.connection.publish(device_topic(device, DeviceTopic.STATUS), b"", retain=True)
 
     def _connected(self, client: object) -> None:
         subscribe(client)  # type: ignore[arg-type]

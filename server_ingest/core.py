@@ -173,6 +173,8 @@ class Core:
             self.state.stats.backends[item.backend] = item.state
         elif isinstance(item, ev.StoreAttempt):
             self.state.stats.observe_store(item.backend, item.outcome, item.seconds, item.nbytes)
+        elif isinstance(item, ev.AdminRequest):
+            self._admin(item)
         else:
             self._waiting.append(item.token)
 
@@ -360,6 +362,35 @@ class Core:
             if key in self.state.remove_when_idle:
                 self.state.remove_when_idle.discard(key)
                 self.stage(RemoveImage(key))
+
+    # -- administrators -------------------------------------------------------------------
+
+    def _admin(self, request: ev.AdminRequest) -> None:
+        """Apply an admin's retry or discard to an image the core holds, and say what became
+        of it. Only held images have staged tiles to retry from or to discard."""
+        key, event = request.key, request.event
+        book = self.state.images.get(key)
+        if book is None:
+            finished = self.state.finished.get(key)
+            phase = finished.phase.value if finished else "not held"
+            answer = ev.AdminAnswer(False, None, f"image {key} has no staged tiles ({phase})")
+        else:
+            before = book.image.phase
+            self.apply(key, event)
+            after = self.state.images.get(key)
+            phase = after.image.phase if after else self.state.finished[key].phase
+            ok = phase is not before
+            verb = type(event).__name__.lower()
+            message = (
+                f"image {key}: {before.value} -> {phase.value}"
+                if ok
+                else f"image {key} is {before.value}: nothing to {verb}"
+            )
+            if ok:
+                log.warning("%s by an administrator (%s): %s", verb, request.by, message)
+            answer = ev.AdminAnswer(ok, phase.value, message)
+        if not request.reply.done():
+            request.reply.set_result(answer)
 
     # -- ledger answers, time, idleness -------------------------------------------------------
 

@@ -3,6 +3,7 @@ results of the work the core handed out (staging, ledger, storer). Frozen data o
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 
@@ -103,6 +104,26 @@ class StoreAttempt:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminAnswer:
+    ok: bool
+    phase: str | None
+    """The image's phase after the command (None: the core does not hold the image)."""
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    """An administrator's command about one image (`server-ingest images retry|discard`),
+    from the control socket; the core applies it like any event and answers in `reply`."""
+
+    key: ImageKey
+    event: LifecycleEvent
+    reply: Future[AdminAnswer]
+    by: str
+    """Who asked (for the log): e.g. `uid 0`."""
+
+
+@dataclass(frozen=True, slots=True)
 class Barrier:
     """Posted by `Engine.wait_idle`: set `done` once nothing is in flight."""
 
@@ -111,5 +132,5 @@ class Barrier:
 
 InboxItem = (
     Inbound | ChunkWritten | TileSealed | StagingDone | Durable | Looked | LedgerTrouble
-    | ForImage | BackendHealth | StoreAttempt | Barrier
+    | ForImage | BackendHealth | StoreAttempt | AdminRequest | Barrier
 )  # fmt: skip

@@ -131,9 +131,10 @@ def _gauge(name: str, doc: str, instance: str, value: float) -> GaugeMetricFamil
 
 
 class MetricsServer:
-    """`/metrics` on `port` (all interfaces), from `start()` to `stop()`."""
+    """`/metrics` on `host:port`, from `start()` to `stop()`."""
 
-    def __init__(self, port: int, collector: IngestCollector) -> None:
+    def __init__(self, host: str, port: int, collector: IngestCollector) -> None:
+        self._host = host
         self._port = port
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(collector)
@@ -141,7 +142,7 @@ class MetricsServer:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._server, _ = start_http_server(self._port, registry=self._registry)
+        self._server, _ = start_http_server(self._port, self._host, registry=self._registry)
 
     def stop(self) -> None:
         server = self._server

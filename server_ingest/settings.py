@@ -87,7 +87,13 @@ class IngestSettings(BaseSettings):
     dead_letter_payload_bytes: int = Field(default=64 * 1024, ge=0)
     """How much of a dead-lettered message is kept (its full size is recorded)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
-    """Serve Prometheus metrics on this port (all interfaces); None: no metrics endpoint."""
+    """Serve Prometheus metrics on this port; None: no metrics endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics endpoint listens on; `0.0.0.0` for every interface (then allow
+    the port only from the Prometheus host in the firewall)."""
+    control_socket: Path | None = None
+    """The Unix socket `server-ingest images` and `device remove` reach the running ingest
+    through; defaults to `data_dir/control.sock`."""
 
     @field_validator("instance")
     @classmethod
@@ -101,6 +107,15 @@ class IngestSettings(BaseSettings):
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.sqlite"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held by the one process that owns this data directory (service or admin command)."""
+        return self.data_dir / "ingest.lock"
+
+    @property
+    def control_path(self) -> Path:
+        return self.control_socket or self.data_dir / "control.sock"
 
     @property
     def archive_root(self) -> Path:

@@ -26,13 +26,18 @@ from tilebridge_runtime.durable import disk_errors, fsync_dir
 
 
 class Staging:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, create: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def folder(root: Path, device: str, image_id: UUID) -> Path:
+        # Both parts are validated (device id pattern, UUID), so the path stays under root.
+        return Path(root) / check_device_id(device) / str(image_id)
 
     def image_dir(self, device: str, image_id: UUID) -> Path:
-        # Both parts are validated (device id pattern, UUID), so the path stays under root.
-        return self.root / check_device_id(device) / str(image_id)
+        return self.folder(self.root, device, image_id)
 
     def tile_path(self, device: str, image_id: UUID, key: TileKey) -> Path:
         return self.image_dir(device, image_id) / f"{key.slug()}.tile"
