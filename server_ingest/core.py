@@ -244,6 +244,12 @@ class Core:
         book = self.state.images.get(key)
         image = book.image if book is not None else self.state.finished.get(key)
         result = step(image, key, event, self.policy)
+        if (
+            result.image is not None
+            and result.image.phase is Phase.FAILED
+            and (image is None or image.phase is not Phase.FAILED)
+        ):
+            self.state.stats.failed[str(result.image.reason)] += 1
         if result.image is not None:
             if book is None and result.image.phase in HOLDS_STAGED_TILES:
                 assert isinstance(event, Opened)  # the only way into a phase with tiles
@@ -306,7 +312,12 @@ class Core:
         if not force and now - book.last_published < PUBLISH_EVERY_S:
             return
         book.last_published = now
-        done = book.image.phase not in (Phase.RECEIVING, Phase.STORING)
+        # A failed or abandoned image still staged keeps its status until an admin acts:
+        # only an image that needs nothing more expires from the broker.
+        phase = book.image.phase
+        done = phase in (Phase.COMPLETE, Phase.REJECTED, Phase.DISCARDED) or (
+            phase is Phase.EXPIRED and not book.staged
+        )
         self._outbox.image_status(image_status(book), done)
 
     def now(self) -> float:

@@ -27,6 +27,8 @@ def image_status(book: ImageBook) -> ImageStatus:
         tiles_stored=m.tile_count if complete else 0,
         locations=dict(image.locations),
         error=error,
+        staged_bytes=book.in_staging * m.tile_bytes,
+        digests=dict(image.digests),
     )
 
 
@@ -48,4 +50,9 @@ def ingest_status(
         chunks_rejected=sum(snapshot.rejections.values()),
         backends=dict(snapshot.backends),
         last_error=snapshot.last_error or connection_error,
+        images_failed=snapshot.images_failed,
+        images_waiting=dict(snapshot.waiting),
+        attention=list(snapshot.attention),
+        staging_free_bytes=snapshot.staging_free_bytes,
+        disk_pressure=snapshot.disk_pressure,
     )

@@ -117,6 +117,21 @@ class Storer:
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        for backend in self.backends:  # one-shot: a slow OMERO login must not hold anything
+            threading.Thread(
+                target=self._check, args=(backend,), name=f"ingest-check-{backend.name}",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _check(self, backend: StorageBackend) -> None:
+        try:
+            backend.check()
+        except Exception as exc:
+            detail = str(exc) or type(exc).__name__
+            log.error("storage %s is not usable at start-up: %s", backend.name, detail)
+            self._post(BackendHealth(backend.name, f"start-up check failed: {detail}"))
+            return
+        log.info("storage %s: writable", backend.name)
 
     def stop(self) -> None:
         for q in self._queues:
@@ -201,7 +216,6 @@ class Storer:
         if lane.backoff is not None:
             log.info("image %s: %s is writing again", job.begin.key, lane.backend.name)
         lane.backoff = None
-        self._post(BackendHealth(lane.backend.name, "ok"))
 
     def _feed(self, job: _Job, lane: _Lane) -> None:
         assert lane.writer is not None
@@ -219,6 +233,7 @@ class Storer:
         stored = lane.writer.finish()
         del job.lanes[name]
         self._attempt(lane, "ok")
+        self._post(BackendHealth(name, "ok"))  # only a durable, finished image proves it
         self._post(ForImage(job.begin.key, Stored(name, stored.location, stored.digest)))
         log.info("image %s stored in %s: %s", job.begin.key, name, stored.location)
 

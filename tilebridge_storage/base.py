@@ -40,6 +40,8 @@ Promises every backend keeps:
   keeps its data and tries again later) or `PermanentError` (permission, invalid target).
 * Writers of different images may be used from different threads; one writer is used by
   one thread at a time.
+* `check()` proves the target writable now (a folder, an OMERO login) or raises saying why;
+  the ingest calls it at start-up, so an unwritable target is reported before any image.
 """
 
 from __future__ import annotations
@@ -147,6 +149,10 @@ class StorageBackend(ABC):
 
     @abstractmethod
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter: ...
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Prove the target can be written now (a file backend: its folder; OMERO: a login);
+        raise `TransientError` or `PermanentError` saying why not. Called at start-up."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; writers already finished stay valid."""

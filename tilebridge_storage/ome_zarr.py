@@ -44,7 +44,7 @@ from tilebridge_storage.mosaic import (
     pyramid_shapes,
     require_mosaic,
 )
-from tilebridge_storage.paths import image_path
+from tilebridge_storage.paths import check_writable, image_path
 from tilebridge_storage.plane_metadata import image_key_values
 
 SUFFIX = ".ome.zarr"
@@ -61,6 +61,9 @@ class OmeZarrBackend(StorageBackend):
         super().__init__(name)
         self.root = Path(root)
         self.chunk = chunk
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)

@@ -36,7 +36,7 @@ from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remov
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.mosaic import Mosaic, downsample_level, plan, pyramid_shapes, require_mosaic
 from tilebridge_storage.ome_zarr import multiscale, omero_block, tilebridge_block
-from tilebridge_storage.paths import claim, named_path, release
+from tilebridge_storage.paths import check_writable, claim, named_path, release
 
 SUFFIX = ".ome.zarr"
 CHUNK = 512
@@ -51,6 +51,9 @@ class OmeZarrV04Backend(StorageBackend):
         super().__init__(name)
         self.root = Path(root)
         self.chunk = chunk
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)

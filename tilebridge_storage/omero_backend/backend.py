@@ -74,6 +74,10 @@ class OmeroBackend(StorageBackend):
             )  # fmt: skip
         return writer
 
+    def check(self) -> None:
+        """A login with the server-wide account (a dead session is replaced)."""
+        self.pool.session(self.settings.credentials)
+
     def close(self) -> None:
         self.pool.close()
 
