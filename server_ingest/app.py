@@ -81,6 +81,7 @@ class Engine:
             settings.store_retry_s,
             settings.store_retry_max_s,
             settings.storer_workers,
+            settings.verify_attempts,
         )
         policy = Policy(limits.image_ttl_s, settings.keep_staged)
         self._barriers: dict[int, threading.Event] = {}

@@ -79,6 +79,9 @@ class IngestSettings(BaseSettings):
     """Retained status of a finished image expires from the broker after this long."""
     store_retry_s: float = Field(default=5.0, gt=0)
     store_retry_max_s: float = Field(default=300.0, gt=0)
+    verify_attempts: int = Field(default=3, ge=1, le=100)
+    """Writes of one image into one backend whose read-back must match before the image
+    fails with `verify_failed`."""
     inbox_messages: int = Field(default=256, ge=1)
     """Device messages waiting for the core; when full, the broker connection waits."""
     staging_workers: int = Field(default=2, ge=1, le=64)

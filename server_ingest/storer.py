@@ -13,7 +13,10 @@ the core as events and keep no state anyone else reads. Each backend of an image
 * a backend that refuses for good (`PermanentError`) fails the image with its reason; the
   tiles stay staged;
 * a backend that finished is reported (`Stored`) and recorded by the core, so it is never
-  written again, also after a restart.
+  written again, also after a restart;
+* a backend that reads back other pixels than it was given (`DigestMismatchError`) is
+  rewritten like a transient fault, but at most `verify_attempts` times: then the image
+  fails with `verify_failed`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_runtime.backoff import Backoff
-from tilebridge_storage.base import ImageWriter, StorageBackend
+from tilebridge_storage.base import DigestMismatchError, ImageWriter, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class _Lane:
     backoff: Backoff | None = None
     started: float = 0.0
     nbytes: int = 0
+    mismatches: int = 0
+    """Writes whose read-back did not match (bounded by `verify_attempts`)."""
 
 
 @dataclass
@@ -101,7 +106,9 @@ class Storer:
         retry_s: float = 5.0,
         retry_max_s: float = 300.0,
         workers: int = 2,
+        verify_attempts: int = 3,
     ) -> None:
+        self._verify_attempts = verify_attempts
         self.backends = list(backends)
         self._staging = staging
         self._post = post
@@ -241,33 +248,46 @@ class Storer:
         self, jobs: dict[ImageKey, _Job], job: _Job, lane: _Lane, step: Callable[[], None]
     ) -> None:
         """Run `step`; a permanent refusal fails the image, anything else is retried."""
-        key, name = job.begin.key, lane.backend.name
         try:
             step()
         except PermanentError as exc:
-            self._attempt(lane, "failed")
-            _abort(jobs.pop(key, job))
-            log.error("image %s: %s refused it: %s", key, name, exc)
-            self._post(
-                ForImage(key, StoreFailed(time.time(), name, ReasonCode.STORAGE_FAILED, str(exc)))
-            )
+            self._give_up(jobs, job, lane, ReasonCode.STORAGE_FAILED, str(exc))
+        except DigestMismatchError as exc:
+            lane.mismatches += 1
+            if lane.mismatches >= self._verify_attempts:
+                detail = f"{exc}; {lane.mismatches} writes, none read back as written"
+                self._give_up(jobs, job, lane, ReasonCode.VERIFY_FAILED, detail)
+            else:
+                self._delay(job, lane, exc)
         except Exception as exc:
-            if lane.writer is not None:
-                _quiet_abort(lane.writer)
-            lane.writer = None
-            lane.backoff = lane.backoff or Backoff(*self._retry)
-            delay = lane.backoff.next_delay()
-            lane.retry_at = time.monotonic() + delay
-            detail = str(exc) or type(exc).__name__
-            if not isinstance(exc, TilebridgeError):
-                log.exception("image %s: %s failed unexpectedly; retrying", key, name)
-                detail = f"{type(exc).__name__}: {detail}"
-            log.warning(
-                "image %s: %s unavailable (%s); retrying in %.1f s", key, name, detail, delay
-            )
-            self._attempt(lane, "retry")
-            self._post(BackendHealth(name, detail))
-            self._post(ForImage(key, StoreDelayed(name, detail)))
+            self._delay(job, lane, exc)
+
+    def _give_up(
+        self, jobs: dict[ImageKey, _Job], job: _Job, lane: _Lane, reason: ReasonCode, detail: str
+    ) -> None:
+        key, name = job.begin.key, lane.backend.name
+        self._attempt(lane, "failed")
+        _abort(jobs.pop(key, job))
+        log.error("image %s: %s refused it: %s", key, name, detail)
+        self._post(BackendHealth(name, detail))
+        self._post(ForImage(key, StoreFailed(time.time(), name, reason, detail)))
+
+    def _delay(self, job: _Job, lane: _Lane, exc: Exception) -> None:
+        key, name = job.begin.key, lane.backend.name
+        if lane.writer is not None:
+            _quiet_abort(lane.writer)
+        lane.writer = None
+        lane.backoff = lane.backoff or Backoff(*self._retry)
+        delay = lane.backoff.next_delay()
+        lane.retry_at = time.monotonic() + delay
+        detail = str(exc) or type(exc).__name__
+        if not isinstance(exc, TilebridgeError):
+            log.exception("image %s: %s failed unexpectedly; retrying", key, name)
+            detail = f"{type(exc).__name__}: {detail}"
+        log.warning("image %s: %s unavailable (%s); retrying in %.1f s", key, name, detail, delay)
+        self._attempt(lane, "retry")
+        self._post(BackendHealth(name, detail))
+        self._post(ForImage(key, StoreDelayed(name, detail)))
 
     def _attempt(self, lane: _Lane, outcome: str) -> None:
         if lane.started:

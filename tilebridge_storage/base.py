@@ -38,6 +38,8 @@ Promises every backend keeps:
 * `abort()` removes partial output; it is safe to call at any time, more than once.
 * Faults say whether to retry: `TransientError` (unreachable, disk full, timeout: the caller
   keeps its data and tries again later) or `PermanentError` (permission, invalid target).
+* A backend that verifies what it wrote (`StoredImage.digest`) reads it back before
+  `finish()` returns and raises `DigestMismatchError` if it holds other pixels.
 * Writers of different images may be used from different threads; one writer is used by
   one thread at a time.
 * `check()` proves the target writable now (a folder, an OMERO login) or raises saying why;
@@ -53,9 +55,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest, PlaneMeta
+
+
+class DigestMismatchError(TransientError):
+    """The backend holds other pixels than it was given (read back after writing). Its
+    partial output is removed; the caller writes the image again, a bounded number of times,
+    then gives up with `verify_failed`."""
 
 
 @dataclass(frozen=True)
