@@ -1,6 +1,6 @@
 """What the acquisition-facing edge costs and what wire compression buys.
 
-1. `OMEWriter.write_frame` latency (p50 / p99 / max) with every target on (OME-TIFF,
+1. `Acquisition.write_frame` latency (p50 / p99 / max) with every target on (OME-TIFF,
    OME-Zarr, stitched TIFF, the server stream) for 8 MiB frames (2048 x 2048 uint16), against
    a real Mosquitto and an in-process ingest; and how long the local backends then need.
 2. zstd on realistic frames (edge_agent.simulate): compression ratio and encode speed of the
@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools.broker import Mosquitto
-from edge_agent.agent import EdgeAgent
-from edge_agent.omewriter import OMEWriter, OMEWriterConfig
+from edge_agent.app import EdgeApp
+from edge_agent.models import ExperimentSpec
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.app import IngestService
@@ -70,26 +70,28 @@ def bench_write_frame(root: Path, broker: BrokerSettings, frames: int, local: bo
     pool = distinct_frames(scan, 4)
     tag = "all" if local else "server"
     settings = AgentSettings(broker=broker, spool_dir=root / f"spool-{tag}", min_free_bytes=0)
-    with EdgeAgent(settings) as agent:
-        config = OMEWriterConfig(
-            write_tiff=local, write_zarr=local, write_stitched_tiff=local, write_omero=True,
-            output_dir=root / "out", max_bytes_in_flight=256 * MiB,
-        )  # fmt: skip
-        writer = OMEWriter(agent, config)
-        manifest = writer.start_experiment(spec(scan, f"bench-{tag}"))
+    with EdgeApp(settings.model_copy(update={"local_output_root": root})) as agent:
+        agent.config.update({
+            "write_tiff": local, "write_zarr": local, "write_stitched_tiff": local,
+            "write_omero": True, "output_dir": str(root / "out"),
+            "max_bytes_in_flight": 256 * MiB,
+        })  # fmt: skip
+        door = agent.acquisition
+        started = door.start(ExperimentSpec.model_validate(spec(scan, f"bench-{tag}")))
+        manifest = agent.spool.manifest(started.image_id)
         latencies = []
         start = time.perf_counter()
         for n, key in enumerate(manifest.tile_keys()):
             t0 = time.perf_counter()
-            writer.write_frame(pool[n % len(pool)], {"tile_index": key.index})
+            door.write_frame(manifest.image_id, pool[n % len(pool)], tile_index=key.index)
             latencies.append((time.perf_counter() - t0) * 1000)
         acquired = time.perf_counter() - start
-        finishing = threading.Thread(target=writer.finalize)
+        finishing = threading.Thread(target=door.finalize, args=(manifest.image_id,))
         finishing.start()
         finished: dict[str, float] = {}
-        while len(finished) < len(config.targets):
-            progress = writer.progress()
-            assert progress is not None
+        targets = len(started.spec.targets or []) + 1
+        while len(finished) < targets:
+            progress = door.experiment(manifest.image_id)
             for name, target in progress.backends.items():
                 if target.state != "writing" and name not in finished:
                     finished[name] = time.perf_counter() - start
@@ -130,21 +132,20 @@ def publish_throughput(
         broker=broker, spool_dir=root / f"spool-{tag}", min_free_bytes=0, codec=codec,
         bandwidth_limit_bytes_per_s=cap,
     )  # fmt: skip
-    with EdgeAgent(settings) as agent:
-        writer = OMEWriter(agent, OMEWriterConfig.for_agent(agent, write_tiff=False))
-        manifest = writer.start_experiment(spec(scan, f"bench-{tag}"))
-        before = agent.publisher.counters.committed_tiles
+    with EdgeApp(settings) as agent:
+        door = agent.acquisition
+        started = door.start(
+            ExperimentSpec.model_validate(spec(scan, f"bench-{tag}") | {"targets": []})
+        )
+        manifest = agent.spool.manifest(started.image_id)
         start = time.perf_counter()
         for n, key in enumerate(manifest.tile_keys()):
-            writer.write_frame(pool[n % len(pool)], {"tile_index": key.index})
-        writer.finalize()
-        deadline = time.monotonic() + 600
-        while agent.publisher.counters.committed_tiles - before < tiles:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{tag}: tiles not committed")
-            time.sleep(0.01)
+            door.write_frame(manifest.image_id, pool[n % len(pool)], tile_index=key.index)
+        door.finalize(manifest.image_id)
+        progress = door.wait_done(manifest.image_id, 600)
+        if progress.server != "complete":
+            raise TimeoutError(f"{tag}: not complete")
         elapsed = time.perf_counter() - start
-        agent.wait_done([manifest.image_id], 120)
     return tiles * manifest.tile_bytes / elapsed / 1e6
 
 

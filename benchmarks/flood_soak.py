@@ -32,7 +32,8 @@ from rich.table import Table
 
 from devtools.broker import Mosquitto
 from devtools.stack import Watcher, ingest_program, wait_for, wait_ingest_online
-from edge_agent.agent import EdgeAgent
+from edge_agent.app import EdgeApp
+from edge_agent.models import ExperimentSpec
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.keys import TileKey
@@ -88,14 +89,14 @@ def drain(broker: Mosquitto, password: str, work: Path, run: int, tiles: int) ->
         min_free_bytes=0,
         status_interval_s=60,
     )
-    agent = EdgeAgent(offline)
-    agent.open_image(manifest)
+    agent = EdgeApp(offline)
+    agent.acquisition.start(ExperimentSpec.from_manifest(manifest, targets=[], server=True))
     for key in manifest.tile_keys():
-        agent.buffer.add_tile(manifest.image_id, key, frame)
-    agent.buffer.add_close(manifest.image_id)
-    agent.buffer.close()
+        agent.spool.add_tile(manifest.image_id, key, frame)
+    agent.acquisition.finalize(manifest.image_id)
+    agent.spool.close()
     live = BrokerSettings(port=broker.port, username=GOOD, password=password)
-    agent = EdgeAgent(AgentSettings(**{**offline.model_dump(), "broker": live}))
+    agent = EdgeApp(AgentSettings(**{**offline.model_dump(), "broker": live}))
     started = time.perf_counter()
     agent.start()
     wait_for(

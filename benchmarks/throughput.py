@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools.broker import Mosquitto
 from devtools.stack import Watcher, ingest_program, wait_for, wait_ingest_online
-from edge_agent.agent import EdgeAgent
+from edge_agent.app import EdgeApp
+from edge_agent.models import ExperimentSpec
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.keys import TileKey
@@ -95,19 +96,19 @@ def tilebridge_drain(
         broker=BrokerSettings(port=broker.port + 1),  # nobody listens: fill the buffer first
         spool_dir=workdir / "spool", chunk_size=chunk, min_free_bytes=0, status_interval_s=60,
     )  # fmt: skip
-    agent = EdgeAgent(settings)
-    agent.open_image(manifest)
+    agent = EdgeApp(settings)
+    agent.acquisition.start(ExperimentSpec.from_manifest(manifest, targets=[], server=True))
     keys = manifest.tile_keys()
     for n, key in enumerate(keys):
-        agent.buffer.add_tile(manifest.image_id, key, frames[n % len(frames)])
-    agent.buffer.add_close(manifest.image_id)
-    agent.buffer.close()
+        agent.spool.add_tile(manifest.image_id, key, frames[n % len(frames)])
+    agent.acquisition.finalize(manifest.image_id)
+    agent.spool.close()
     ingest = ingest_program(broker, workdir, backends=["archive"], instance="bench").start("run")
     watcher = Watcher(broker, INGEST_STATUS_FILTER)
     wait_ingest_online(watcher, "bench")
     watcher.close()
     live = AgentSettings(**{**settings.model_dump(), "broker": BrokerSettings(port=broker.port)})
-    agent = EdgeAgent(live)
+    agent = EdgeApp(live)
     start = time.perf_counter()
     agent.start()
     wait_for(
@@ -126,12 +127,13 @@ def write_latency(
         broker=BrokerSettings(port=port), spool_dir=workdir, min_free_bytes=0, status_interval_s=60
     )
     times = []
-    with EdgeAgent(settings) as agent:
-        agent.open_image(manifest)
+    with EdgeApp(settings) as agent:
+        door = agent.acquisition
+        door.start(ExperimentSpec.from_manifest(manifest, targets=[], server=True))
         arrays = [np.frombuffer(f, dtype="<u2").reshape(2048, 2048) for f in frames]
         for n, key in enumerate(manifest.tile_keys()):
             t0 = time.perf_counter()
-            agent.write_tile(manifest.image_id, key, arrays[n % len(arrays)])
+            door.write_frame(manifest.image_id, arrays[n % len(arrays)], tile_index=key.index)
             times.append(time.perf_counter() - t0)
     return times
 
@@ -139,7 +141,8 @@ def write_latency(
 RSS_SCRIPT = """
 import json, sys, threading, time, numpy as np, psutil
 from pathlib import Path
-from edge_agent.agent import EdgeAgent
+from edge_agent.app import EdgeApp
+from edge_agent.models import ExperimentSpec
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tilebridge_runtime.mqtt import BrokerSettings
@@ -155,12 +158,12 @@ manifest = scan.manifest()
 frame = scan.frame(scan.manifest().tile_keys()[0])
 settings = AgentSettings(broker=BrokerSettings(port=port), spool_dir=spool, min_free_bytes=0,
                          status_interval_s=60, commit_timeout_s=30)
-agent = EdgeAgent(settings).start()
-agent.open_image(manifest)
+agent = EdgeApp(settings).start()
+agent.acquisition.start(ExperimentSpec.from_manifest(manifest, targets=[], server=True))
 keys = manifest.tile_keys()[:tiles]
 for key in keys:
-    agent.write_tile(manifest.image_id, key, frame)
-print(json.dumps({"buffered": agent.buffer.stats().bytes}), flush=True)
+    agent.acquisition.write_frame(manifest.image_id, frame, tile_index=key.index)
+print(json.dumps({"buffered": agent.spool.stats().bytes}), flush=True)
 phase[0] = "draining"
 sys.stdin.readline()  # the broker and the ingest come up now
 while agent.publisher.counters.committed_tiles < len(keys):

@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edge_agent.agent import EdgeAgent
-from edge_agent.api import FrameMetadata, TileScanWriter
+from edge_agent.app import EdgeApp
+from edge_agent.frontdoor import FrontDoor
+from edge_agent.models import ExperimentSpec, FrameInfo
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.errors import TilebridgeError
-from tilebridge_protocol.messages import ImageState
+from tilebridge_protocol.keys import TileKey
 from tilebridge_runtime.process import exit_when_a_thread_dies
 
 console = Console(stderr=True)
@@ -50,6 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--timeout", type=float, default=600.0, help="wait this long for the server")
     sim.add_argument("--no-wait", action="store_true", help="exit once every frame is buffered")
     sim.add_argument("--summary", type=Path, help="write a JSON summary here")
+    sim.add_argument("--frames", type=int, help="write only this many frames, then stop")
+    sim.add_argument("--partial", action="store_true", help="finalize with the frames written")
+    sim.add_argument(
+        "--fast-path", action="store_true", help="acquire through a running agent's socket"
+    )
+    experiments = commands.add_parser(
+        "experiments", help="list or end the running agent's experiments (fast path)"
+    )
+    what = experiments.add_subparsers(dest="what", required=True)
+    what.add_parser("list", help="every experiment the agent holds")
+    end = what.add_parser("finalize", help="close an experiment")
+    end.add_argument("image_id", type=UUID)
+    end.add_argument("--partial", action="store_true", help="with the frames it has")
+    stop = what.add_parser("abort", help="discard an experiment on the Pi")
+    stop.add_argument("image_id", type=UUID)
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -72,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge_agent.client import show_status
 
         return show_status(settings, watch=args.watch, url=args.url)
+    if args.command == "experiments":
+        from edge_agent.cli import experiments_command
+
+        return experiments_command(settings, args)
     scan = SyntheticScan(
         columns=args.columns, rows=args.rows, tile_size=args.tile_size, channels=args.channels,
         z_planes=args.z_planes, seed=args.seed, image_id=args.image_id,
@@ -84,69 +104,84 @@ def run(settings: AgentSettings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with EdgeAgent(settings) as agent:
+    with EdgeApp(settings) as app:
+        http = None
         if settings.http_port is not None:
-            from edge_agent.http import serve_http
+            from edge_agent.http import serve
 
-            serve_http(agent, settings, stop)
+            http = serve(app)
         stop.wait()
+        if http is not None:
+            http.should_exit = True
     return 0
 
 
 def simulate(settings: AgentSettings, scan: SyntheticScan, args: argparse.Namespace) -> int:
     manifest = scan.manifest()
-    keys = manifest.tile_keys()
+    keys = manifest.tile_keys()[: args.frames] if args.frames else manifest.tile_keys()
     console.print(
         f"simulating image {manifest.image_id}: {len(keys)} frames of "
         f"{scan.tile_size}x{scan.tile_size} uint16 from device {settings.device_id}"
     )
     summary: dict[str, object] = {"image_id": str(manifest.image_id), "frames": len(keys)}
-    with EdgeAgent(settings) as agent, Progress(
+    spec = ExperimentSpec.from_manifest(manifest, targets=[], server=True)
+    if args.fast_path:
+        from edge_agent.fastpath_client import FastPathClient
+
+        return _acquire(FastPathClient(settings.socket_path), scan, spec, keys, summary, args)
+    with EdgeApp(settings.model_copy(update={"fast_path": False})) as app:
+        return _acquire(app.acquisition, scan, spec, keys, summary, args)
+
+
+def _acquire(
+    door: FrontDoor,
+    scan: SyntheticScan,
+    spec: ExperimentSpec,
+    keys: list[TileKey],
+    summary: dict[str, object],
+    args: argparse.Namespace,
+) -> int:
+    manifest = scan.manifest()
+    with Progress(
         TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console,
     ) as progress:  # fmt: skip
         acquired = progress.add_task("acquired", total=len(keys))
         committed = progress.add_task("committed", total=len(keys))
-        writer = TileScanWriter(agent, manifest)
-        start_committed = agent.publisher.counters.committed_tiles
         try:
+            door.start(spec)
             for key in keys:
                 pos = manifest.positions[key.index]
-                writer.write_frame(
-                    scan.frame(key),
-                    FrameMetadata(tile_index=key.index, z=key.z, c=key.c, t=key.t,
-                                  x_um=pos.x_um, y_um=pos.y_um),
-                )  # fmt: skip
+                info = FrameInfo(tile_index=key.index, z_index=key.z, channel_index=key.c,
+                                 time_index=key.t, x_um=pos.x_um, y_um=pos.y_um)  # fmt: skip
+                door.write_frame(manifest.image_id, scan.frame(key), info)
                 progress.advance(acquired)
-                progress.update(
-                    committed, completed=agent.publisher.counters.committed_tiles - start_committed
-                )
                 if args.frame_delay:
                     time.sleep(args.frame_delay)
-            writer.finalize()
+            if args.frames is None or args.partial:
+                door.finalize(manifest.image_id, partial=args.partial)
         except TilebridgeError as exc:
             console.print(f"[red]acquisition failed:[/red] {exc}")
             return 1
-        if args.no_wait:
+        if args.no_wait or (args.frames is not None and not args.partial):
             return 0
         deadline = time.monotonic() + args.timeout
-        result = None
-        while time.monotonic() < deadline and result is None:
-            result = agent.wait_done([manifest.image_id], 0.5).get(manifest.image_id)
-            done = agent.publisher.counters.committed_tiles - start_committed
-            progress.update(committed, completed=len(keys) if result else done)
-    if result is None:
+        state = door.experiment(manifest.image_id)
+        while time.monotonic() < deadline and state.server == "sending":
+            time.sleep(0.2)
+            state = door.experiment(manifest.image_id)
+            progress.update(committed, completed=state.backends["omero"].frames_written)
+    omero = state.backends["omero"]
+    if state.server == "sending":
         console.print(f"[red]no answer from the server within {args.timeout:.0f} s[/red]")
         return 1
-    summary.update(state=result.state.value, locations=result.locations)
+    summary.update(state=state.server, locations=state.locations, partial=state.partial)
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2))
-    if result.state is not ImageState.COMPLETE:
-        console.print(
-            f"[red]the server could not store the image:[/red] {result.reason} {result.detail}"
-        )
+    if state.server != "complete":
+        console.print(f"[red]the server could not store the image:[/red] {omero.error}")
         return 1
-    console.print(f"image {manifest.image_id} stored: {result.locations}")
+    console.print(f"image {manifest.image_id} stored: {omero.location}")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""A small client of the agent's local HTTP API (edge_agent.http), for ImSwitch and scripts.
+"""A small client of the agent's HTTP API (edge_agent.http), for remote tools and scripts
+(an acquisition program on the Pi itself uses the fast path, `edge_agent.fastpath_client`).
 
 Needs only httpx and numpy. Every method mirrors one endpoint; a refusal raises
-`EdgeApiError` with the server's message (which names the offending field).
+`EdgeApiError` with the status code and the server's message (which names the field).
 """
 
 from __future__ import annotations
@@ -10,32 +11,25 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
 import httpx
 import numpy as np
 
+from edge_agent.models import frame_metadata
 from edge_agent.settings import AgentSettings
 from tilebridge_protocol.errors import PermanentError
 
-FRAME_FIELDS = (
+__all__ = ["EdgeApiError", "EdgeClient", "frame_metadata"]
+
+QUERY_FIELDS = (
     "tile_index", "z_index", "channel_index", "time_index", "x_um", "y_um", "z_um",
     "pixel_size_um", "channel", "exposure_ms", "timestamp",
 )  # fmt: skip
-"""Frame metadata sent as query parameters; anything else goes in X-Frame-Metadata."""
-IMSWITCH_FIELDS = (
-    "x", "y", "z", "z_index", "channel_index", "time_index", "illuminationChannel",
-    "runningNumber", "illuminationValue",
-)  # fmt: skip
-"""The names of ImSwitch's frame metadata that tilebridge reads."""
-
-
-def frame_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """What tilebridge reads of a metadata dict (ImSwitch adds keys of its own)."""
-    known = {*FRAME_FIELDS, *IMSWITCH_FIELDS, "tile_index"}
-    return {k: v for k, v in metadata.items() if k in known}
+"""Frame metadata the frames endpoint takes as query parameters; the rest goes in
+X-Frame-Metadata."""
+PIECE = 1024 * 1024
 
 
 class EdgeApiError(Exception):
@@ -78,7 +72,7 @@ class EdgeClient:
     # -- acquisition -----------------------------------------------------------------------
 
     def start_experiment(self, **spec: Any) -> dict[str, Any]:
-        """Fields of edge_agent.omewriter.ExperimentSpec; returns `image_id` and the plan."""
+        """Fields of edge_agent.models.ExperimentSpec; returns the stored spec and the plan."""
         return self._call("POST", "/experiments", json=spec)
 
     def write_frame(
@@ -87,18 +81,26 @@ class EdgeClient:
         """Send one frame (its pixels little-endian) with its metadata; ImSwitch's metadata
         names (`x`, `y`, `illuminationChannel`, ...) are accepted too."""
         pixels = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<"))
-        params = {k: _param(v) for k, v in metadata.items() if k in FRAME_FIELDS and v is not None}
-        rest = {k: v for k, v in metadata.items() if k not in FRAME_FIELDS and v is not None}
-        headers = {"Content-Type": "application/octet-stream"}
+        params = {k: _param(v) for k, v in metadata.items() if k in QUERY_FIELDS and v is not None}
+        rest = {k: v for k, v in metadata.items() if k not in QUERY_FIELDS and v is not None}
+        raw = pixels.data.cast("B")
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(raw))}
         if rest:
             headers["X-Frame-Metadata"] = json.dumps(rest, default=str)
+        # The pixels in 1 MiB views of the array: no copy of the frame, and httpx sends them
+        # as they are (one `bytes` of 8 MiB costs it ~2x the time; docs/benchmarks.md).
+        pieces = (bytes(raw[i : i + PIECE]) for i in range(0, len(raw), PIECE))
         return self._call(
-            "POST", f"/experiments/{image_id}/frames", params=params,
-            content=pixels.tobytes(), headers=headers,
+            "POST", f"/experiments/{image_id}/frames", params=params, content=pieces,
+            headers=headers,
         )  # fmt: skip
 
-    def finalize(self, image_id: UUID | str, timeout: float | None = None) -> dict[str, Any]:
-        params = {} if timeout is None else {"timeout": timeout}
+    def finalize(
+        self, image_id: UUID | str, timeout: float | None = None, partial: bool = False
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        if partial:
+            params["partial"] = "true"
         return self._call("POST", f"/experiments/{image_id}/finalize", params=params)
 
     def abort(self, image_id: UUID | str) -> dict[str, Any]:
@@ -118,7 +120,11 @@ class EdgeClient:
             states = [b["state"] for b in progress["backends"].values()]
             if "writing" not in states or time.monotonic() > deadline:
                 return progress
-            time.sleep(0.5)
+            time.sleep(0.2)
+
+    def experiments(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/experiments")  # type: ignore[assignment]
+        return result
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = self._http.request(method, path, **kwargs)

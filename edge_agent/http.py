@@ -1,9 +1,16 @@
-"""The agent's local HTTP API: what ImSwitch (or any acquisition program) calls instead of
-writing files itself. Every frame takes the same path as the Python API (OMEWriter).
+"""The agent's local HTTP API: the front door for remote tools and scripts (the acquisition
+program on the Pi itself is faster on the fast local path, `edge_agent.fastpath`).
 
-Bound to 127.0.0.1 by default. A token (`http_token` / `http_token_file`, sent as
-`Authorization: Bearer <token>`) is required whenever one is configured, and the server
-refuses to start on anything but loopback without one. OpenAPI: `/openapi.json`, `/docs`.
+Every route calls `Acquisition`, like the other entry points, and maps its refusals the same
+way: 422 (PermanentError, with the reason), 409 (ConflictError, naming the field), 404
+(UnknownExperimentError), 503 + Retry-After (TransientError: nothing was accepted, retry).
+
+Hardening (docs/security.md): bound to 127.0.0.1 by default and refuses to start elsewhere
+without a token; when a token is configured it is required on every route (`/docs` and
+`/openapi.json` included); the Host header must be one of `http_allowed_hosts` (a DNS
+rebinding page in a browser on the Pi cannot reach it); a frame body larger than the
+experiment's frame is refused before it is read, and the bytes being received are paid for
+from the front door's memory budget.
 """
 
 from __future__ import annotations
@@ -13,64 +20,39 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from uuid import UUID
 
 import numpy as np
 import uvicorn
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Body, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from edge_agent.agent import EdgeAgent
+from edge_agent.acquisition import Acquisition
+from edge_agent.app import EdgeApp
 from edge_agent.client import is_loopback, resolve_token
-from edge_agent.omewriter import (
+from edge_agent.config import ConfigStore, OMEWriterConfig
+from edge_agent.errors import ConflictError, UnknownExperimentError
+from edge_agent.localtargets import Budget
+from edge_agent.models import (
     ExperimentProgress,
     ExperimentSpec,
     FrameInfo,
-    OMEWriter,
-    OMEWriterConfig,
-    apply_transport,
+    FrameResult,
+    StartedExperiment,
 )
-from edge_agent.settings import AgentSettings
+from edge_agent.status import Reporter
 from tilebridge_protocol.errors import PermanentError, TransientError
-from tilebridge_protocol.messages import PixelType, StagePosition
 from tilebridge_protocol.status import DeviceStatus
-from tilebridge_storage.base import StorageBackend
 
 log = logging.getLogger(__name__)
 
-KEEP_EXPERIMENTS = 100
-"""Finished experiments kept for /status; older ones are forgotten (their data is not)."""
-
-
 METADATA_HEADER = "JSON object of frame metadata (ImSwitch's names accepted); query parameters win."
-
-
-class ExperimentStarted(BaseModel):
-    image_id: UUID
-    experiment: str
-    frames_total: int
-    tile_width: int
-    tile_height: int
-    dtype: PixelType
-    tile_bytes: int
-    """Exact body size of every frame."""
-    positions: list[StagePosition]
-    """tile_index -> planned stage position."""
-
-
-class FrameAccepted(BaseModel):
-    accepted: bool
-    """False: this frame was already written (a repeat changes nothing)."""
-    tile: tuple[int, int, int, int]
-    """(tile_index, z_index, channel_index, time_index)."""
-    frames_received: int
 
 
 class StatusReport(BaseModel):
@@ -79,102 +61,36 @@ class StatusReport(BaseModel):
     """Newest first."""
 
 
-class EdgeService:
-    """The state behind the API: the current config and the experiments, by image id."""
-
-    def __init__(
-        self,
-        agent: EdgeAgent,
-        config: OMEWriterConfig | None = None,
-        state_file: Path | None = None,
-        backends: dict[str, StorageBackend] | None = None,
-    ) -> None:
-        self.agent = agent
-        self.state_file = state_file
-        self.backends = backends
-        self.experiments: OrderedDict[UUID, OMEWriter] = OrderedDict()
-        self._lock = threading.Lock()
-        self.config = config or self._load() or OMEWriterConfig.for_agent(agent)
-
-    def set_config(self, update: dict[str, Any]) -> OMEWriterConfig:
-        """Change the given fields; a refused update changes nothing."""
-        with self._lock:
-            config = OMEWriterConfig.model_validate(self.config.model_dump() | update)
-            apply_transport(self.agent, config)
-            self.config = config
-            self._save()
-            return config
-
-    def start(self, spec: ExperimentSpec) -> OMEWriter:
-        with self._lock:
-            old = self.experiments.get(spec.image_id) if spec.image_id else None
-            progress = old.progress() if old else None
-            if progress is not None and progress.state in ("acquiring", "finalizing"):
-                # A second writer would replace the first one's partial output.
-                raise PermanentError(f"experiment {spec.image_id} is {progress.state} already")
-            writer = OMEWriter(self.agent, self.config.model_copy(), self.backends)
-            manifest = writer.start_experiment(spec)
-            self.experiments[manifest.image_id] = writer
-            self.experiments.move_to_end(manifest.image_id)
-            self._forget_old()
-            return writer
-
-    def writer(self, image_id: UUID) -> OMEWriter:
-        try:
-            return self.experiments[image_id]
-        except KeyError:
-            raise HTTPException(404, f"no experiment {image_id} on this agent") from None
-
-    def status(self) -> StatusReport:
-        writers = list(self.experiments.values())  # a snapshot: starts may come meanwhile
-        progress = [w.progress() for w in reversed(writers)]
-        return StatusReport(
-            device=self.agent.status(), experiments=[p for p in progress if p is not None]
-        )
-
-    def _forget_old(self) -> None:
-        for image_id in list(self.experiments)[: max(0, len(self.experiments) - KEEP_EXPERIMENTS)]:
-            progress = self.experiments[image_id].progress()
-            if progress is None or progress.state in ("finalized", "aborted"):
-                del self.experiments[image_id]
-
-    def _load(self) -> OMEWriterConfig | None:
-        if self.state_file is None or not self.state_file.exists():
-            return None
-        try:
-            return OMEWriterConfig.model_validate_json(self.state_file.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring the saved OMEWriter config %s: %s", self.state_file, exc)
-            return None
-
-    def _save(self) -> None:
-        if self.state_file is not None:
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(self.config.model_dump_json(indent=2))
-            tmp.replace(self.state_file)
-
-
-BEARER = HTTPBearer(auto_error=False, description="Required when the agent has a token.")
-
-
-def create_app(service: EdgeService, token: str | None = None) -> FastAPI:
-    # Annotations are strings here (PEP 563): whatever they name must be module-level.
-    def authorize(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
-    ) -> None:
-        if token is None:
-            return
-        given = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong token", {"WWW-Authenticate": "Bearer"})
-
+def create_app(
+    acquisition: Acquisition,
+    config: ConfigStore,
+    reporter: Reporter,
+    receiving: Budget,
+    token: str | None = None,
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]"),
+) -> FastAPI:
     app = FastAPI(
         title="tilebridge edge agent",
-        summary="Local API of the microscope's agent: OMEWriter config, experiments, frames.",
-        version="1",
-        dependencies=[Depends(authorize)],
+        summary="Local API of the microscope's agent: acquisition defaults, experiments, frames.",
+        version="2",
     )
     _errors(app)
+
+    @app.middleware("http")
+    async def authorize(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # A middleware, not a route dependency: the docs and the schema need the token too.
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse(
+                    {"message": "missing or wrong token", "detail": "missing or wrong token"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+        return await call_next(request)
+
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     config_body = {
         "requestBody": {
             "required": True,
@@ -187,8 +103,8 @@ def create_app(service: EdgeService, token: str | None = None) -> FastAPI:
     @app.get("/config", response_model=OMEWriterConfig, tags=["config"])
     @app.get("/getOMEWriterConfig", response_model=OMEWriterConfig, tags=["config"])
     def get_config() -> OMEWriterConfig:
-        """The OMEWriter configuration new experiments use (ImSwitch: getOMEWriterConfig)."""
-        return service.config
+        """The defaults new experiments use when their spec names no targets."""
+        return config.current()
 
     @app.post("/config", response_model=OMEWriterConfig, tags=["config"], openapi_extra=config_body)
     @app.post(
@@ -198,29 +114,29 @@ def create_app(service: EdgeService, token: str | None = None) -> FastAPI:
         openapi_extra=config_body,
     )
     def set_config(update: Annotated[dict[str, Any], Body()]) -> OMEWriterConfig:
-        """Change the given fields (others keep their value); takes effect for the next
-        experiment, compression and bandwidth limit at once (ImSwitch: setOMEWriterConfig)."""
-        return service.set_config(update)
+        """Change the given fields (others keep their value); a refused update changes
+        nothing. Takes effect for the next experiment; compression and the bandwidth cap at
+        once."""
+        return config.update(update)
 
     @app.post("/experiments", status_code=201, tags=["experiments"])
-    def start_experiment(spec: ExperimentSpec) -> ExperimentStarted:
-        """Open an experiment (one image) on every configured target."""
-        m = service.start(spec).manifest
-        return ExperimentStarted(
-            image_id=m.image_id, experiment=m.experiment, frames_total=m.tile_count,
-            tile_width=m.tile_width, tile_height=m.tile_height, dtype=m.dtype,
-            tile_bytes=m.tile_bytes, positions=list(m.positions),
-        )  # fmt: skip
+    def start_experiment(spec: ExperimentSpec, response: Response) -> StartedExperiment:
+        """Open an experiment (one image) on every target, or resume it (same image_id):
+        201 when created, 200 when resumed, with the complete stored spec."""
+        started = acquisition.start(spec)
+        if started.resumed:
+            response.status_code = 200
+        return started
 
     @app.get("/experiments", tags=["experiments"])
     def list_experiments() -> list[ExperimentProgress]:
-        return service.status().experiments
+        return acquisition.experiments()
 
     @app.get("/experiments/{image_id}", tags=["experiments"])
     def experiment(image_id: UUID) -> ExperimentProgress:
-        progress = service.writer(image_id).progress()
-        assert progress is not None  # a writer is registered only once started
-        return progress
+        """Answers after agent restarts, until the server completed the image and for
+        `experiment_retention_s` after."""
+        return acquisition.experiment(image_id)
 
     @app.post(
         "/experiments/{image_id}/frames",
@@ -251,11 +167,9 @@ def create_app(service: EdgeService, token: str | None = None) -> FastAPI:
         exposure_ms: Annotated[float | None, Query(ge=0)] = None,
         timestamp: str | None = None,
         x_frame_metadata: Annotated[str | None, Header(description=METADATA_HEADER)] = None,
-    ) -> FrameAccepted:
-        """One camera frame. Returns once it is durable in the disk buffer and queued for
-        the local backends (waits only while their memory bound is reached)."""
-        writer = service.writer(image_id)
-        m = writer.manifest
+    ) -> FrameResult:
+        """One camera frame. Returns once it is durable in the spool (`accepted: true`), or
+        says it was accepted before (`accepted: false` and the reason)."""
         query = {
             "tile_index": tile_index, "z_index": z_index, "channel_index": channel_index,
             "time_index": time_index, "x_um": x_um, "y_um": y_um, "z_um": z_um,
@@ -265,43 +179,42 @@ def create_app(service: EdgeService, token: str | None = None) -> FastAPI:
         info = FrameInfo.model_validate(
             _header_metadata(x_frame_metadata) | {k: v for k, v in query.items() if v is not None}
         )
-        body = await _read_exactly(
-            request, m.tile_bytes, f"{m.tile_width}x{m.tile_height} {m.dtype}"
-        )
-        frame = np.frombuffer(body, m.dtype.numpy).reshape(m.tile_height, m.tile_width)
-        key = writer.key_of(info)
-        accepted = await run_in_threadpool(writer.write_frame, frame, info, owned=True)
-        progress = writer.progress()
-        return FrameAccepted(
-            accepted=accepted,
-            tile=(key.index, key.z, key.c, key.t),
-            frames_received=progress.frames_received if progress else 0,
-        )
+        m = await run_in_threadpool(acquisition.spool.manifest, image_id)
+        what = f"{m.tile_width}x{m.tile_height} {m.dtype}"
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > m.tile_bytes:
+            raise HTTPException(
+                413, f"frame body is {declared} bytes, a {what} frame is {m.tile_bytes}"
+            )
+        await run_in_threadpool(receiving.acquire, m.tile_bytes)
+        try:
+            pixels = await _read_into(request, np.empty(m.tile_bytes, np.uint8), what)
+            frame = pixels.view(m.dtype.numpy).reshape(m.tile_height, m.tile_width)
+            return await run_in_threadpool(
+                acquisition.write_frame, image_id, frame, info, owned=True
+            )
+        finally:
+            receiving.release(m.tile_bytes)
 
     @app.post("/experiments/{image_id}/finalize", tags=["experiments"])
     def finalize(
         image_id: UUID,
+        partial: bool = False,
         timeout: Annotated[float | None, Query(ge=0, le=86400)] = None,
     ) -> ExperimentProgress:
-        """Close the experiment once every frame is written; waits for the local backends
-        (up to `timeout` s). The server side completes later: poll the experiment."""
-        return service.writer(image_id).finalize(timeout)
+        """Close the experiment (with `partial`: with the frames it has); waits for the local
+        targets up to `timeout` s. The server completes later: poll the experiment."""
+        return acquisition.finalize(image_id, partial=partial, timeout=timeout)
 
     @app.post("/experiments/{image_id}/abort", tags=["experiments"])
     def abort(image_id: UUID) -> ExperimentProgress:
-        """Stop; local partial output is removed, frames already buffered still go to the
-        server."""
-        writer = service.writer(image_id)
-        writer.abort()
-        progress = writer.progress()
-        assert progress is not None
-        return progress
+        """Discard the experiment on the Pi (local partial output, unsent frames)."""
+        return acquisition.abort(image_id)
 
     @app.get("/status", tags=["status"])
     def status() -> StatusReport:
-        """Per experiment: frames received, written per backend, acknowledged by the server;
-        backend failures; the device status (as on the retained status topic)."""
-        return service.status()
+        """The device status (as on the retained status topic) and every experiment."""
+        return StatusReport(device=reporter.status(), experiments=acquisition.experiments())
 
     return app
 
@@ -318,19 +231,20 @@ def _header_metadata(raw: str | None) -> dict[str, Any]:
     return value
 
 
-async def _read_exactly(request: Request, size: int, what: str) -> bytearray:
-    """The body, refused as soon as it is longer than a frame (never buffered beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > size:
-        raise HTTPException(413, f"frame body is {declared} bytes, a {what} frame is {size}")
-    body = bytearray()
+async def _read_into(
+    request: Request, target: np.ndarray[Any, Any], what: str
+) -> np.ndarray[Any, Any]:
+    """The body straight into `target`; refused as soon as it is longer (never buffered)."""
+    view = memoryview(target.data).cast("B")
+    size, filled = len(view), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > size:
+        if filled + len(chunk) > size:
             raise HTTPException(413, f"frame body exceeds {size} bytes ({what})")
-    if len(body) != size:
-        raise HTTPException(422, f"frame body is {len(body)} bytes, a {what} frame is {size}")
-    return body
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    if filled != size:
+        raise HTTPException(422, f"frame body is {filled} bytes, a {what} frame is {size}")
+    return target
 
 
 def _errors(app: FastAPI) -> None:
@@ -352,6 +266,15 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
         return fields(list(exc.errors()))
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        body = {"message": str(exc), "detail": exc.detail, "field": exc.field}
+        return JSONResponse(body, status_code=409)
+
+    @app.exception_handler(UnknownExperimentError)
+    async def unknown(_: Request, exc: UnknownExperimentError) -> JSONResponse:
+        return JSONResponse({"message": str(exc), "detail": str(exc)}, status_code=404)
 
     @app.exception_handler(PermanentError)
     async def refused(_: Request, exc: PermanentError) -> JSONResponse:
@@ -382,28 +305,25 @@ def check_binding(host: str, token: str | None) -> None:
         )
 
 
-def serve_http(
-    agent: EdgeAgent,
-    settings: AgentSettings,
-    stop: threading.Event | None = None,
-    backends: dict[str, StorageBackend] | None = None,
-) -> uvicorn.Server:
-    """Start the API on a daemon thread (the `edge-agent run` service); it stops with `stop`."""
-    assert settings.http_port is not None
-    token = resolve_token(settings)
-    check_binding(settings.http_host, token)
-    service = EdgeService(
-        agent, state_file=settings.spool_dir / "omewriter.json", backends=backends
-    )
-    server = start_server(create_app(service, token), settings.http_host, settings.http_port)
-    if stop is not None:
+def allowed_hosts(configured: tuple[str, ...], host: str) -> tuple[str, ...]:
+    """The Host header names to accept (any port): the configured ones and the bound one."""
+    return tuple(sorted({*configured, host} - {"0.0.0.0", "::", ""}))
 
-        def shutdown() -> None:
-            stop.wait()
-            server.should_exit = True
 
-        threading.Thread(target=shutdown, name="edge-http-stop", daemon=True).start()
-    log.info("HTTP API on http://%s:%d", settings.http_host, settings.http_port)
+def serve(agent: EdgeApp) -> uvicorn.Server:
+    """Serve the agent's HTTP API (settings `http_*`) on a daemon thread; stop it with
+    `should_exit = True`. Refuses to start on a non-loopback address without a token."""
+    s = agent.settings
+    if s.http_port is None:
+        raise PermanentError("http_port is not set: the agent serves no HTTP API")
+    token = resolve_token(s)
+    check_binding(s.http_host, token)
+    app = create_app(
+        agent.acquisition, agent.config, agent.reporter, agent.receiving, token,
+        allowed_hosts(s.http_allowed_hosts, s.http_host),
+    )  # fmt: skip
+    server = start_server(app, s.http_host, s.http_port)
+    log.info("HTTP API on http://%s:%d", s.http_host, s.http_port)
     return server
 
 

@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge_agent.buffer import DiskBuffer
 from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
+from edge_agent.spool import Spool
 from tilebridge_runtime.mqtt import MqttConnection
 
 
-class EdgeAgent(Protocol):
+class Observed(Protocol):
     """What the metrics read of the agent (its parts, never its internals)."""
 
     @property
@@ -28,7 +28,7 @@ class EdgeAgent(Protocol):
     @property
     def settings(self) -> AgentSettings: ...
     @property
-    def buffer(self) -> DiskBuffer: ...
+    def spool(self) -> Spool: ...
     @property
     def publisher(self) -> Publisher: ...
     @property
@@ -36,15 +36,15 @@ class EdgeAgent(Protocol):
 
 
 class EdgeCollector(Collector):
-    def __init__(self, agent: EdgeAgent) -> None:
+    def __init__(self, agent: Observed) -> None:
         self._agent = agent
 
     def collect(self) -> Iterator[Metric]:
         agent = self._agent
         device = agent.device
         counters = agent.publisher.counters
-        buffered = agent.buffer.stats()
-        inflight_tiles, inflight_bytes = agent.publisher.inflight
+        buffered = agent.spool.stats()
+        inflight_tiles, inflight_bytes = counters.inflight_tiles, counters.inflight_bytes
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             family = CounterMetricFamily(name, doc, labels=["device"])
@@ -117,7 +117,7 @@ class EdgeCollector(Collector):
         )
 
 
-def serve_metrics(agent: EdgeAgent, stop: threading.Event) -> None:
+def serve_metrics(agent: Observed, stop: threading.Event) -> None:
     """Serve `/metrics` on `settings.metrics_port` (if set) until `stop` is set."""
     port = agent.settings.metrics_port
     if port is None:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
+    Color,
     Layout,
     Name,
     OpenManifest,
@@ -36,6 +37,7 @@ from tilebridge_protocol.messages import (
     PlaneMeta,
     StagePosition,
     Text,
+    Well,
 )
 from tilebridge_protocol.status import BackendProgress
 
@@ -146,6 +148,13 @@ class ExperimentSpec(BaseModel):
     dataset: Name | None = None
     layout: Layout | None = None
     """Defaults to the agent config's layout."""
+    channel_colors: list[Color] = Field(default_factory=list, max_length=64)
+    time_interval_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    first_time_point: int = Field(default=0, ge=0, le=10_000_000)
+    well: Well | None = None
+    omero_project_id: int | None = Field(default=None, ge=1)
+    omero_dataset_id: int | None = Field(default=None, ge=1)
+    """These six go to the open manifest as they are (see its fields)."""
     targets: list[LocalTarget] | None = Field(default=None, max_length=16)
     """Local files to write; None: the agent config's flags (write_tiff, ...) decide."""
     server: bool | None = None
@@ -214,6 +223,12 @@ class ExperimentSpec(BaseModel):
             acquired_at=self.acquired_at,
             key_values=dict(self.key_values),
             tags=tuple(self.tags),
+            channel_colors=tuple(self.channel_colors),
+            time_interval_s=self.time_interval_s,
+            first_time_point=self.first_time_point,
+            well=self.well,
+            omero_project_id=self.omero_project_id,
+            omero_dataset_id=self.omero_dataset_id,
         )
 
     @classmethod
@@ -240,6 +255,12 @@ class ExperimentSpec(BaseModel):
             "project": manifest.project,
             "dataset": manifest.dataset,
             "layout": manifest.layout,
+            "channel_colors": list(manifest.channel_colors),
+            "time_interval_s": manifest.time_interval_s,
+            "first_time_point": manifest.first_time_point,
+            "well": manifest.well,
+            "omero_project_id": manifest.omero_project_id,
+            "omero_dataset_id": manifest.omero_dataset_id,
         }
         return cls(**(values | fields))
 
@@ -357,6 +378,8 @@ class ExperimentProgress(BaseModel):
     frames_total: int
     frames_received: int
     server: ServerState
+    locations: dict[str, str] = Field(default_factory=dict)
+    """Where the server stored the image, per backend (e.g. `omero:Image:42 dataset:7`)."""
     backends: dict[str, BackendProgress]
     """Per target: frames written (for `omero`, acknowledged by the server), failures."""
     warnings: list[str] = Field(default_factory=list)

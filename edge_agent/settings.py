@@ -7,10 +7,11 @@ Sources, first one winning: a JSON config file given with `--config`, environmen
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tilebridge_protocol.framing import DEFAULT_CHUNK_SIZE, Codec
@@ -18,6 +19,27 @@ from tilebridge_protocol.topics import check_device_id
 from tilebridge_runtime.mqtt import BrokerSettings
 
 MiB = 1024 * 1024
+HOUR = 3600.0
+
+
+class Abandoned(StrEnum):
+    PARTIAL = "partial"
+    """Close the image with the frames it has; the server marks it incomplete."""
+    ABORT = "abort"
+    """Discard it on the Pi (the server expires what it staged)."""
+    KEEP = "keep"
+    """Leave it open; it shows as idle on the status until someone ends it."""
+
+
+class AbandonedPolicy(BaseModel):
+    """What happens to an experiment whose acquisition stopped sending frames and never
+    finalized (the program crashed, the user walked away)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    after_s: float = Field(default=12 * HOUR, gt=0)
+    """Idle this long (since its last frame, or its start) counts as abandoned."""
+    action: Abandoned = Abandoned.PARTIAL
 
 
 class AgentSettings(BaseSettings):
@@ -56,7 +78,30 @@ class AgentSettings(BaseSettings):
     http_token_file: Path | None = None
     """Read the HTTP API token from this file (preferred over `http_token` in config files)."""
     local_output_root: Path = Path("/var/lib/tilebridge-edge/local")
-    """The HTTP API may set the OMEWriter's output_dir only to a folder under this one."""
+    """Local targets write only under this folder (whoever asks: HTTP, fast path, Python)."""
+    http_allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]")
+    """Host header values the HTTP API answers (DNS rebinding); http_host is added."""
+    local_socket: Path | None = None
+    """The fast local path's socket (edge_agent.fastpath); None: `<spool_dir>/acquire.sock`.
+    Whoever may connect to it may acquire: it is made mode 0660; give its folder to the
+    acquisition program's group."""
+    fast_path: bool = True
+    """Serve the fast local path (off: only the HTTP API and the in-process API)."""
+    acquisition_memory_bytes: int = Field(default=1024 * MiB, ge=16 * MiB)
+    """What the front door may hold in memory: frames being received (at most half of it)
+    and frames queued for local targets (the other half). A frame larger than a quarter of
+    it is refused when the experiment starts."""
+    experiment_retention_s: float = Field(default=7 * 24 * HOUR, ge=0)
+    """How long a finished experiment still answers GET /experiments/{id}."""
+    abandoned: AbandonedPolicy = AbandonedPolicy()
+
+    @property
+    def socket_path(self) -> Path:
+        return self.local_socket or self.spool_dir / "acquire.sock"
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.acquisition_memory_bytes // 4
 
     @field_validator("device_id")
     @classmethod

@@ -17,7 +17,8 @@ import itertools
 import logging
 import resource
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from server_ingest.backends import build_backends
 from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe
@@ -64,7 +65,9 @@ class Engine:
         outbox: Outbox,
         backends: Sequence[StorageBackend] | None = None,
         ledger: Ledger | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock`: the wall clock events are stamped with (tests move it ahead)."""
         self.settings = settings
         limits = settings.limits
         # One process per data directory: never a second writer of its ledger and staging.
@@ -97,6 +100,7 @@ class Engine:
             settings.dead_letter_payload_bytes,
             tuple(b.name for b in self.storer.backends),
             on_idle=self._idle,
+            clock=clock,
         )
         self._started = False
 

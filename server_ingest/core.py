@@ -85,8 +85,11 @@ class Core:
         dead_letter_bytes: int = 64 * 1024,
         backends: tuple[str, ...] = (),
         on_idle: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.inbox, self.limits, self.policy = inbox, limits, policy
+        # Wall-clock time of the events (expiry, records); injected so tests can jump ahead.
+        self._clock = clock
         self._ledger, self._stager, self._storer, self._outbox = ledger, stager, storer, outbox
         self._dead_letter_bytes = dead_letter_bytes
         self._on_idle = on_idle
@@ -216,7 +219,7 @@ class Core:
                 ErrorAck(reason=ReasonCode.INTERNAL_ERROR, detail=detail, topic=message.topic),
             )
             letter = DeadLettered(
-                time.time(),
+                self.now(),
                 device,
                 message.topic,
                 ReasonCode.INTERNAL_ERROR,
@@ -321,7 +324,7 @@ class Core:
         self._outbox.image_status(image_status(book), done)
 
     def now(self) -> float:
-        return time.time()
+        return self._clock()
 
     # -- effects ------------------------------------------------------------------------------
 

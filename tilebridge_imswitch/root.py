@@ -96,13 +96,13 @@ def _wire(settings: AdapterSettings, closers: list[Any]) -> Edge:
     if not settings.stream_to_server:
         inner = NoServer()
     elif settings.edge == "in_process":
-        from edge_agent.agent import EdgeAgent
+        from edge_agent.app import EdgeApp
         from edge_agent.settings import AgentSettings
         from tilebridge_imswitch.edge_inprocess import AgentEdge
 
-        agent = EdgeAgent(AgentSettings.load(settings.agent_config)).start()
+        agent = EdgeApp(AgentSettings.load(settings.agent_config)).start()
         closers.append(agent.stop)
-        inner = AgentEdge(agent)
+        inner = AgentEdge(agent.acquisition)
     elif settings.edge == "http":
         from edge_agent.client import EdgeClient
         from tilebridge_imswitch.edge_http import HttpEdge

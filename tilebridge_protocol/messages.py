@@ -249,11 +249,17 @@ class TileDigest(BaseModel):
 
 
 class CloseManifest(_Message):
-    """Says the device sent every tile of the image; lists each tile's digest."""
+    """Says the device sent every tile of the image; lists each tile's digest.
+
+    `partial`: the acquisition ended early (closed with the frames it had: a stopped or
+    abandoned scan, a round scan area): `digests` lists exactly the tiles sent, fewer than
+    the open declared, and the server stores those and marks the image incomplete. Sent
+    only when true, so a receiver that predates the field still reads every full close."""
 
     image_id: UUID
     tile_count: int = Field(ge=1)
     digests: tuple[TileDigest, ...]
+    partial: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> CloseManifest:
@@ -268,8 +274,10 @@ class CloseManifest(_Message):
         return {d.tile: d.meta for d in self.digests if d.meta is not None}
 
     def to_bytes(self) -> bytes:
-        """JSON, zstd-compressed when long (see `tilebridge_protocol.compressed`)."""
-        return maybe_compress(super().to_bytes())
+        """JSON (`partial` only when true), zstd-compressed when long (see
+        `tilebridge_protocol.compressed`)."""
+        data = self.model_dump_json(exclude=None if self.partial else {"partial"}).encode()
+        return maybe_compress(data)
 
 
 class TileState(StrEnum):

@@ -26,7 +26,7 @@ class Liveness(StrEnum):
 
 
 class BackendProgress(BaseModel):
-    """One storage target of the device's current experiment (see edge_agent.omewriter)."""
+    """One storage target of the device's current experiment (see docs/acquisition.md)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -39,6 +39,25 @@ class BackendProgress(BaseModel):
     """Frames handed over that this target will never hold (it failed)."""
     error: str | None = None
     location: str | None = None
+
+
+class ExperimentSummary(BaseModel):
+    """One experiment the device's agent still holds (see docs/acquisition.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_id: UUID
+    experiment: str
+    state: Literal["acquiring", "finalizing", "finalized", "aborted"]
+    partial: bool = False
+    """Closed with the frames it had (finalize --partial, or the abandoned policy)."""
+    ended_by: str | None = None
+    """Why the agent ended it itself, e.g. `abandoned after 12.0 h idle`."""
+    frames_total: int
+    frames_received: int
+    server: Literal["off", "sending", "complete", "failed", "refused"]
+    idle_s: float
+    """Seconds since its last frame (or its start)."""
 
 
 class DeviceStatus(_Status):
@@ -61,6 +80,11 @@ class DeviceStatus(_Status):
     last_error: str | None = None
     backends: dict[str, BackendProgress] = Field(default_factory=dict)
     """Per storage target (ome_tiff, ome_zarr, stitched_tiff, omero) of the current experiment."""
+    agent_instance: str | None = None
+    """Changes at every start of the agent: a client sees that the agent restarted."""
+    agent_started_at: datetime | None = None
+    experiments: list[ExperimentSummary] = Field(default_factory=list)
+    """The experiments not yet done (newest first, at most 20): acquiring, idle, closing."""
 
 
 class ImagePhase(StrEnum):

@@ -15,8 +15,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.broker import Mosquitto
-from edge_agent.agent import EdgeAgent
-from edge_agent.api import FrameMetadata, TileScanWriter
+from edge_agent.app import EdgeApp
+from edge_agent.models import ExperimentSpec
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.app import IngestService
@@ -35,7 +35,7 @@ DEVICE = "scope-7"
 class Stack:
     broker: Mosquitto
     ingest: IngestService
-    agent: EdgeAgent
+    agent: EdgeApp
     root: Path
 
     @property
@@ -63,7 +63,7 @@ def running_stack(
             )
         ).start()
         try:
-            agent = EdgeAgent(
+            agent = EdgeApp(
                 AgentSettings(
                     device_id=DEVICE,
                     broker=settings,
@@ -93,15 +93,19 @@ def release(connection: MqttConnection) -> None:
     connection.client._reset_sockets(sockpair_only=True)
 
 
-def scan(agent: EdgeAgent, scan: SyntheticScan, frame_delay: float = 0.0) -> UUID:
+def scan(agent: EdgeApp, scan: SyntheticScan, frame_delay: float = 0.0) -> UUID:
     """Acquire `scan` through the agent (returns once every frame is buffered)."""
     manifest = scan.manifest()
-    writer = TileScanWriter(agent, manifest)
+    door = agent.acquisition
+    door.start(ExperimentSpec.from_manifest(manifest, targets=[]))
     for key in manifest.tile_keys():
-        writer.write_frame(scan.frame(key), FrameMetadata(tile_index=key.index, z=key.z, c=key.c))
+        door.write_frame(
+            manifest.image_id, scan.frame(key), tile_index=key.index, z_index=key.z,
+            channel_index=key.c,
+        )  # fmt: skip
         if frame_delay:
             time.sleep(frame_delay)
-    writer.finalize()
+    door.finalize(manifest.image_id)
     return manifest.image_id
 
 

@@ -122,6 +122,8 @@ def test_dashboard_shows_a_live_scan_and_a_failure(tmp_path: Path, page: sync_ap
             page.goto(dashboard.url)
             device = page.locator(f'[data-device="{DEVICE}"]')
             device.locator(".badge", has_text="online").wait_for(timeout=30_000)
+            # The board may render from its first snapshot before the event stream is open.
+            page.locator("#connection", has_text="live").wait_for(timeout=30_000)
             assert page.locator("#connection").inner_text() == "live"
 
             # A scan slow enough to be watched while it runs.

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.broker import free_port
 from devtools.stack import wait_for
-from edge_agent.agent import EdgeAgent
+from edge_agent.app import EdgeApp
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tests.dashboard.stack import DEVICE, running_stack, scan
@@ -120,7 +120,7 @@ def test_metrics_move_during_a_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
         simulated = SyntheticScan(columns=3, rows=2, tile_size=256, seed=5)
         image_id = scan(stack.agent, simulated)
-        assert stack.agent.wait_done([image_id], timeout=60)[image_id].state.value == "complete"
+        assert stack.agent.acquisition.wait_done(image_id, 60).server == "complete"
         # A message the ingest must refuse: not a tile chunk at all.
         client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         client.connect("127.0.0.1", stack.broker.port)
@@ -196,7 +196,7 @@ def test_edge_metrics_show_the_backlog_while_the_broker_is_unreachable(tmp_path:
         min_free_bytes=0,
         metrics_port=port,
     )
-    with EdgeAgent(settings) as agent:
+    with EdgeApp(settings) as agent:
         scan(agent, SyntheticScan(columns=2, rows=2, tile_size=128, seed=1))
         samples = scrape(port)
         assert value(samples, "tilebridge_edge_buffered_tiles", device=DEVICE) == 4

@@ -106,8 +106,7 @@ def test_live_status_messages_of_a_real_scan_validate_against_the_doc(tmp_path: 
 
     with running_stack(tmp_path) as stack, StatusCollector(stack.broker.port) as collector:
         image_id = scan(stack.agent, SyntheticScan(columns=3, rows=2, tile_size=256, seed=3))
-        done = stack.agent.wait_done([image_id], timeout=60)
-        assert done[image_id].state.value == "complete"
+        assert stack.agent.acquisition.wait_done(image_id, 60).server == "complete"
         image_topic = image_status_topic(DEVICE, image_id)
         wait_for(
             lambda: any(

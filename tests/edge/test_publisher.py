@@ -14,11 +14,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from devtools.stack import wait_for
-from edge_agent.buffer import DiskBuffer
+from edge_agent.flights import Mailbox
 from edge_agent.publisher import Publisher
 from edge_agent.settings import AgentSettings
+from edge_agent.spool import Spool
 from tilebridge_protocol.framing import decode_chunk
 from tilebridge_protocol.messages import (
+    ErrorAck,
     ImageAck,
     ImageState,
     ManifestState,
@@ -39,6 +41,8 @@ class FakeConnection:
         self.connected.set()
         self.sent: list[tuple[str, bytes]] = []
         self.auto_puback = True
+        self.puback_first = False
+        """PUBACK from inside publish(), before it returns (a fast broker on loopback)."""
         self.publisher: Publisher | None = None
         self._mid = 0
         self._lock = threading.Lock()
@@ -48,7 +52,9 @@ class FakeConnection:
             self._mid += 1
             mid = self._mid
             self.sent.append((topic, payload))
-        if self.auto_puback and self.publisher is not None:
+        if self.puback_first and self.publisher is not None:
+            self.publisher.on_published(mid)
+        elif self.auto_puback and self.publisher is not None:
             threading.Timer(0.001, self.publisher.on_published, args=(mid,)).start()
         return type("Info", (), {"rc": mqtt.MQTT_ERR_SUCCESS, "mid": mid})()
 
@@ -62,25 +68,33 @@ class FakeConnection:
             return [t.rsplit("/", 1)[1] for t, _ in self.sent]
 
 
-Rig = tuple[Publisher, FakeConnection, DiskBuffer, OpenManifest]
+Rig = tuple[Publisher, FakeConnection, Spool, OpenManifest]
 
 
 @contextmanager
-def make_rig(tmp_path: Path, timeout_s: float, auto_puback: bool = True) -> Iterator[Rig]:
+def make_rig(
+    tmp_path: Path,
+    timeout_s: float,
+    auto_puback: bool = True,
+    max_timeout_s: float | None = None,
+    puback_first: bool = False,
+) -> Iterator[Rig]:
     settings = AgentSettings(
         spool_dir=tmp_path, min_free_bytes=0, commit_timeout_s=timeout_s,
-        max_commit_timeout_s=2 * timeout_s, chunk_size=4096,
+        max_commit_timeout_s=max_timeout_s or 2 * timeout_s, chunk_size=4096,
     )  # fmt: skip
-    buffer = DiskBuffer(tmp_path)
+    mailbox = Mailbox()
+    buffer = Spool(tmp_path, on_queued=mailbox.ring)
     connection = FakeConnection()
     connection.auto_puback = auto_puback
-    publisher = Publisher(settings, buffer, connection)  # type: ignore[arg-type]
+    connection.puback_first = puback_first
+    publisher = Publisher(settings, buffer, connection, mailbox)  # type: ignore[arg-type]
     connection.publisher = publisher
     manifest = make_manifest(rows=1, columns=2)
-    buffer.add_open(manifest)
+    buffer.create(manifest, {}, to_server=True, local_hold=False)
     for key, pixels in make_tiles(manifest).items():
         buffer.add_tile(manifest.image_id, key, pixels.astype("<u2").tobytes())
-    buffer.add_close(manifest.image_id)
+    buffer.close_image(manifest.image_id)
     publisher.start()
     try:
         yield publisher, connection, buffer, manifest
@@ -97,7 +111,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 
 def _ack(publisher: Publisher, ack: Any) -> None:
-    publisher._acks.put(ack)  # what on_message does after decoding
+    publisher._mailbox.post("ack", ack)  # what on_message does after decoding
 
 
 def test_everything_is_sent_once_then_again_until_acknowledged(tmp_path: Path) -> None:
@@ -105,7 +119,7 @@ def test_everything_is_sent_once_then_again_until_acknowledged(tmp_path: Path) -
         _everything_sent_twice(connection, buffer, manifest)
 
 
-def _everything_sent_twice(connection: FakeConnection, buffer: DiskBuffer, manifest: Any) -> None:
+def _everything_sent_twice(connection: FakeConnection, buffer: Spool, manifest: Any) -> None:
     per_tile = -(-manifest.tile_bytes // 4096)
     first_round = 2 + manifest.tile_count * per_tile
     wait_for(lambda: len(connection.sent) >= first_round, 10, "the first round")
@@ -123,9 +137,11 @@ def test_committed_tiles_leave_the_buffer_and_complete_forgets_the_image(rig: An
         _ack(publisher, TileAck(image_id=manifest.image_id, tile=key, state=TileState.COMMITTED))
     wait_for(lambda: buffer.stats().tiles == 0, 10, "every tile forgotten")
     _ack(publisher, ImageAck(image_id=manifest.image_id, state=ImageState.COMPLETE))
-    wait_for(lambda: not buffer.is_open(manifest.image_id), 10, "the image forgotten")
+    wait_for(lambda: buffer.image(manifest.image_id).server == "complete", 10, "complete")
+    assert not (buffer.tiles_dir / str(manifest.image_id)).exists()
     assert publisher.counters.committed_tiles == manifest.tile_count
-    assert publisher.inflight == (0, 0)
+    assert (publisher.counters.inflight_tiles, publisher.counters.inflight_bytes) == (0, 0)
+    assert buffer.counts(manifest.image_id).committed == manifest.tile_count
 
 
 def test_an_image_ack_never_drops_tiles_still_pending(rig: Any) -> None:
@@ -133,7 +149,7 @@ def test_an_image_ack_never_drops_tiles_still_pending(rig: Any) -> None:
     wait_for(lambda: "close" in connection.kinds(), 10, "the close manifest")
     _ack(publisher, ImageAck(image_id=manifest.image_id, state=ImageState.FAILED))
     time.sleep(0.2)  # let the publisher handle it (absence of an effect)
-    assert buffer.is_open(manifest.image_id)
+    assert buffer.image(manifest.image_id).server == "sending"
     assert buffer.stats().tiles == manifest.tile_count
 
 
@@ -151,6 +167,7 @@ def test_retransmit_sends_the_tile_at_once_and_rejected_sets_it_aside(rig: Any) 
                             reason=ReasonCode.OUT_OF_RANGE, detail="test"))  # fmt: skip
     wait_for(lambda: publisher.counters.rejected_tiles == 1, 10, "the rejection")
     assert buffer.stats().tiles == manifest.tile_count - 1
+    assert buffer.counts(manifest.image_id).rejected == 1  # one source for every count
     assert list((buffer.rejected_dir / str(manifest.image_id)).glob("*.tile"))
 
 
@@ -159,14 +176,37 @@ def test_a_tile_whose_pubacks_never_come_is_sent_again(tmp_path: Path) -> None:
     with make_rig(tmp_path, timeout_s=0.3, auto_puback=False) as (publisher, connection, _, m):
         first = m.tile_keys()[0]
         wait_for(lambda: connection.tiles_sent().count((first, 0)) >= 2, 10, "a resend")
-        assert publisher.inflight[0] == m.tile_count  # still held, not forgotten
+        assert publisher.counters.inflight_tiles == m.tile_count  # still held, not forgotten
 
 
 def test_a_tile_never_acknowledged_is_named_on_the_status_and_still_sent(tmp_path: Path) -> None:
     with make_rig(tmp_path, timeout_s=0.2) as (publisher, connection, buffer, manifest):
-        publisher.settings = publisher.settings.model_copy(update={"warn_after_sends": 2})
+        publisher.use_settings(publisher.settings.model_copy(update={"warn_after_sends": 2}))
         wait_for(lambda: publisher.last_error, 20, "the warning")
         assert "got no ack after 2 sends" in (publisher.last_error or "")
         sends = len(connection.sent)
         wait_for(lambda: len(connection.sent) > sends, 20, "sending on")
         assert buffer.stats().tiles == manifest.tile_count
+
+
+def test_a_puback_before_publish_returns_is_not_lost(tmp_path: Path) -> None:
+    """The network thread may see a PUBACK before `publish()` has returned its message id:
+    it waits in the owner's mailbox, so the flight's timer starts (resend after 0.3 s, not
+    after the 60 s a flight whose PUBACKs never came waits)."""
+    with make_rig(tmp_path, timeout_s=0.3, max_timeout_s=60, puback_first=True) as rig:
+        _, connection, _, manifest = rig
+        first = manifest.tile_keys()[0]
+        wait_for(lambda: connection.tiles_sent().count((first, 0)) >= 2, 10, "a timed resend")
+
+
+def test_the_last_error_leaves_when_its_condition_clears(rig: Any) -> None:
+    publisher, connection, _buffer, manifest = rig
+    _ack(publisher, ErrorAck(image_id=manifest.image_id, reason=ReasonCode.UNKNOWN_IMAGE,
+                             detail="close for an image without an accepted open",
+                             topic="tilebridge/v1/dev/scope-1/close"))  # fmt: skip
+    wait_for(lambda: publisher.last_error, 10, "the error")
+    wait_for(lambda: "close" in connection.kinds(), 10, "the close manifest")
+    for key in manifest.tile_keys():
+        _ack(publisher, TileAck(image_id=manifest.image_id, tile=key, state=TileState.COMMITTED))
+    _ack(publisher, ImageAck(image_id=manifest.image_id, state=ImageState.COMPLETE))
+    wait_for(lambda: publisher.last_error is None, 10, "the error to clear")

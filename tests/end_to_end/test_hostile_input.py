@@ -17,9 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 import edge_agent.publisher
 from devtools.broker import Mosquitto
 from devtools.stack import Program, Watcher, wait_for
-from edge_agent.agent import EdgeAgent
-from edge_agent.api import FrameMetadata, TileScanWriter
+from edge_agent.app import EdgeApp
 from edge_agent.settings import AgentSettings
+from tests.edge.stack import acquire
 from tests.end_to_end.conftest import (
     FAST_RETRY,
     SCAN,
@@ -29,7 +29,6 @@ from tests.end_to_end.conftest import (
 )
 from tilebridge_protocol.framing import HEADER_SIZE, encode_tile
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import ImageState
 from tilebridge_runtime.mqtt import BrokerSettings
 
 ACKS = "tilebridge/v1/dev/scope-1/ack"
@@ -62,14 +61,11 @@ def test_a_corrupted_chunk_gets_retransmit_and_the_tile_still_arrives(
         min_free_bytes=0, chunk_size=32 * 1024, **FAST_RETRY,
     )  # fmt: skip
     manifest = SCAN.manifest()
-    with EdgeAgent(settings) as agent:
-        writer = TileScanWriter(agent, manifest)
-        for key in manifest.tile_keys():
-            writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
-        writer.finalize()
-        result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
+    with EdgeApp(settings) as agent:
+        acquire(agent, manifest, SCAN.frame)
+        result = agent.acquisition.wait_done(manifest.image_id, 60)
         assert agent.publisher.counters.retransmits >= 1
-    assert result.state is ImageState.COMPLETE
+    assert result.server == "complete"
     assert corrupted == [TileKey(4, 0, 1, 0)]
     retransmits = [a for a in _acks(watcher) if a.get("state") == "retransmit"]
     assert retransmits[0]["reason"] == "bad_checksum"
@@ -162,14 +158,11 @@ def test_malformed_oversize_and_unknown_version_are_refused_and_the_ingest_goes_
         broker=BrokerSettings(port=broker.port), spool_dir=tmp_path / "spool", min_free_bytes=0,
         chunk_size=32 * 1024, **FAST_RETRY,
     )  # fmt: skip
-    with EdgeAgent(settings) as agent:
-        writer = TileScanWriter(agent, manifest)
-        for key in manifest.tile_keys():
-            writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
-        writer.finalize()
+    with EdgeApp(settings) as agent:
+        acquire(agent, manifest, SCAN.frame)
         wait_committed(watcher, manifest.image_id, manifest.tile_count)
-        result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
-    assert result.state is ImageState.COMPLETE
+        result = agent.acquisition.wait_done(manifest.image_id, 60)
+    assert result.server == "complete"
     assert_archive_intact(tmp_path)
 
 
@@ -225,11 +218,8 @@ def test_a_poison_chunk_even_retained_never_stops_the_ingest(
         chunk_size=32 * 1024, **FAST_RETRY,
     )  # fmt: skip
     manifest = SCAN.manifest()
-    with EdgeAgent(settings) as agent:
-        writer = TileScanWriter(agent, manifest)
-        for key in manifest.tile_keys():
-            writer.write_frame(SCAN.frame(key), FrameMetadata(tile_index=key.index, c=key.c))
-        writer.finalize()
-        result = agent.wait_done([manifest.image_id], 60)[manifest.image_id]
-    assert result.state is ImageState.COMPLETE
+    with EdgeApp(settings) as agent:
+        acquire(agent, manifest, SCAN.frame)
+        result = agent.acquisition.wait_done(manifest.image_id, 60)
+    assert result.server == "complete"
     assert_archive_intact(tmp_path)

@@ -40,7 +40,7 @@ from tilebridge_protocol.topics import (
     ingest_status_topic,
 )
 
-# What the programs ask for (server_ingest/app.py, edge_agent/agent.py), and what the
+# What the programs ask for (server_ingest/app.py, edge_agent/app.py), and what the
 # broker names them after binding: their usernames.
 INGEST_IDS = (f"tb-ingest-{INSTANCE}", "ingest")
 DEVICE_IDS = (f"tb-edge-{GOOD}", GOOD)

@@ -74,6 +74,19 @@ class Recorder:
                 self.changed.wait(remaining)
 
 
+class Clock:
+    """The wall clock the engine stamps events with: real time, plus what a test skips."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skipped
+
+    def advance(self, seconds: float) -> None:
+        self.skipped += seconds
+
+
 class Harness:
     def __init__(
         self,
@@ -91,7 +104,10 @@ class Harness:
         self.backends = (
             list(backends) if backends is not None else [ArchiveBackend(root / "archive")]
         )
-        self.engine = Engine(self.settings, self.recorder, self.backends, ledger).start()
+        self.clock = Clock()
+        self.engine = Engine(
+            self.settings, self.recorder, self.backends, ledger, clock=self.clock
+        ).start()
         self.staging = self.engine.staging
 
     def close(self) -> None:

@@ -14,14 +14,13 @@ pytest.importorskip("omero")
 
 from devtools.broker import Mosquitto
 from devtools.stack import Watcher, wait_for
-from edge_agent.agent import EdgeAgent
-from edge_agent.api import FrameMetadata, TileScanWriter
+from edge_agent.app import EdgeApp
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.app import IngestService
 from server_ingest.settings import IngestSettings
+from tests.edge.stack import acquire
 from tests.omero.helpers import digest, expected_pixels, read_pixels, settings_for
-from tilebridge_protocol.messages import ImageState
 from tilebridge_runtime.mqtt import BrokerSettings
 
 
@@ -50,17 +49,14 @@ def test_a_simulated_scan_flows_from_the_edge_into_omero(
             broker=BrokerSettings(port=broker.port), spool_dir=tmp_path / "spool",
             min_free_bytes=0, commit_timeout_s=5,
         )  # fmt: skip
-        with EdgeAgent(agent_settings) as agent:
-            writer = TileScanWriter(agent, manifest)
-            for key, frame in frames.items():
-                writer.write_frame(frame, FrameMetadata(tile_index=key.index))
-            writer.finalize()
-            ack = agent.wait_done([manifest.image_id], 180)[manifest.image_id]
+        with EdgeApp(agent_settings) as agent:
+            acquire(agent, manifest, frames.__getitem__)
+            ack = agent.acquisition.wait_done(manifest.image_id, 180)
     finally:
         ingest.stop()
         watcher.close()
 
-    assert ack.state is ImageState.COMPLETE, ack
+    assert ack.server == "complete", ack
     location = ack.locations["omero"]
     assert location.startswith("omero:Image:") and " dataset:" in location
     image_id = int(location.split()[0].split(":")[2])

@@ -428,7 +428,20 @@ NASTY_JSON = [
 # -- the properties -----------------------------------------------------------------------------
 
 
+FIRST_KEY, FIRST_DATA = next(iter(TILES.items()))
+OTHER_CONTENT = encode_tile(
+    MANIFEST.image_id, FIRST_KEY, bytes(255 - b for b in FIRST_DATA), chunk_size=CHUNK_SIZE
+)
+
+
 @settings(FUZZ, max_examples=300)
+# A committed tile sent again with other pixels: the `conflict` answer is reached every run,
+# not only when the random draw finds it.
+@example(
+    messages=[(device_topic(DEVICE, DeviceTopic.CHUNK), next(OTHER_CONTENT))],
+    tile=CHUNKS_BY_TILE[0],
+    at=0,
+)
 @given(
     messages=st.lists(
         st.tuples(topics_for(DeviceTopic.CHUNK), chunk_payloads), min_size=1, max_size=8

@@ -18,15 +18,14 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 from devtools.broker import ACL
-from edge_agent.agent import EdgeAgent
-from edge_agent.api import FrameMetadata, TileScanWriter
+from edge_agent.app import EdgeApp
 from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from server_ingest.app import IngestService
 from server_ingest.identities import write_secret
 from server_ingest.settings import IngestSettings
+from tests.edge.stack import acquire
 from tests.security.conftest import SecuredBroker, start_secured, wait_until
-from tilebridge_protocol.messages import ImageState
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,
     IMAGE_STATUS_FILTER,
@@ -107,13 +106,10 @@ def test_a_scan_through_a_secured_broker_leaks_no_secret(
     scan = SyntheticScan(columns=2, rows=2, tile_size=64, channels=2)
     manifest = scan.manifest()
     dumps: list[str] = []
-    with IngestService(ingest_settings) as ingest, EdgeAgent(agent_settings) as agent:
-        writer = TileScanWriter(agent, manifest)
-        for k in manifest.tile_keys():
-            writer.write_frame(scan.frame(k), FrameMetadata(tile_index=k.index, z=k.z, c=k.c))
-        writer.finalize()
-        result = agent.wait_done([manifest.image_id], 60)
-        assert result[manifest.image_id].state is ImageState.COMPLETE, agent.status()
+    with IngestService(ingest_settings) as ingest, EdgeApp(agent_settings) as agent:
+        acquire(agent, manifest, scan.frame)
+        result = agent.acquisition.wait_done(manifest.image_id, 60)
+        assert result.server == "complete", agent.status()
         image_topic = f"tilebridge/v1/image/{DEVICE}/{manifest.image_id}/status"
         assert wait_until(lambda: any(b'"complete"' in p for _, p in monitor.received(image_topic)))
         assert monitor.wait_for(device_topic(DEVICE, DeviceTopic.STATUS))

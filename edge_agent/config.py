@@ -1,22 +1,31 @@
-"""What the OMEWriter writes and how it sends it, and how a config is applied to the agent."""
+"""The agent's acquisition defaults (ImSwitch's OMEWriterConfig flags): which targets an
+experiment gets when its spec names none, and how the agent sends.
+
+A convenience over the spec's own `targets` / `server`: `targets_for(spec)` maps the flags
+onto local targets under `output_dir`. Kept in the spool (`omewriter.json`) across
+restarts; `POST /config` changes it for the next experiment (transport at once)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge_agent.agent import EdgeAgent
-from tilebridge_protocol.errors import PermanentError
+from edge_agent.confine import open_confined
+from edge_agent.models import SERVER, LocalTarget
 from tilebridge_protocol.framing import Codec
 from tilebridge_protocol.messages import Layout, Name
+from tilebridge_runtime.durable import atomic_write
 from tilebridge_storage import registry
 
+log = logging.getLogger(__name__)
+
 MiB = 1024 * 1024
-SERVER = "omero"
-"""Status name of the stream to the server (`write_omero`)."""
 LOCAL_BACKENDS: dict[str, str] = {
     # backend kind (tilebridge_storage.registry): the config flag that turns it on
     "ome_tiff": "write_tiff",
@@ -95,12 +104,19 @@ class OMEWriterConfig(BaseModel):
         mbps = self.bandwidth_limit_mbps
         return None if mbps is None else max(1, round(mbps * 1_000_000 / 8))
 
+    def local_targets(self) -> list[LocalTarget]:
+        """The flags as local targets, each under `<output_dir>/<kind>`."""
+        return [
+            LocalTarget(kind=kind, folder=registry.folder_for(self.output_dir, kind))
+            for kind, flag in LOCAL_BACKENDS.items()
+            if getattr(self, flag)
+        ]
+
     @classmethod
-    def for_agent(cls, agent: EdgeAgent, **values: Any) -> OMEWriterConfig:
+    def for_transport(cls, codec: Codec, limit: int | None, **values: Any) -> OMEWriterConfig:
         """Defaults that keep the agent's own transport settings."""
-        limit = agent.settings.bandwidth_limit_bytes_per_s
         base: dict[str, Any] = {
-            "compression": "zstd" if agent.settings.codec is Codec.ZSTD else "none",
+            "compression": "zstd" if codec is Codec.ZSTD else "none",
             "bandwidth_limit_mbps": None if limit is None else limit * 8 / 1_000_000,
         }
         return cls(**(base | values))
@@ -109,38 +125,49 @@ class OMEWriterConfig(BaseModel):
 DEFAULT_OUTPUT_DIR: Path = OMEWriterConfig.model_fields["output_dir"].default
 
 
-def apply_transport(agent: EdgeAgent, config: OMEWriterConfig) -> None:
-    """Adopt a config that came from outside the process (the HTTP API's `set_config` calls
-    this before it keeps the config): its output_dir is confined first, then its transport
-    settings are applied."""
-    confine_output_dir(agent, config)
-    use_transport(agent, config)
+class ConfigStore:
+    """The current defaults, kept in the spool across restarts (`omewriter.json`).
+
+    An update is validated whole, its output_dir checked against `local_output_root`, and
+    written to disk before it replaces the current one: a refused or unsaveable update (a
+    full spool disk: TransientError) changes nothing."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        local_output_root: Path,
+        initial: OMEWriterConfig,
+        on_change: Callable[[OMEWriterConfig], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.local_output_root = local_output_root
+        self._on_change = on_change
+        self._current = self._load() or initial
+
+    def current(self) -> OMEWriterConfig:
+        return self._current
+
+    def update(self, changes: dict[str, Any]) -> OMEWriterConfig:
+        config = OMEWriterConfig.model_validate(self._current.model_dump() | changes)
+        if config.output_dir != DEFAULT_OUTPUT_DIR:
+            open_confined(self.local_output_root, config.output_dir).close()
+        if self.path is not None:
+            text = config.model_dump_json(indent=2).encode()
+            atomic_write(self.path, partial(_write, data=text))
+        self._current = config
+        if self._on_change is not None:
+            self._on_change(config)
+        return config
+
+    def _load(self) -> OMEWriterConfig | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            return OMEWriterConfig.model_validate_json(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the saved acquisition config %s: %s", self.path, exc)
+            return None
 
 
-def confine_output_dir(agent: EdgeAgent, config: OMEWriterConfig) -> None:
-    """A remote caller must not make the agent write anywhere it can write: output_dir has to
-    resolve (symlinks and `..` followed) under the agent's `local_output_root`. The built-in
-    default is let through: no caller chose it, and refusing it would refuse every update of
-    a fresh agent."""
-    if config.output_dir == DEFAULT_OUTPUT_DIR:
-        return
-    root = agent.settings.local_output_root.resolve()
-    if not config.output_dir.resolve().is_relative_to(root):
-        raise PermanentError(
-            f"output_dir {config.output_dir} is outside local_output_root {root}: choose a "
-            "folder under it (local_output_root is set in the agent's settings)"
-        )
-
-
-def use_transport(agent: EdgeAgent, config: OMEWriterConfig) -> None:
-    """Compression and the cap belong to the agent (they apply to everything it sends); the
-    publisher reads its settings per message, so a swap takes effect on the next chunk."""
-    update = {
-        "codec": config.codec,
-        "bandwidth_limit_bytes_per_s": config.bandwidth_limit_bytes_per_s,
-    }
-    if all(getattr(agent.settings, k) == v for k, v in update.items()):
-        return
-    settings = agent.settings.model_copy(update=update)
-    agent.settings = settings
-    agent.publisher.settings = settings
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)

@@ -1,71 +1,19 @@
-"""One frame as the acquisition describes it, and which tile of the experiment it is."""
+"""Which tile of the experiment a frame is, and its pixels in the manifest's shape."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from edge_agent.api import FrameMetadata
+from edge_agent.models import FrameInfo
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 
 MAX_WARNINGS = 20
 """Off-position warnings kept per experiment; a drifting stage would otherwise flood them."""
-
-
-def _alias(name: str) -> AliasChoices:
-    return AliasChoices(f"{name}_um", name)
-
-
-class FrameInfo(BaseModel):
-    """What the acquisition knows about one frame. ImSwitch's metadata dict is accepted as
-    is (`x`, `y`, `z` in µm, `z_index`, `channel_index`, `time_index`, `illuminationChannel`,
-    `runningNumber`, `illuminationValue`); without `tile_index` the frame goes to the planned
-    position nearest its stage x/y."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    tile_index: int | None = Field(default=None, ge=0)
-    z_index: int = Field(default=0, ge=0)
-    channel_index: int | None = Field(default=None, ge=0)
-    time_index: int = Field(default=0, ge=0)
-    x_um: float | None = Field(default=None, allow_inf_nan=False, validation_alias=_alias("x"))
-    y_um: float | None = Field(default=None, allow_inf_nan=False, validation_alias=_alias("y"))
-    z_um: float | None = Field(default=None, allow_inf_nan=False, validation_alias=_alias("z"))
-    pixel_size_um: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    channel: str | None = Field(
-        default=None,
-        max_length=128,
-        validation_alias=AliasChoices("channel", "illuminationChannel"),
-    )
-    exposure_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    timestamp: datetime | None = None
-    running_number: int | None = Field(
-        default=None, validation_alias=AliasChoices("running_number", "runningNumber")
-    )
-    illumination_value: float | None = Field(
-        default=None,
-        allow_inf_nan=False,
-        validation_alias=AliasChoices("illumination_value", "illuminationValue"),
-    )
-
-    @classmethod
-    def of(cls, metadata: FrameInfo | FrameMetadata | Mapping[str, Any]) -> FrameInfo:
-        if isinstance(metadata, FrameInfo):
-            return metadata
-        if isinstance(metadata, FrameMetadata):
-            return cls(
-                tile_index=metadata.tile_index, z_index=metadata.z,
-                channel_index=metadata.c, time_index=metadata.t, x_um=metadata.x_um,
-                y_um=metadata.y_um, z_um=metadata.z_um, exposure_ms=metadata.exposure_ms,
-            )  # fmt: skip
-        return cls.model_validate(dict(metadata))
 
 
 class FrameMatcher:
