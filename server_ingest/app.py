@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from server_ingest.backends import build_backends
+from server_ingest.backends import build_backends, build_router
 from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe
 from server_ingest.control import ControlServer
 from server_ingest.core import Core
@@ -68,23 +68,40 @@ class Engine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`clock`: the wall clock events are stamped with (tests move it ahead)."""
-        self.settings = settings
-        limits = settings.limits
         # One process per data directory: never a second writer of its ledger and staging.
         self._lock = HeldLock(settings.lock_path)
+        try:
+            self._wire(settings, outbox, backends, ledger, clock)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._started = False
+
+    def _wire(
+        self,
+        settings: IngestSettings,
+        outbox: Outbox,
+        backends: Sequence[StorageBackend] | None,
+        ledger: Ledger | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        limits = settings.limits
         self.inbox = Inbox(settings.inbox_messages)
         self.ledger = ledger or SqliteLedger(settings.ledger_path, settings.dead_letters_max)
         self.staging = Staging(settings.staging_dir)
         self.ledger_writer = LedgerWriter(self.ledger, self.inbox.post)
         self.stager = Stager(self.staging, self.inbox.post, settings.staging_workers)
+        targets = build_backends(settings) if backends is None else list(backends)
         self.storer = Storer(
-            build_backends(settings) if backends is None else backends,
+            targets,
             self.staging,
             self.inbox.post,
             settings.store_retry_s,
             settings.store_retry_max_s,
             settings.storer_workers,
             settings.verify_attempts,
+            build_router(settings, targets),
         )
         policy = Policy(limits.image_ttl_s, settings.keep_staged)
         self._barriers: dict[int, threading.Event] = {}

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server_ingest.routing import Route
 from tilebridge_protocol.messages import MAX_JSON_BYTES
 from tilebridge_protocol.topics import check_device_id
 from tilebridge_runtime.mqtt import BrokerSettings
@@ -73,6 +74,11 @@ class IngestSettings(BaseSettings):
     """Keep staged tiles after every backend stored the image (for audits or re-exports)."""
     omero: OmeroSettings | None = None
     """Where and how the `omero` backend writes (pure settings: no omero-py import)."""
+    omero_targets: dict[str, OmeroSettings] = Field(default_factory=dict)
+    """Several OMERO servers, by name (instead of `omero`): each with its own credentials,
+    device policies and health; `routes` says which images go where (docs/omero.md)."""
+    routes: tuple[Route, ...] = ()
+    """First match wins: device / experiment / project patterns -> an `omero_targets` name."""
     limits: Limits = Limits()
     status_interval_s: float = Field(default=5.0, gt=0)
     image_status_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
@@ -102,6 +108,22 @@ class IngestSettings(BaseSettings):
     @classmethod
     def _instance(cls, value: str) -> str:
         return check_device_id(value)
+
+    @model_validator(mode="after")
+    def _targets(self) -> IngestSettings:
+        if self.omero_targets and self.omero is not None:
+            raise ValueError("give either `omero` (one server) or `omero_targets`, not both")
+        for name in self.omero_targets:
+            check_device_id(name)  # a metric label, a thread name, a key in status
+            if name in self.backends and name != "omero":
+                raise ValueError(f"OMERO target {name!r} has the name of a backend kind")
+        if self.omero_targets and "omero" not in self.backends:
+            raise ValueError("`omero_targets` are written only with 'omero' in `backends`")
+        known = set(self.omero_targets) or ({"omero"} if self.omero else set())
+        unknown = sorted({r.target for r in self.routes} - known)
+        if unknown:
+            raise ValueError(f"routes name unknown OMERO targets {unknown}; known {sorted(known)}")
+        return self
 
     @property
     def staging_dir(self) -> Path:

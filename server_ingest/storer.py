@@ -33,6 +33,7 @@ from typing import Literal
 from server_ingest.events import BackendHealth, ForImage, InboxItem, StoreAttempt
 from server_ingest.ledger.records import ImageKey
 from server_ingest.lifecycle import Stored, StoreDelayed, StoreDone, StoreFailed
+from server_ingest.routing import Router
 from server_ingest.staging import Staging
 from tilebridge_protocol.errors import PermanentError, TilebridgeError
 from tilebridge_protocol.keys import TileKey
@@ -107,18 +108,32 @@ class Storer:
         retry_max_s: float = 300.0,
         workers: int = 2,
         verify_attempts: int = 3,
+        router: Router | None = None,
     ) -> None:
-        self._verify_attempts = verify_attempts
         self.backends = list(backends)
         self._staging = staging
         self._post = post
         self._retry = (retry_s, retry_max_s)
-        self._queues: list[queue.SimpleQueue[Command | None]] = [
-            queue.SimpleQueue() for _ in range(workers)
-        ]
+        self._verify_attempts = verify_attempts
+        self.router = router or Router(
+            [b.name for b in backends if b.kind != "omero"],
+            [b.name for b in backends if b.kind == "omero"],
+        )
+        # One pool of workers per OMERO target (and one for images going to none): an
+        # unreachable target blocks only the workers of the images routed to it.
+        self._pools: dict[str, list[queue.SimpleQueue[Command | None]]] = {
+            pool: [queue.SimpleQueue() for _ in range(workers)]
+            for pool in ("", *self.router.targets)
+        }
         self._threads = [
-            threading.Thread(target=self._work, args=(q,), name=f"ingest-storer-{n}", daemon=True)
-            for n, q in enumerate(self._queues)
+            threading.Thread(
+                target=self._work,
+                args=(q,),
+                name=f"ingest-storer-{f'{pool}-' if pool else ''}{n}",
+                daemon=True,
+            )
+            for pool, queues in self._pools.items()
+            for n, q in enumerate(queues)
         ]
 
     def start(self) -> None:
@@ -141,8 +156,9 @@ class Storer:
         log.info("storage %s: writable", backend.name)
 
     def stop(self) -> None:
-        for q in self._queues:
-            q.put(None)
+        for queues in self._pools.values():
+            for q in queues:
+                q.put(None)
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=30)
@@ -150,8 +166,16 @@ class Storer:
             backend.close()
 
     def submit(self, command: Command) -> None:
-        """Never blocks; commands about one image keep their order."""
-        self._queues[command.key.image_id.int % len(self._queues)].put(command)
+        """Never blocks; commands about one image keep their order. A `begin` goes to a
+        worker of its OMERO target's pool; later commands go to that worker's peer in every
+        pool (the workers without the image ignore them), as they do not name the target."""
+        n = command.key.image_id.int % len(self._pools[""])
+        if isinstance(command, Begin):
+            target = self.router.route(command.key.device, command.manifest).target
+            self._pools[target][n].put(command)
+            return
+        for queues in self._pools.values():
+            queues[n].put(command)
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -183,8 +207,20 @@ class Storer:
     def _apply(self, jobs: dict[ImageKey, _Job], command: Command) -> None:
         if isinstance(command, Begin):
             if command.key in jobs:
-                _abort(jobs[command.key])
-            lanes = {b.name: _Lane(b) for b in self.backends if b.name not in command.done}
+                _abort(jobs.pop(command.key))
+            routed = self.router.route(command.key.device, command.manifest)
+            if routed.problem is not None:
+                log.error("image %s: %s", command.key, routed.problem)
+                failed = StoreFailed(
+                    time.time(), "routing", ReasonCode.STORAGE_FAILED, routed.problem
+                )
+                self._post(ForImage(command.key, failed))
+                return
+            lanes = {
+                b.name: _Lane(b)
+                for b in self.backends
+                if b.name in routed.backends and b.name not in command.done
+            }
             jobs[command.key] = _Job(command, lanes, list(command.staged))
             return
         job = jobs.get(command.key)
