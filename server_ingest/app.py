@@ -32,6 +32,7 @@ from server_ingest.ledger.writer import LedgerWriter
 from server_ingest.lifecycle import Policy
 from server_ingest.metrics import IngestCollector, MetricsServer
 from server_ingest.ports import Outbox
+from server_ingest.retention import DiskWatch
 from server_ingest.settings import IngestSettings
 from server_ingest.stager import Stager
 from server_ingest.staging import Staging
@@ -118,6 +119,11 @@ class Engine:
             tuple(b.name for b in self.storer.backends),
             on_idle=self._idle,
             clock=clock,
+            retention=settings.retention,
+            keep_staged=settings.keep_staged,
+        )
+        self.disk = DiskWatch(
+            settings.staging_dir, self.inbox.post, settings.retention.check_interval_s
         )
         self._started = False
 
@@ -133,6 +139,7 @@ class Engine:
         self.storer.start()
         self.core.recover(recovered)
         self.core.start()
+        self.disk.start()
         self._started = True
         if recovered:
             log.info("holding %d images from before the restart", len(recovered))
@@ -140,6 +147,7 @@ class Engine:
 
     def stop(self) -> None:
         if self._started:
+            self.disk.stop()
             self.core.stop()
             self.stager.stop()
             self.storer.stop()

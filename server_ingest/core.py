@@ -47,11 +47,12 @@ from server_ingest.lifecycle import (
     step,
 )
 from server_ingest.ports import LedgerPort, Outbox, StagerPort, StorerPort
-from server_ingest.settings import Limits
-from server_ingest.stager import Job, RemoveImage
+from server_ingest.settings import Limits, Retention
+from server_ingest.stager import Job, RemoveImage, SweepKept
 from server_ingest.state import CoreState, ImageBook, Snapshot, finished_image
 from server_ingest.status import image_status
 from server_ingest.storer import Begin, Cancel, Finish, Tile
+from server_ingest.upkeep import Upkeep
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.messages import (
     AnyAck,
@@ -86,7 +87,10 @@ class Core:
         backends: tuple[str, ...] = (),
         on_idle: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
+        retention: Retention | None = None,
+        keep_staged: bool = False,
     ) -> None:
+        self.retention = retention or Retention()
         self.inbox, self.limits, self.policy = inbox, limits, policy
         # Wall-clock time of the events (expiry, records); injected so tests can jump ahead.
         self._clock = clock
@@ -96,6 +100,7 @@ class Core:
         self.state = CoreState(limits)
         self.state.stats.backends.update(dict.fromkeys(backends, "ok"))
         self.intake = Intake(self.state, self, limits)
+        self.upkeep = Upkeep(self.state, self, stager, self.retention, keep_staged)
         self.snapshot = Snapshot()
         self._tokens = count(1)
         self._pending: dict[int, tuple[str | None, ImageKey | None, tuple[Effect, ...]]] = {}
@@ -103,7 +108,7 @@ class Core:
         self._waiting: list[int] = []
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
         self._dirty, self._snapshot_at = True, 0.0
-        self._tick_s = min(60.0, policy.image_ttl_s / 10)
+        self._tick_s = min(60.0, policy.image_ttl_s / 10, self.retention.check_interval_s)
         self._ticked = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="ingest-core", daemon=True)
 
@@ -176,8 +181,8 @@ class Core:
             self.state.stats.backends[item.backend] = item.state
         elif isinstance(item, ev.StoreAttempt):
             self.state.stats.observe_store(item.backend, item.outcome, item.seconds, item.nbytes)
-        elif isinstance(item, ev.AdminRequest):
-            self._admin(item)
+        elif isinstance(item, ev.AdminRequest | ev.DiskSpace | ev.StagingSwept):
+            self.upkeep.handle(item)
         else:
             self._waiting.append(item.token)
 
@@ -254,9 +259,16 @@ class Core:
         ):
             self.state.stats.failed[str(result.image.reason)] += 1
         if result.image is not None:
+            if book is not None and result.image.phase is not book.image.phase:
+                book.phase_since = self.now()
             if book is None and result.image.phase in HOLDS_STAGED_TILES:
                 assert isinstance(event, Opened)  # the only way into a phase with tiles
-                book = ImageBook(result.image, event.manifest, manifest_size=manifest_size)
+                book = ImageBook(
+                    result.image,
+                    event.manifest,
+                    manifest_size=manifest_size,
+                    phase_since=self.now(),
+                )
                 self.state.hold(book)
             elif book is not None:
                 book.image = result.image
@@ -290,6 +302,7 @@ class Core:
         log.warning("refused %s%s", detail, more)
 
     def stage(self, job: Job) -> None:
+        assert not isinstance(job, SweepKept)  # about no image: submitted by `_sweep`
         key = job.key if isinstance(job, RemoveImage) else job.ref.key
         self.state.io[key] += 1
         self._stager.submit(job)
@@ -377,35 +390,6 @@ class Core:
                 self.state.remove_when_idle.discard(key)
                 self.stage(RemoveImage(key))
 
-    # -- administrators -------------------------------------------------------------------
-
-    def _admin(self, request: ev.AdminRequest) -> None:
-        """Apply an admin's retry or discard to an image the core holds, and say what became
-        of it. Only held images have staged tiles to retry from or to discard."""
-        key, event = request.key, request.event
-        book = self.state.images.get(key)
-        if book is None:
-            finished = self.state.finished.get(key)
-            phase = finished.phase.value if finished else "not held"
-            answer = ev.AdminAnswer(False, None, f"image {key} has no staged tiles ({phase})")
-        else:
-            before = book.image.phase
-            self.apply(key, event)
-            after = self.state.images.get(key)
-            phase = after.image.phase if after else self.state.finished[key].phase
-            ok = phase is not before
-            verb = type(event).__name__.lower()
-            message = (
-                f"image {key}: {before.value} -> {phase.value}"
-                if ok
-                else f"image {key} is {before.value}: nothing to {verb}"
-            )
-            if ok:
-                log.warning("%s by an administrator (%s): %s", verb, request.by, message)
-            answer = ev.AdminAnswer(ok, phase.value, message)
-        if not request.reply.done():
-            request.reply.set_result(answer)
-
     # -- ledger answers, time, idleness -------------------------------------------------------
 
     def _looked(self, item: ev.Looked) -> None:
@@ -431,6 +415,7 @@ class Core:
         for key, book in list(self.state.images.items()):
             if book.image.phase is Phase.RECEIVING:
                 self.apply(key, Tick(at))
+        self.upkeep.tick(at)
 
     def _idle(self) -> bool:
         return not (self._pending or self._parked or self.state.io)

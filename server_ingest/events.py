@@ -104,6 +104,21 @@ class StoreAttempt:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskSpace:
+    """Free bytes on the staging disk (from the "ingest-disk" thread)."""
+
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagingSwept:
+    """Kept staged copies of stored images removed by the retention policy."""
+
+    removed: int
+    freed: int
+
+
+@dataclass(frozen=True, slots=True)
 class AdminAnswer:
     ok: bool
     phase: str | None
@@ -132,5 +147,6 @@ class Barrier:
 
 InboxItem = (
     Inbound | ChunkWritten | TileSealed | StagingDone | Durable | Looked | LedgerTrouble
-    | ForImage | BackendHealth | StoreAttempt | AdminRequest | Barrier
+    | ForImage | BackendHealth | StoreAttempt | AdminRequest | DiskSpace | StagingSwept
+    | Barrier
 )  # fmt: skip

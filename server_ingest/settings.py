@@ -58,6 +58,36 @@ class Limits(BaseModel):
     """A receiving image without a tile or a close for this long expires (revivable)."""
 
 
+class Retention(BaseModel):
+    """How long staged tiles are kept, and what is refused when the staging disk runs low
+    (docs/operations.md, "Disk and retention")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stored_s: float | None = Field(default=None, gt=0)
+    """With `keep_staged`: the staged copy of a stored image is removed this long after it
+    was stored. None: kept until the disk runs low (it is the first thing removed then)."""
+    failed_s: float | None = Field(default=None, gt=0)
+    """A failed image is discarded this long after it failed. None: kept until an admin
+    retries or discards it (the default: nothing unstored is removed behind anyone's back)."""
+    abandoned_s: float | None = Field(default=30 * 24 * 3600.0, gt=0)
+    """An expired image (its microscope never closed it) is discarded this long after it
+    expired. None: kept until an admin acts."""
+    reserve_bytes: int = Field(default=4 * 1024 * MiB, ge=0)
+    """Free space on the staging disk below which new images are refused (`unavailable`):
+    the images already receiving go on and finish."""
+    floor_bytes: int = Field(default=1024 * MiB, ge=0)
+    """Free space below which chunks are refused too (`unavailable`): nothing new is staged;
+    acks, storing and the ledger go on, and storing frees space."""
+    check_interval_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Retention:
+        if self.floor_bytes > self.reserve_bytes:
+            raise ValueError("retention.floor_bytes must not exceed retention.reserve_bytes")
+        return self
+
+
 class IngestSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TILEBRIDGE_INGEST_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -71,7 +101,9 @@ class IngestSettings(BaseSettings):
     """Where the local archive writes; defaults to `data_dir/archive`."""
     backends: tuple[str, ...] = ("archive",)
     keep_staged: bool = False
-    """Keep staged tiles after every backend stored the image (for audits or re-exports)."""
+    """Keep staged tiles after every backend stored the image (for audits or re-exports);
+    `retention.stored_s` says for how long."""
+    retention: Retention = Retention()
     omero: OmeroSettings | None = None
     """Where and how the `omero` backend writes (pure settings: no omero-py import)."""
     omero_targets: dict[str, OmeroSettings] = Field(default_factory=dict)

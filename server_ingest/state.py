@@ -46,6 +46,8 @@ class ImageBook:
     close_digests: dict[TileKey, bytes] | None = None
     manifest_size: int = 0
     """JSON bytes of the manifest: what the manifest-memory limit counts."""
+    phase_since: float = 0.0
+    """Wall-clock time the image entered its phase (for the retention policy)."""
 
     @property
     def in_staging(self) -> int:
@@ -78,7 +80,14 @@ class ImageBook:
             last_seen=now,
             digests=tuple(stored.digests.items()),
         )
-        return cls(image, m, stored.close, dict(stored.tiles), manifest_size=len(m.to_bytes()))
+        return cls(
+            image,
+            m,
+            stored.close,
+            dict(stored.tiles),
+            manifest_size=len(m.to_bytes()),
+            phase_since=stored.updated,
+        )
 
 
 def finished_image(stored: StoredImage) -> Image:
