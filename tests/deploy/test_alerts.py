@@ -125,3 +125,51 @@ def _scraped(prometheus: Prometheus, timeout: float = 30) -> Any:
             return result
         time.sleep(0.3)
     raise TimeoutError("never scraped")
+
+
+def test_a_verification_failure_alerts_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.storage.test_archive import _corrupting
+    from tilebridge_storage import archive
+
+    monkeypatch.setattr(archive, "atomic_write", _corrupting([1000]))
+    harness = Harness(tmp_path, verify_attempts=1)
+    try:
+        with watched(tmp_path, harness) as prometheus:
+            manifest = make_manifest(rows=1, columns=2)
+            harness.scan(manifest, tiles_for(manifest))
+            assert harness.recorder.wait_image_ack(manifest.image_id).state is ImageState.FAILED
+            prometheus.wait_firing("TilebridgeImageFailed", reason="verify_failed")
+            prometheus.wait_firing("TilebridgeBackendFailing", backend="archive")
+    finally:
+        harness.close()
+
+
+def test_an_unreachable_backend_and_a_low_disk_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server_ingest.retention import free_bytes
+    from server_ingest.settings import Retention
+    from tilebridge_protocol.errors import TransientError
+    from tilebridge_storage import archive
+
+    def unreachable(*_: object) -> None:
+        raise TransientError("archive volume not mounted (it comes back)")
+
+    monkeypatch.setattr(archive._ArchiveWriter, "finish", unreachable)
+    low = Retention(reserve_bytes=free_bytes(tmp_path) + 2**40, floor_bytes=0)
+    harness = Harness(tmp_path, retention=low)
+    try:
+        with watched(tmp_path, harness) as prometheus:
+            prometheus.wait_firing("TilebridgeStagingDiskPressure")
+        harness.close()
+        harness = Harness(tmp_path)
+        with watched(tmp_path / "2", harness) as prometheus:
+            manifest = make_manifest(rows=1, columns=2)
+            harness.scan(manifest, tiles_for(manifest))
+            prometheus.wait_firing("TilebridgeBackendWaiting", backend="archive")
+            prometheus.wait_firing("TilebridgeBackendFailing", backend="archive")
+            assert "TilebridgeImageFailed" not in prometheus.firing()  # delayed, not failed
+    finally:
+        harness.close()
