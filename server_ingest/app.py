@@ -32,6 +32,7 @@ from server_ingest.ledger.writer import LedgerWriter
 from server_ingest.lifecycle import Policy
 from server_ingest.metrics import IngestCollector, MetricsServer
 from server_ingest.ports import Outbox
+from server_ingest.preview import Previewer, Publish
 from server_ingest.retention import DiskWatch
 from server_ingest.settings import IngestSettings
 from server_ingest.stager import Stager
@@ -67,12 +68,14 @@ class Engine:
         backends: Sequence[StorageBackend] | None = None,
         ledger: Ledger | None = None,
         clock: Callable[[], float] = time.time,
+        preview: Publish | None = None,
     ) -> None:
-        """`clock`: the wall clock events are stamped with (tests move it ahead)."""
+        """`clock`: the wall clock events are stamped with (tests move it ahead); `preview`:
+        where live previews go (none without it)."""
         # One process per data directory: never a second writer of its ledger and staging.
         self._lock = HeldLock(settings.lock_path)
         try:
-            self._wire(settings, outbox, backends, ledger, clock)
+            self._wire(settings, outbox, backends, ledger, clock, preview)
         except BaseException:
             self._lock.release()
             raise
@@ -85,6 +88,7 @@ class Engine:
         backends: Sequence[StorageBackend] | None,
         ledger: Ledger | None,
         clock: Callable[[], float],
+        preview: Publish | None,
     ) -> None:
         self.settings = settings
         limits = settings.limits
@@ -104,6 +108,12 @@ class Engine:
             settings.verify_attempts,
             build_router(settings, targets),
         )
+        p = settings.preview
+        self.previewer = (
+            Previewer(self.staging, preview, p.max_px, p.images, p.interval_s)
+            if preview is not None and p.enabled
+            else None
+        )
         policy = Policy(limits.image_ttl_s, settings.keep_staged)
         self._barriers: dict[int, threading.Event] = {}
         self._barrier_tokens = itertools.count(1)
@@ -121,6 +131,7 @@ class Engine:
             clock=clock,
             retention=settings.retention,
             keep_staged=settings.keep_staged,
+            preview=self.previewer,
         )
         self.disk = DiskWatch(
             settings.staging_dir, self.inbox.post, settings.retention.check_interval_s
@@ -140,6 +151,8 @@ class Engine:
         self.core.recover(recovered)
         self.core.start()
         self.disk.start()
+        if self.previewer is not None:
+            self.previewer.start()
         self._started = True
         if recovered:
             log.info("holding %d images from before the restart", len(recovered))
@@ -149,6 +162,8 @@ class Engine:
         if self._started:
             self.disk.stop()
             self.core.stop()
+            if self.previewer is not None:
+                self.previewer.stop()
             self.stager.stop()
             self.storer.stop()
             self.ledger_writer.stop()
@@ -192,7 +207,8 @@ class IngestService:
             on_message=lambda message: self.engine.handle(inbound(message)),
             will=(self.status_topic, offline.to_bytes()),
         )
-        self.engine = Engine(settings, MqttOutbox(self.connection, settings.image_status_ttl_s))
+        outbox = MqttOutbox(self.connection, settings.image_status_ttl_s)
+        self.engine = Engine(settings, outbox, preview=outbox.image_preview)
         self.storer = self.engine.storer
         self.control = ControlServer(
             settings.control_path, self.engine.inbox.post, self._clear_device_status

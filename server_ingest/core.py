@@ -46,7 +46,7 @@ from server_ingest.lifecycle import (
     clip,
     step,
 )
-from server_ingest.ports import LedgerPort, Outbox, StagerPort, StorerPort
+from server_ingest.ports import LedgerPort, Outbox, PreviewPort, StagerPort, StorerPort
 from server_ingest.settings import Limits, Retention
 from server_ingest.stager import Job, RemoveImage, SweepKept
 from server_ingest.state import CoreState, ImageBook, Snapshot, finished_image
@@ -89,7 +89,9 @@ class Core:
         clock: Callable[[], float] = time.time,
         retention: Retention | None = None,
         keep_staged: bool = False,
+        preview: PreviewPort | None = None,
     ) -> None:
+        self._preview = preview
         self.retention = retention or Retention()
         self.inbox, self.limits, self.policy = inbox, limits, policy
         # Wall-clock time of the events (expiry, records); injected so tests can jump ahead.
@@ -335,6 +337,8 @@ class Core:
             phase is Phase.EXPIRED and not book.staged
         )
         self._outbox.image_status(image_status(book), done)
+        if self._preview is not None and phase not in (Phase.RECEIVING, Phase.STORING):
+            self._preview.done(key)
 
     def now(self) -> float:
         return self._clock()
@@ -379,6 +383,8 @@ class Core:
             self._storer.submit(Begin(key, book.manifest, done, tuple(book.staged)))
         elif isinstance(effect, StoreTile):
             self._storer.submit(Tile(key, effect.tile))
+            if self._preview is not None:
+                self._preview.tile(key, book.manifest, effect.tile)
         elif isinstance(effect, StoreFinish) and book.close is not None:
             self._storer.submit(Finish(key, book.close))
 

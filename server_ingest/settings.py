@@ -88,6 +88,20 @@ class Retention(BaseModel):
         return self
 
 
+class Preview(BaseModel):
+    """The live mosaic preview on the dashboard (server_ingest/preview.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    max_px: int = Field(default=512, ge=16, le=4096)
+    """Longest side of the preview, in pixels."""
+    images: int = Field(default=8, ge=1, le=256)
+    """Images previewed at once (the least recently updated goes first)."""
+    interval_s: float = Field(default=2.0, gt=0)
+    """Shortest time between two previews of one image."""
+
+
 class IngestSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TILEBRIDGE_INGEST_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -104,6 +118,7 @@ class IngestSettings(BaseSettings):
     """Keep staged tiles after every backend stored the image (for audits or re-exports);
     `retention.stored_s` says for how long."""
     retention: Retention = Retention()
+    preview: Preview = Preview()
     omero: OmeroSettings | None = None
     """Where and how the `omero` backend writes (pure settings: no omero-py import)."""
     omero_targets: dict[str, OmeroSettings] = Field(default_factory=dict)
