@@ -93,7 +93,7 @@ def test_retention_removes_exactly_what_the_policy_says(tmp_path: Path) -> None:
 
         harness.clock.advance(FAILED_S - TTL + 500)  # past failed_s for the first failure only
         wait_until(lambda: harness.phase(failed_long_ago.image_id)[0] == "discarded")
-        wait_until(lambda: not folder(DEVICE, old_copy.image_id).exists())
+        wait_until(lambda: harness.stats.retention_removed.get("stored") == 1)
         harness.engine.wait_idle()
 
         gone = {m.image_id for m in (old_copy, failed_long_ago, abandoned)}
