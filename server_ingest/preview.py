@@ -148,7 +148,7 @@ class Previewer:
         while True:
             due = [published.get(k, 0.0) + self._interval for k in dirty]
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
-            item: _Tile | _Done | None | Literal["flush"]
+            item: _Tile | _Done | Literal["flush"] | None
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
