@@ -258,3 +258,69 @@ def check(page: Any, selector: str, manifest: Any, committed: dict[int, Any], fa
         return bool(np.abs(grey.astype(int) - want_grey)[want_shown].max() <= 1)
 
     wait_for(matches, 30, f"the preview of {UUID(str(manifest.image_id))} to match")
+
+
+def test_a_failed_image_is_listed_with_its_disk_use_and_the_command_until_retried(
+    tmp_path: Path, page: Any
+) -> None:
+    import httpx
+
+    from tests.ingest.test_images_admin import break_, fix
+
+    archive = tmp_path / "archive"
+    break_(archive)
+    try:
+        with Mosquitto(tmp_path / "broker") as broker:
+            metrics = free_port()
+            settings = IngestSettings(
+                broker=BrokerSettings(port=broker.port), data_dir=tmp_path / "ingest",
+                archive_dir=archive, status_interval_s=0.5, metrics_port=metrics,
+            )  # fmt: skip
+            ingest = IngestService(settings).start()
+            device = Device(broker.port, "scope-9")
+            board = DashboardSettings(
+                broker=BrokerSettings(port=broker.port), listen_port=free_port()
+            )
+            config = tmp_path / "ingest.json"
+            config.write_text(settings.model_dump_json())
+            try:
+                with DashboardServer(board) as dashboard:
+                    page.goto(dashboard.url)
+                    m = make_manifest(rows=1, columns=2, size_z=1, size_c=1, channels=["A"])
+                    tiles = tiles_for(m)
+                    device.send(DeviceTopic.OPEN, m.to_bytes())
+                    for key, pixels in tiles.items():
+                        for message in chunks(m, key, pixels):
+                            device.send(DeviceTopic.CHUNK, message)
+                    device.send(DeviceTopic.CLOSE, close_for(m, tiles).to_bytes())
+                    row = page.locator(f'#held [data-held="{m.image_id}"]')
+                    row.wait_for(timeout=30_000)
+                    text = row.inner_text()
+                    assert "storage_failed" in text and str(archive) in text
+                    assert f"{m.tile_count * m.tile_bytes / 1024:.1f} KiB" in text
+                    command = row.locator("code.command").inner_text()
+                    assert command == f"server-ingest images retry scope-9/{m.image_id}"
+                    target = page.locator('[data-ingest] [data-target="archive"]')
+                    assert "failing" in target.inner_text().lower()
+                    scraped = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+                    assert (
+                        'tilebridge_ingest_images_failed_unresolved{instance="ingest-1",'
+                        'reason="storage_failed"} 1.0' in scraped
+                    )
+                    shoot(page, "dashboard-failed-image")
+
+                    fix(archive)
+                    args = command.split()[1:]  # the command as shown, with our config
+                    assert main(["--config", str(config), *args, "--wait", "30"]) == 0
+                    row.wait_for(state="detached", timeout=30_000)
+                    done = page.locator(
+                        f'#recent [data-image="{m.image_id}"][data-phase="complete"]'
+                    )
+                    done.wait_for(timeout=30_000)
+                release(dashboard.monitor.connection)
+            finally:
+                device.close()
+                ingest.stop()
+                release(ingest.connection)
+    finally:
+        fix(archive)
