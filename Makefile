@@ -8,12 +8,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Mosquitto for everything. The tests also need: prometheus (its server evaluates the alert
 # rules against real failures, tests/deploy/test_alerts.py), chromium for the dashboard's browser test
 # (driven by Playwright, which must not download a browser of its own), shellcheck and
-# systemd-analyze for deploy/, openssl for certificates, and a compiler with the OpenSSL and
-# bzip2 headers for the zeroc-ice build.
+# systemd-analyze for deploy/, openssl for certificates, a compiler with the OpenSSL and
+# bzip2 headers for the zeroc-ice build, and PostgreSQL for the shared ledger's tests (they
+# start their own throw-away server: devtools/postgres.py; the packaged one is not used).
 APT_PACKAGES := mosquitto mosquitto-clients
-APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev prometheus
+APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev postgresql \
+	prometheus
 
-.PHONY: demo test lint typecheck pytest bench system test-system venv omero clean
+.PHONY: demo test lint typecheck pytest bench bench-fleet system test-system venv omero clean
 
 demo: system venv
 	$(PY) -m devtools.demo
@@ -34,6 +36,9 @@ pytest: venv
 bench: system venv
 	$(PY) benchmarks/throughput.py
 
+bench-fleet: system test-system venv
+	$(PY) benchmarks/fleet.py
+
 # Debian packages, installed only when missing (Mosquitto comes from Debian; the project
 # ships only its configuration, mosquitto/).
 define apt_install
@@ -46,6 +51,7 @@ endef
 
 test-system:
 	$(call apt_install,$(APT_TEST_PACKAGES))
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "PostgreSQL's initdb not found" >&2; exit 1; }
 
 system:
 	$(call apt_install,$(APT_PACKAGES))

@@ -82,3 +82,5 @@ class Counters:
     images_complete: int = 0
     inflight_tiles: int = 0
     inflight_bytes: int = 0
+    window_bytes: int | None = None
+    """The server's window for this device (None: none granted; `inflight_bytes` caps)."""

@@ -8,11 +8,12 @@ So a flight is registered before its first publish, and a PUBACK that the networ
 sees before `publish()` has even returned waits in the mailbox until the owner has recorded
 that message id: it can never be lost or applied to nothing.
 
-Tile bytes in flight are bounded by `inflight_bytes` (the budget), which bounds memory here
-and the broker's queue for the ingest, however large the backlog. A tile whose `committed`
-ack does not come is published again after `commit_timeout_s`, doubling up to
-`max_commit_timeout_s`, but only while the ingest reports itself online. The loop never
-blocks on anything but its mailbox (and the bandwidth cap, when one is set).
+Tile bytes in flight are bounded by `inflight_bytes` (the budget), or by the smaller window
+the server granted this device (a `credit` ack: fleet-level flow control), which bounds
+memory here and the broker's queue for the ingest, however large the backlog and the fleet.
+A tile whose `committed` ack does not come is published again after `commit_timeout_s`,
+doubling up to `max_commit_timeout_s`, but only while the ingest reports itself online.
+The loop never blocks on anything but its mailbox (and the bandwidth cap, when one is set).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.framing import encode_tile
 from tilebridge_protocol.messages import (
     AnyAck,
+    CreditAck,
     ErrorAck,
     ImageAck,
     ImageState,
@@ -76,7 +78,9 @@ class Publisher:
         self._on_image_done = on_image_done
         self._flights: dict[FlightKey, Flight] = {}
         self._by_mid: dict[int, FlightKey] = {}
-        self._budget = Budget(settings.inflight_bytes)
+        # Until the server grants a window: a small one, so a fleet starting at once (or
+        # while no ingest runs) cannot fill the broker (docs/protocol.md, "Credits").
+        self._budget = Budget(min(settings.inflight_bytes, settings.initial_window_bytes))
         self._cursor = 0
         self._ingest_online: dict[str, bool] = {}
         self._stop = threading.Event()
@@ -279,6 +283,11 @@ class Publisher:
             self._open_ack(ack)
         elif isinstance(ack, ImageAck):
             self._image_ack(ack)
+        elif isinstance(ack, CreditAck):
+            # The server's window for this device (fleet flow control, docs/protocol.md):
+            # never more than our own cap; 0 pauses new flights, a resend still goes.
+            self._budget.limit = min(self.settings.inflight_bytes, ack.window_bytes)
+            self.counters.window_bytes = self._budget.limit
         else:
             self._error_ack(ack)
 
@@ -369,6 +378,10 @@ class Publisher:
         self.problems.set(("image", ack.image_id), message)
         if ack.reason is ReasonCode.UNKNOWN_IMAGE:
             self._resend_open(ack.image_id)
+            close = self._flights.get(("close", ack.image_id, None))
+            if close is not None and ack.topic.endswith(f"/{DeviceTopic.CLOSE.value}"):
+                # The close overtook its open (several ingest instances): again, after it.
+                close.resend_now = True
 
     def _answered(self, image_id: UUID) -> None:
         if self._on_image_done is not None:

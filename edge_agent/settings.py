@@ -57,6 +57,11 @@ class AgentSettings(BaseSettings):
     inflight_bytes: int = Field(default=64 * MiB, ge=MiB)
     """Tile bytes published but not yet committed by the server; bounds memory and the
     broker's queue for the ingest."""
+    initial_window_bytes: int = Field(default=8 * MiB, ge=0)
+    """Tile bytes in flight before the server granted a window (a `credit` ack, within one
+    round trip of the first message): a whole fleet starting at once stays within the
+    broker's bound. An ingest that grants no windows (`flow.enabled` off, or older than
+    credits) leaves the agent at this: set it to `inflight_bytes` there."""
     commit_timeout_s: float = Field(default=30.0, gt=0)
     """Re-publish a tile that got no `committed` ack this long after it was sent."""
     max_commit_timeout_s: float = Field(default=600.0, gt=0)

@@ -20,20 +20,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from server_ingest.backends import build_backends, build_router
-from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe
+from server_ingest.backends import build_backends, build_destinations
+from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe, subscriptions
+from server_ingest.claimer import Claimer
+from server_ingest.claims import LocalClaims
 from server_ingest.control import ControlServer
 from server_ingest.core import Core
 from server_ingest.events import Barrier, Inbound
+from server_ingest.flow import Windows
 from server_ingest.inbox import Inbox
 from server_ingest.ledger.base import Ledger
-from server_ingest.ledger.sqlite import SqliteLedger
+from server_ingest.ledger.choice import Chosen, open_ledger
 from server_ingest.ledger.writer import LedgerWriter
 from server_ingest.lifecycle import Policy
 from server_ingest.metrics import IngestCollector, MetricsServer
-from server_ingest.ports import Outbox
+from server_ingest.ports import Outbox, Relay
 from server_ingest.preview import Previewer, Publish
 from server_ingest.retention import DiskWatch
+from server_ingest.routing import Router
 from server_ingest.settings import IngestSettings
 from server_ingest.stager import Stager
 from server_ingest.staging import Staging
@@ -43,7 +47,7 @@ from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import IngestStatus, Liveness
 from tilebridge_protocol.topics import DeviceTopic, device_topic, ingest_status_topic
 from tilebridge_runtime.durable import HeldLock
-from tilebridge_runtime.mqtt import MqttConnection
+from tilebridge_runtime.mqtt import SESSION_EXPIRY_S, MqttConnection
 from tilebridge_storage.base import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ class Engine:
         outbox: Outbox,
         backends: Sequence[StorageBackend] | None = None,
         ledger: Ledger | None = None,
+        relay: Relay | None = None,
         clock: Callable[[], float] = time.time,
         preview: Publish | None = None,
     ) -> None:
@@ -75,7 +80,7 @@ class Engine:
         # One process per data directory: never a second writer of its ledger and staging.
         self._lock = HeldLock(settings.lock_path)
         try:
-            self._wire(settings, outbox, backends, ledger, clock, preview)
+            self._wire(settings, outbox, backends, ledger, relay, clock, preview)
         except BaseException:
             self._lock.release()
             raise
@@ -87,13 +92,19 @@ class Engine:
         outbox: Outbox,
         backends: Sequence[StorageBackend] | None,
         ledger: Ledger | None,
+        relay: Relay | None,
         clock: Callable[[], float],
         preview: Publish | None,
     ) -> None:
         self.settings = settings
         limits = settings.limits
         self.inbox = Inbox(settings.inbox_messages)
-        self.ledger = ledger or SqliteLedger(settings.ledger_path, settings.dead_letters_max)
+        self.chosen = (
+            open_ledger(settings)
+            if ledger is None
+            else Chosen(ledger, LocalClaims(settings.instance))
+        )
+        self.ledger, self.claims = self.chosen.ledger, self.chosen.claims
         self.staging = Staging(settings.staging_dir)
         self.ledger_writer = LedgerWriter(self.ledger, self.inbox.post)
         self.stager = Stager(self.staging, self.inbox.post, settings.staging_workers)
@@ -106,7 +117,8 @@ class Engine:
             settings.store_retry_max_s,
             settings.storer_workers,
             settings.verify_attempts,
-            build_router(settings, targets),
+            build_destinations(settings, targets),
+            self.claims,
         )
         p = settings.preview
         self.previewer = (
@@ -114,6 +126,23 @@ class Engine:
             if preview is not None and p.enabled
             else None
         )
+        # Several instances: devices are claimed, their messages routed (docs/scale.md).
+        self.claimer: Claimer | None = None
+        router = None
+        if self.claims.shared:
+            if relay is None:
+                raise ValueError("a shared ledger needs a relay to the other instances")
+            claimer = self.claimer = Claimer(
+                self.claims, self.ledger, self.staging, self.inbox.post
+            )
+            router = Router(
+                settings.instance,
+                claimer.ask,
+                relay.relay,
+                lambda: claimer.valid_until,
+                limits.max_parked_bytes_per_device,
+            )
+        windows = Windows(settings.flow) if settings.flow.enabled else None
         policy = Policy(limits.image_ttl_s, settings.keep_staged)
         self._barriers: dict[int, threading.Event] = {}
         self._barrier_tokens = itertools.count(1)
@@ -128,23 +157,28 @@ class Engine:
             settings.dead_letter_payload_bytes,
             tuple(b.name for b in self.storer.backends),
             on_idle=self._idle,
+            router=router,
+            windows=windows,
             clock=clock,
             retention=settings.retention,
-            keep_staged=settings.keep_staged,
+            # Kept copies are swept only where this instance alone stages (docs/operations.md).
+            keep_staged=settings.keep_staged and not self.claims.shared,
             preview=self.previewer,
         )
         self.disk = DiskWatch(
             settings.staging_dir, self.inbox.post, settings.retention.check_interval_s
         )
-        self._started = False
 
     def start(self) -> Engine:
-        dropped = self.staging.drop_partials()
-        if dropped:
-            log.info(
-                "dropped %d partial tiles from before the restart; devices resend them", dropped
-            )
-        recovered = self.ledger.recover()
+        recovered = []
+        if self.claimer is None:  # alone: everything staged and recorded is ours
+            dropped = self.staging.drop_partials()
+            if dropped:
+                log.info(
+                    "dropped %d partial tiles from before the restart; devices resend them",
+                    dropped,
+                )
+            recovered = self.ledger.recover()
         self.ledger_writer.start()
         self.stager.start()
         self.storer.start()
@@ -153,6 +187,8 @@ class Engine:
         self.disk.start()
         if self.previewer is not None:
             self.previewer.start()
+        if self.claimer is not None:  # shared: a device's images are taken up with its claim
+            self.claimer.start()
         self._started = True
         if recovered:
             log.info("holding %d images from before the restart", len(recovered))
@@ -167,7 +203,9 @@ class Engine:
             self.stager.stop()
             self.storer.stop()
             self.ledger_writer.stop()
-        self.ledger.close()
+            if self.claimer is not None:
+                self.claimer.stop()
+        self.chosen.close()
         self._lock.release()
 
     def handle(self, message: Inbound) -> None:
@@ -206,9 +244,17 @@ class IngestService:
             on_connected=self._connected,
             on_message=lambda message: self.engine.handle(inbound(message)),
             will=(self.status_topic, offline.to_bytes()),
+            # A member of a shared subscription must not keep a session once gone: the broker
+            # would go on handing it its share of every device's messages (docs/scale.md).
+            session_expiry_s=0 if settings.cluster.subscription == "shared" else SESSION_EXPIRY_S,
         )
-        outbox = MqttOutbox(self.connection, settings.image_status_ttl_s)
-        self.engine = Engine(settings, outbox, preview=outbox.image_preview)
+        outbox = MqttOutbox(
+            self.connection, settings.image_status_ttl_s, settings.cluster.relay_ttl_s
+        )
+        self.engine = Engine(settings, outbox, relay=outbox, preview=outbox.image_preview)
+        self._filters = subscriptions(
+            settings.instance, settings.cluster, routed=self.engine.claims.shared
+        )
         self.storer = self.engine.storer
         self.control = ControlServer(
             settings.control_path, self.engine.inbox.post, self._clear_device_status
@@ -261,5 +307,5 @@ class IngestService:
         self.connection.publish(device_topic(device, DeviceTopic.STATUS), b"", retain=True)
 
     def _connected(self, client: object) -> None:
-        subscribe(client)  # type: ignore[arg-type]
+        subscribe(client, self._filters)  # type: ignore[arg-type]
         self.reporter.publish()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server_ingest.routing import Router
+from server_ingest.destinations import Destinations
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_storage import registry
@@ -36,9 +36,11 @@ def build_backends(settings: IngestSettings) -> list[StorageBackend]:
     return made
 
 
-def build_router(settings: IngestSettings, backends: Sequence[StorageBackend]) -> Router:
-    """Local backends for every image; OMERO targets as `routes` say (see routing.py)."""
-    return Router(
+def build_destinations(
+    settings: IngestSettings, backends: Sequence[StorageBackend]
+) -> Destinations:
+    """Local backends for every image; OMERO targets as `routes` say (see destinations.py)."""
+    return Destinations(
         [b.name for b in backends if b.kind != "omero"],
         [b.name for b in backends if b.kind == "omero"],
         settings.routes,

@@ -11,9 +11,10 @@ from uuid import UUID
 import paho.mqtt.client as mqtt
 
 from server_ingest.events import Inbound
+from server_ingest.settings import ClusterSettings
 from server_ingest.state import Snapshot
 from server_ingest.status import ingest_status
-from tilebridge_protocol.messages import AnyAck
+from tilebridge_protocol.messages import AnyAck, CreditAck
 from tilebridge_protocol.status import ImageStatus, IngestStatus, Liveness
 from tilebridge_protocol.topics import (
     UPSTREAM,
@@ -22,17 +23,33 @@ from tilebridge_protocol.topics import (
     device_topic,
     image_preview_topic,
     image_status_topic,
+    parse_relay_topic,
+    relay_filter,
+    relay_topic,
+    shared_filter,
 )
 from tilebridge_runtime.mqtt import MqttConnection, expiring
 
 log = logging.getLogger(__name__)
 
 
-def subscribe(client: mqtt.Client) -> None:
-    client.subscribe([(device_filter(kind), 1) for kind in UPSTREAM])
+def subscriptions(instance: str, cluster: ClusterSettings, routed: bool) -> list[str]:
+    """Every device's uploads (as one member of the shared subscription, or all of them),
+    and, when devices are routed between instances, what others relay to this one."""
+    filters = [device_filter(kind) for kind in UPSTREAM]
+    if cluster.subscription == "shared":
+        filters = [shared_filter(cluster.share_group, f) for f in filters]
+    return [*filters, relay_filter(instance)] if routed else filters
+
+
+def subscribe(client: mqtt.Client, filters: list[str]) -> None:
+    client.subscribe([(f, 1) for f in filters])
 
 
 def inbound(message: mqtt.MQTTMessage) -> Inbound:
+    relayed = parse_relay_topic(message.topic)
+    if relayed is not None:
+        return Inbound(relayed, bytes(message.payload), bool(message.retain), relayed=True)
     return Inbound(message.topic, bytes(message.payload), bool(message.retain))
 
 
@@ -41,12 +58,26 @@ class MqttOutbox:
     so the broker does not keep every image's status forever). Called from the core thread;
     paho only queues here, the connection's thread writes the socket."""
 
-    def __init__(self, connection: MqttConnection, image_status_ttl_s: int) -> None:
+    def __init__(
+        self, connection: MqttConnection, image_status_ttl_s: int, relay_ttl_s: int = 120
+    ) -> None:
         self._connection = connection
         self._ttl = image_status_ttl_s
+        self._relay_ttl = expiring(relay_ttl_s)
 
     def ack(self, device: str, ack: AnyAck) -> None:
-        self._connection.publish(device_topic(device, DeviceTopic.ACK), ack.to_bytes())
+        # A window is retained: the device learns it on every (re)connect, ingest up or not.
+        retain = isinstance(ack, CreditAck)
+        self._connection.publish(
+            device_topic(device, DeviceTopic.ACK), ack.to_bytes(), retain=retain
+        )
+
+    def relay(self, instance: str, message: Inbound) -> None:
+        """Forward a device message to the instance that holds the device; it expires in the
+        broker if that instance is gone (the device sends it again)."""
+        self._connection.publish(
+            relay_topic(instance, message.topic), message.payload, properties=self._relay_ttl
+        )
 
     def image_status(self, status: ImageStatus, done: bool) -> None:
         self._connection.publish(

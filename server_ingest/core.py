@@ -25,6 +25,7 @@ from collections.abc import Callable
 from itertools import count
 
 from server_ingest import events as ev
+from server_ingest.flow import Windows
 from server_ingest.inbox import Inbox
 from server_ingest.intake import Intake
 from server_ingest.ledger.records import HOLDS_STAGED_TILES, DeadLettered, ImageKey, StoredImage
@@ -47,6 +48,7 @@ from server_ingest.lifecycle import (
     step,
 )
 from server_ingest.ports import LedgerPort, Outbox, PreviewPort, StagerPort, StorerPort
+from server_ingest.routing import Router
 from server_ingest.settings import Limits, Retention
 from server_ingest.stager import Job, RemoveImage, SweepKept
 from server_ingest.state import CoreState, ImageBook, Snapshot, finished_image
@@ -56,6 +58,7 @@ from server_ingest.upkeep import Upkeep
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.messages import (
     AnyAck,
+    CreditAck,
     ErrorAck,
     ManifestState,
     OpenAck,
@@ -86,6 +89,8 @@ class Core:
         dead_letter_bytes: int = 64 * 1024,
         backends: tuple[str, ...] = (),
         on_idle: Callable[[int], None] | None = None,
+        router: Router | None = None,
+        windows: Windows | None = None,
         clock: Callable[[], float] = time.time,
         retention: Retention | None = None,
         keep_staged: bool = False,
@@ -99,6 +104,7 @@ class Core:
         self._ledger, self._stager, self._storer, self._outbox = ledger, stager, storer, outbox
         self._dead_letter_bytes = dead_letter_bytes
         self._on_idle = on_idle
+        self._router, self._windows = router, windows  # several instances; flow control
         self.state = CoreState(limits)
         self.state.stats.backends.update(dict.fromkeys(backends, "ok"))
         self.intake = Intake(self.state, self, limits)
@@ -183,6 +189,8 @@ class Core:
             self.state.stats.backends[item.backend] = item.state
         elif isinstance(item, ev.StoreAttempt):
             self.state.stats.observe_store(item.backend, item.outcome, item.seconds, item.nbytes)
+        elif isinstance(item, ev.Owner):
+            self._owner(item)
         elif isinstance(item, ev.AdminRequest | ev.DiskSpace | ev.StagingSwept):
             self.upkeep.handle(item)
         else:
@@ -194,6 +202,16 @@ class Core:
         except ProtocolError as exc:
             self.refuse("?", exc.reason, f"message on {message.topic!r}: {exc.detail}")
             return
+        if (
+            not replay
+            and self._router
+            and not self._router.admit(device, message, time.monotonic())
+        ):
+            return  # another instance holds the device (relayed), or asked who does
+        if not replay and self._windows is not None:
+            window = self._windows.seen(device, time.monotonic())
+            if window is not None:
+                self._outbox.ack(device, CreditAck(window_bytes=window))
         try:
             if not replay:
                 self.state.stats.messages[kind.value] += 1
@@ -414,6 +432,15 @@ class Core:
                 self._inbound(message, replay=True)
         finally:
             self.state.absent.pop(key, None)
+
+    def _owner(self, item: ev.Owner) -> None:
+        """Who holds a device now; if we just took it over, hold and resume its images."""
+        assert self._router is not None
+        adopted = [image for image in item.images if image.key not in self.state.images]
+        if adopted:
+            self.recover(adopted)
+        for message in self._router.answered(item, time.monotonic()):
+            self._inbound(message)
 
     def _tick(self) -> None:
         self._ticked = time.monotonic()

@@ -12,18 +12,18 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from server_ingest.ledger.sqlite import SqliteLedger
+from server_ingest.ledger.choice import open_ledger
 from server_ingest.settings import IngestSettings
 
 
 def dead_letters(settings: IngestSettings, limit: int = 100, as_json: bool = False) -> str:
-    if not settings.ledger_path.exists():
+    if settings.ledger.kind == "sqlite" and not settings.ledger_path.exists():
         return "[]" if as_json else "no ledger yet"
-    ledger = SqliteLedger(settings.ledger_path)
+    chosen = open_ledger(settings)  # the shared ledger holds every instance's letters
     try:
-        letters = ledger.dead_letters(limit)
+        letters = chosen.ledger.dead_letters(limit)
     finally:
-        ledger.close()
+        chosen.close()
     rows: list[dict[str, Any]] = [
         {
             "id": d.id,

@@ -19,6 +19,8 @@ class Inbound:
     topic: str
     payload: bytes
     retained: bool = False
+    relayed: bool = False
+    """Forwarded by the instance that got it from the broker (docs/scale.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,17 @@ class StoreAttempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """Who holds a device now (the claims thread's answer); `images` are the device's images
+    with staged tiles when we just took it over, for the core to hold and resume."""
+
+    device: str
+    holder: str
+    valid_s: float
+    images: tuple[StoredImage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DiskSpace:
     """Free bytes on the staging disk (from the "ingest-disk" thread)."""
 
@@ -147,6 +160,6 @@ class Barrier:
 
 InboxItem = (
     Inbound | ChunkWritten | TileSealed | StagingDone | Durable | Looked | LedgerTrouble
-    | ForImage | BackendHealth | StoreAttempt | AdminRequest | DiskSpace | StagingSwept
-    | Barrier
+    | ForImage | BackendHealth | StoreAttempt | Owner | AdminRequest | DiskSpace
+    | StagingSwept | Barrier
 )  # fmt: skip

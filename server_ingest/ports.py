@@ -44,6 +44,12 @@ class Outbox(Protocol):
     def image_status(self, status: ImageStatus, done: bool) -> None: ...
 
 
+class Relay(Protocol):
+    """Forwards a device message to the instance holding its device (the broker)."""
+
+    def relay(self, instance: str, message: Inbound) -> None: ...
+
+
 class Driver(Protocol):
     """What the message intake asks of the core (core.Core implements it)."""
 

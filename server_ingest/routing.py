@@ -1,81 +1,110 @@
-"""Which backends an image is written to: every local backend (the archive, file formats)
-and at most one OMERO target, chosen by the first route whose patterns match the image's
-device, experiment and project. Pure: no I/O, no threads.
+"""Which instance handles a device's message: runs on the core thread only, does no I/O.
 
-    "omero_targets": {"facility": {...}, "lab-b": {...}},
-    "routes": [
-      {"device": "scope-b*", "target": "lab-b"},
-      {"project": "Lab B *", "target": "lab-b"},
-      {"target": "facility"}
-    ]
+With several instances (docs/scale.md) the broker hands each device message to any member
+of the shared subscription, but one device is held by one instance at a time (its claim,
+server_ingest/claims.py), so its images have one lifecycle owner, as with one instance. A
+message for a device we hold goes to the intake; one for a device another instance holds is
+relayed to it (once: a relayed message that finds a stale route is dropped, and the device
+sends it again after its timeout); one for a device nobody is known to hold waits while the
+claims thread claims it or learns who holds it.
 
-Patterns are shell-style (`fnmatch`, case-sensitive), `*` when left out. With one OMERO
-target and no routes, every image goes to it. An image no route matches is refused by the
-storer with a reason (`storage_failed: no OMERO route ...`): a gap in the routes is a
-configuration error an administrator fixes, then `server-ingest images retry`.
+Alone (the SQLite ledger) every device is ours and nothing here does anything.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from server_ingest.events import Inbound, Owner
 
-from tilebridge_protocol.messages import OpenManifest
+log = logging.getLogger(__name__)
 
-
-class Route(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    target: str = Field(min_length=1)
-    """The name of an entry of `omero_targets`."""
-    device: str = "*"
-    experiment: str = "*"
-    project: str = "*"
-
-    def matches(self, device: str, manifest: OpenManifest) -> bool:
-        return (
-            fnmatch.fnmatchcase(device, self.device)
-            and fnmatch.fnmatchcase(manifest.experiment, self.experiment)
-            and fnmatch.fnmatchcase(manifest.project, self.project)
-        )
+NO_ONE = ""
 
 
-@dataclass(frozen=True)
-class Routed:
-    backends: tuple[str, ...]
-    """Names of the backends this image is written to."""
-    target: str
-    """The OMERO target ('' for none): images of one target share its storer workers, so a
-    target that is down holds up only its own images."""
-    problem: str | None = None
-    """Why the image cannot be routed (then it is written nowhere and fails)."""
+@dataclass
+class _Route:
+    holder: str
+    until: float
+    """Monotonic time after which the route must be asked again (ours: while leases hold)."""
 
 
 class Router:
     def __init__(
-        self, local: Sequence[str], targets: Sequence[str], routes: Sequence[Route] = ()
+        self,
+        me: str,
+        ask: Callable[[str], None],
+        relay: Callable[[str, Inbound], None],
+        leases_valid_until: Callable[[], float],
+        max_waiting_bytes: int,
     ) -> None:
-        self.local = tuple(local)
-        self.targets = tuple(targets)
-        self.routes = tuple(routes)
-        unknown = sorted({r.target for r in self.routes} - set(self.targets))
-        if unknown:
-            raise ValueError(f"routes name unknown OMERO targets {unknown}; known: {self.targets}")
+        self.me = me
+        self._ask = ask
+        self._relay = relay
+        self._valid_until = leases_valid_until
+        self._max_waiting = max_waiting_bytes
+        self._routes: dict[str, _Route] = {}
+        self._waiting: dict[str, list[Inbound]] = {}
+        self._waiting_bytes: dict[str, int] = {}
+        self.relayed = 0
+        self.dropped = 0
 
-    def route(self, device: str, manifest: OpenManifest) -> Routed:
-        if not self.targets:
-            return Routed(self.local, "")
-        if not self.routes and len(self.targets) == 1:
-            return Routed((*self.local, self.targets[0]), self.targets[0])
-        for route in self.routes:
-            if route.matches(device, manifest):
-                return Routed((*self.local, route.target), route.target)
-        return Routed(
-            self.local,
-            "",
-            f"no OMERO route for device {device}, experiment {manifest.experiment!r}, "
-            f"project {manifest.project!r}: add one to `routes` (or a catch-all), then retry",
-        )
+    def admit(self, device: str, message: Inbound, now: float) -> bool:
+        """True: handle it here now. False: relayed, waiting, or dropped."""
+        route = self._routes.get(device)
+        if route is not None and route.holder == self.me:
+            if now < self._valid_until():
+                return True
+            # Our leases are not proven now (the ledger unreachable): hold it; the claims
+            # thread ends the process if they stay unproven.
+            return self._wait(device, message)
+        if route is not None and now < route.until:
+            self._forward(route.holder, message)
+            return False
+        return self._wait(device, message)
+
+    def answered(self, owner: Owner, now: float) -> list[Inbound]:
+        """The claims thread says who holds `owner.device`; the messages to handle here now
+        (the others are relayed)."""
+        device = owner.device
+        waiting = self._waiting.pop(device, [])
+        self._waiting_bytes.pop(device, None)
+        if owner.holder == self.me:
+            self._routes[device] = _Route(self.me, float("inf"))
+            return waiting
+        if owner.holder == NO_ONE:
+            self._routes.pop(device, None)
+            self.dropped += len(waiting)  # the ledger could not say: the device resends
+            return []
+        self._routes[device] = _Route(owner.holder, now + owner.valid_s)
+        for message in waiting:
+            self._forward(owner.holder, message)
+        return []
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiting.values())
+
+    def held(self) -> list[str]:
+        return sorted(d for d, r in self._routes.items() if r.holder == self.me)
+
+    def _wait(self, device: str, message: Inbound) -> bool:
+        size = self._waiting_bytes.get(device, 0) + len(message.payload)
+        if size > self._max_waiting:
+            self.dropped += 1
+            return False
+        queue = self._waiting.setdefault(device, [])
+        if not queue:
+            self._ask(device)
+        queue.append(message)
+        self._waiting_bytes[device] = size
+        return False
+
+    def _forward(self, holder: str, message: Inbound) -> None:
+        if message.relayed:  # a stale route at the sender: never passed on twice
+            self.dropped += 1
+            return
+        self.relayed += 1
+        self._relay(holder, message)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server_ingest.routing import Route
+from server_ingest.destinations import Route
 from tilebridge_protocol.messages import MAX_JSON_BYTES
 from tilebridge_protocol.topics import check_device_id
 from tilebridge_runtime.mqtt import BrokerSettings
@@ -102,6 +102,84 @@ class Preview(BaseModel):
     """Shortest time between two previews of one image."""
 
 
+class SqliteLedgerSettings(BaseModel):
+    """The embedded ledger (the default): one SQLite file in `data_dir`, one host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["sqlite"] = "sqlite"
+
+
+class PostgresLedgerSettings(BaseModel):
+    """A PostgreSQL ledger, shared by every instance of a deployment (docs/scale.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["postgres"]
+    dsn: SecretStr | None = None
+    """A libpq connection string or URI (`host=db port=5432 dbname=tilebridge user=ingest`)."""
+    dsn_file: Path | None = None
+    """Read the connection string from this file (preferred: it may hold a password)."""
+    pool_size: int = Field(default=4, ge=2, le=64)
+    """Connections: the ledger writer, the claims thread and the storer workers share them."""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_dsn(self) -> PostgresLedgerSettings:
+        if (self.dsn is None) == (self.dsn_file is None):
+            raise ValueError("give the PostgreSQL ledger exactly one of dsn and dsn_file")
+        return self
+
+    def secret_dsn(self) -> str:
+        if self.dsn_file is not None:
+            return self.dsn_file.read_text().strip()
+        assert self.dsn is not None
+        return self.dsn.get_secret_value()
+
+
+class ClusterSettings(BaseModel):
+    """How instances share the devices (docs/scale.md). Only with a PostgreSQL ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subscription: Literal["exclusive", "shared"] = "exclusive"
+    """`shared`: subscribe as a member of the MQTT 5 shared subscription `$share/<group>/`,
+    so the broker spreads device messages over every instance of the group."""
+    share_group: str = "tilebridge"
+    lease_s: float = Field(default=30.0, ge=2.0, le=3600.0)
+    """A device's (and an image store's) claim lasts this long unless renewed (every quarter
+    of it); an instance that could not renew for half of it stops (exit 70), so a dead or cut
+    off instance's devices are taken over after at most this long."""
+    relay_ttl_s: int = Field(default=120, ge=1)
+    """A message relayed to the instance that holds its device expires in the broker after
+    this long (the device sends it again if it is lost)."""
+
+    @field_validator("share_group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        return check_device_id(value)
+
+
+class FlowSettings(BaseModel):
+    """Fleet-level flow control: how many tile bytes each device may have in flight, granted
+    on its ack topic (docs/protocol.md, "Credits")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """Grant windows. An agent older than credits cannot read a `credit` ack (it logs it
+    and goes on with its own `inflight_bytes`); off: no windows at all (agents then stay at
+    their `initial_window_bytes`)."""
+    broker_bytes: int = Field(default=256 * MiB, ge=MiB)
+    """Tile bytes this instance lets its devices have in flight at once, all together: what
+    they may queue in the broker for it. Divided among the devices sending lately."""
+    min_window_bytes: int = Field(default=2 * MiB, ge=64 * 1024)
+    """No device gets less (one tile goes anyway, alone, whatever its size)."""
+    max_window_bytes: int = Field(default=64 * MiB, ge=64 * 1024)
+    active_s: float = Field(default=30.0, gt=0)
+    """A device that sent nothing for this long no longer counts as sharing the budget."""
+
+
 class IngestSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TILEBRIDGE_INGEST_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -111,6 +189,9 @@ class IngestSettings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     data_dir: Path = Path("/var/lib/tilebridge-ingest")
     """Holds `staging/`, `ledger.sqlite` and (by default) `archive/`."""
+    staging_root: Path | None = None
+    """Where tiles are staged; defaults to `data_dir/staging`. With several instances, one
+    folder every instance reaches (a takeover reads what another instance staged)."""
     archive_dir: Path | None = None
     """Where the local archive writes; defaults to `data_dir/archive`."""
     backends: tuple[str, ...] = ("archive",)
@@ -150,6 +231,22 @@ class IngestSettings(BaseSettings):
     control_socket: Path | None = None
     """The Unix socket `server-ingest images` and `device remove` reach the running ingest
     through; defaults to `data_dir/control.sock`."""
+    ledger: SqliteLedgerSettings | PostgresLedgerSettings = Field(
+        default=SqliteLedgerSettings(), discriminator="kind"
+    )
+    cluster: ClusterSettings = ClusterSettings()
+    flow: FlowSettings = FlowSettings()
+
+    @model_validator(mode="after")
+    def _shared_needs_postgres(self) -> IngestSettings:
+        if self.cluster.subscription == "shared" and self.ledger.kind != "postgres":
+            raise ValueError(
+                "cluster.subscription 'shared' needs a ledger every instance reaches: "
+                "ledger.kind 'postgres' (docs/scale.md)"
+            )
+        if self.flow.min_window_bytes > self.flow.max_window_bytes:
+            raise ValueError("flow.min_window_bytes is above flow.max_window_bytes")
+        return self
 
     @field_validator("instance")
     @classmethod
@@ -174,7 +271,7 @@ class IngestSettings(BaseSettings):
 
     @property
     def staging_dir(self) -> Path:
-        return self.data_dir / "staging"
+        return self.staging_root or self.data_dir / "staging"
 
     @property
     def ledger_path(self) -> Path:

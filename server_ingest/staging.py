@@ -118,10 +118,12 @@ class Staging:
             removed, freed = removed + 1, freed + size
         return removed, freed
 
-    def drop_partials(self) -> int:
-        """At start-up: partial tiles from before a restart cannot be trusted; drop them."""
+    def drop_partials(self, device: str | None = None) -> int:
+        """At start-up: partial tiles from before a restart cannot be trusted; drop them (of
+        one device only: one taken over from another instance, which staged them)."""
         count = 0
-        for part in self.root.glob("*/*/*.part"):
+        pattern = f"{check_device_id(device)}/*/*.part" if device is not None else "*/*/*.part"
+        for part in self.root.glob(pattern):
             part.unlink(missing_ok=True)
             count += 1
         return count

@@ -16,7 +16,10 @@ the core as events and keep no state anyone else reads. Each backend of an image
   written again, also after a restart;
 * a backend that reads back other pixels than it was given (`DigestMismatchError`) is
   rewritten like a transient fault, but at most `verify_attempts` times: then the image
-  fails with `verify_failed`.
+  fails with `verify_failed`;
+* with several instances, a backend's writer opens only once this instance holds the image
+  store's claim (server_ingest/claims.py): held by another (a dead instance, until its lease
+  runs out) it is a fault that may pass, retried like any other.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
+from server_ingest.claims import STORE, Claims, LocalClaims, store_name
+from server_ingest.destinations import Destinations
 from server_ingest.events import BackendHealth, ForImage, InboxItem, StoreAttempt
 from server_ingest.ledger.records import ImageKey
 from server_ingest.lifecycle import Stored, StoreDelayed, StoreDone, StoreFailed
-from server_ingest.routing import Router
 from server_ingest.staging import Staging
-from tilebridge_protocol.errors import PermanentError, TilebridgeError
+from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
@@ -108,14 +112,16 @@ class Storer:
         retry_max_s: float = 300.0,
         workers: int = 2,
         verify_attempts: int = 3,
-        router: Router | None = None,
+        router: Destinations | None = None,
+        claims: Claims | None = None,
     ) -> None:
+        self._claims = claims or LocalClaims("")
         self.backends = list(backends)
         self._staging = staging
         self._post = post
         self._retry = (retry_s, retry_max_s)
         self._verify_attempts = verify_attempts
-        self.router = router or Router(
+        self.router = router or Destinations(
             [b.name for b in backends if b.kind != "omero"],
             [b.name for b in backends if b.kind == "omero"],
         )
@@ -227,7 +233,7 @@ class Storer:
         if job is None:
             return
         if isinstance(command, Cancel):
-            _abort(jobs.pop(command.key))
+            self._drop(jobs.pop(command.key))
         elif isinstance(command, Finish):
             job.close = command.close
         elif command.tile not in job.staged:
@@ -254,7 +260,14 @@ class Storer:
     def _open(self, job: _Job, lane: _Lane) -> None:
         """Open a fresh writer and feed it every tile staged so far."""
         lane.started, lane.nbytes, lane.fed = time.monotonic(), 0, set()
-        lane.writer = lane.backend.open_image(job.begin.key.device, job.begin.manifest)
+        key = job.begin.key
+        claim = self._claims.claim(STORE, store_name(*key, lane.backend.name))
+        if claim.holder != self._claims.me:
+            raise TransientError(
+                f"{key} is being written by {claim.holder or 'another instance'} "
+                f"(its claim runs {claim.valid_s:.0f} s more)"
+            )
+        lane.writer = lane.backend.open_image(key.device, job.begin.manifest)
         self._feed(job, lane)
         if lane.backoff is not None:
             log.info("image %s: %s is writing again", job.begin.key, lane.backend.name)
@@ -277,6 +290,8 @@ class Storer:
         del job.lanes[name]
         self._attempt(lane, "ok")
         self._post(BackendHealth(name, "ok"))  # only a durable, finished image proves it
+        if self._claims.shared:
+            self._release(job.begin.key, name)
         self._post(ForImage(job.begin.key, Stored(name, stored.location, stored.digest)))
         log.info("image %s stored in %s: %s", job.begin.key, name, stored.location)
 
@@ -303,7 +318,7 @@ class Storer:
     ) -> None:
         key, name = job.begin.key, lane.backend.name
         self._attempt(lane, "failed")
-        _abort(jobs.pop(key, job))
+        self._drop(jobs.pop(key, job))
         log.error("image %s: %s refused it: %s", key, name, detail)
         self._post(BackendHealth(name, detail))
         self._post(ForImage(key, StoreFailed(time.time(), name, reason, detail)))
@@ -324,6 +339,18 @@ class Storer:
         self._attempt(lane, "retry")
         self._post(BackendHealth(name, detail))
         self._post(ForImage(key, StoreDelayed(name, detail)))
+
+    def _drop(self, job: _Job) -> None:
+        _abort(job)
+        if self._claims.shared:
+            for name in job.lanes:
+                self._release(job.begin.key, name)
+
+    def _release(self, key: ImageKey, backend: str) -> None:
+        try:
+            self._claims.release(STORE, store_name(*key, backend))
+        except TransientError as exc:  # it runs out by itself once we stop renewing
+            log.warning("image %s: could not give up the %s store claim: %s", key, backend, exc)
 
     def _attempt(self, lane: _Lane, outcome: str) -> None:
         if lane.started:

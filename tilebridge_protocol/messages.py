@@ -346,7 +346,17 @@ class ErrorAck(_Message):
     topic: Text
 
 
-AnyAck = TileAck | OpenAck | ImageAck | ErrorAck
+class CreditAck(_Message):
+    """The device's window: how many tile bytes it may have published and not yet seen
+    committed, from now on (it replaces any earlier grant; a tile larger than the window
+    still goes, alone). Retained on the device's ack topic, so a device learns its window on
+    every (re)connect, also while no ingest runs."""
+
+    kind: Literal["credit"] = "credit"
+    window_bytes: int = Field(ge=0)
+
+
+AnyAck = TileAck | OpenAck | ImageAck | ErrorAck | CreditAck
 """Every ack the ingest sends; `decode_ack` tells them apart by `kind`."""
 Ack = Annotated[AnyAck, Field(discriminator="kind")]
 _ACK = TypeAdapter[AnyAck](Ack)

@@ -8,6 +8,7 @@
     tilebridge/v1/ingest/<instance>/status   retained      JSON IngestStatus (+ last will)
     tilebridge/v1/image/<device>/<image_id>/status  retained  JSON ImageStatus
     tilebridge/v1/image/<device>/<image_id>/preview retained  PNG, the live mosaic preview
+    tilebridge/v1/ingest/<instance>/relay/dev/<device>/<kind>   ingest -> ingest (relays)
 
 The device id is the MQTT username, so a broker ACL pattern (`%u`) pins each device to its
 own `dev/<device>/` tree.
@@ -74,6 +75,31 @@ def ingest_status_topic(instance: str) -> str:
 
 
 INGEST_STATUS_FILTER = f"{ROOT}/ingest/+/status"
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """The MQTT 5 shared subscription of `group` to `topic_filter`: the broker hands each
+    matching message to one member of the group."""
+    return f"$share/{check_device_id(group)}/{topic_filter}"
+
+
+def relay_topic(instance: str, topic: str) -> str:
+    """Where an ingest instance forwards a device message to `instance`, the one that holds
+    the device (docs/scale.md): the device topic below the instance's relay level."""
+    device, kind = parse_device_topic(topic)
+    return f"{ROOT}/ingest/{check_device_id(instance)}/relay/dev/{device}/{kind.value}"
+
+
+def relay_filter(instance: str) -> str:
+    return f"{ROOT}/ingest/{check_device_id(instance)}/relay/#"
+
+
+def parse_relay_topic(topic: str) -> str | None:
+    """The device topic a relayed message came on, or None if `topic` is not a relay topic."""
+    parts = topic.split("/")
+    if len(parts) == 8 and "/".join(parts[:3]) == f"{ROOT}/ingest" and parts[4] == "relay":
+        return "/".join([ROOT, *parts[5:]])
+    return None
 
 
 def parse_ingest_status_topic(topic: str) -> str | None:

@@ -65,9 +65,9 @@ def make_client(settings: BrokerSettings, client_id: str) -> mqtt.Client:
     return client
 
 
-def connect_properties() -> Properties:
+def connect_properties(session_expiry_s: int = SESSION_EXPIRY_S) -> Properties:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = SESSION_EXPIRY_S
+    props.SessionExpiryInterval = session_expiry_s
     return props
 
 
@@ -95,8 +95,12 @@ class MqttConnection:
         on_published: Callable[[int], None] | None = None,
         will: tuple[str, bytes] | None = None,
         backoff: Backoff | None = None,
+        session_expiry_s: int = SESSION_EXPIRY_S,
     ) -> None:
+        """`session_expiry_s`: how long the broker keeps our session (subscriptions, queued
+        messages) after we disconnect."""
         self.settings = settings
+        self._session_expiry_s = session_expiry_s
         self.name = name
         self.client = make_client(settings, client_id)
         self.connected = threading.Event()
@@ -177,7 +181,7 @@ class MqttConnection:
                     self.settings.port,
                     keepalive=self.settings.keepalive_s,
                     clean_start=False,
-                    properties=connect_properties(),
+                    properties=connect_properties(self._session_expiry_s),
                 )
             else:
                 self.client.reconnect()

@@ -228,11 +228,16 @@ class SqliteLedger(Ledger):
 
     # -- reading ------------------------------------------------------------------------------
 
-    def recover(self) -> list[StoredImage]:
+    def recover(self, devices: Iterable[str] | None = None) -> list[StoredImage]:
         marks = ",".join("?" * len(HOLDS_STAGED_TILES))
+        args: tuple[object, ...] = tuple(p.value for p in HOLDS_STAGED_TILES)
+        where = f"phase IN ({marks})"
+        if devices is not None:
+            wanted = tuple(devices)
+            where += f" AND device IN ({','.join('?' * len(wanted))})"
+            args += wanted
         rows = self._rows(
-            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE phase IN ({marks}) ORDER BY created",
-            tuple(p.value for p in HOLDS_STAGED_TILES),
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE {where} ORDER BY created", args
         )
         return [self._image(row) for row in rows]
 

@@ -20,6 +20,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.spool import Spool
 from tilebridge_protocol.framing import decode_chunk
 from tilebridge_protocol.messages import (
+    CreditAck,
     ErrorAck,
     ImageAck,
     ImageState,
@@ -210,3 +211,42 @@ def test_the_last_error_leaves_when_its_condition_clears(rig: Any) -> None:
         _ack(publisher, TileAck(image_id=manifest.image_id, tile=key, state=TileState.COMMITTED))
     _ack(publisher, ImageAck(image_id=manifest.image_id, state=ImageState.COMPLETE))
     wait_for(lambda: publisher.last_error is None, 10, "the error to clear")
+
+
+def test_the_servers_window_bounds_what_is_in_flight(tmp_path: Path) -> None:
+    """A `credit` ack sets the window: 0 holds everything back, one tile's worth lets one
+    go at a time, and the window never exceeds the agent's own `inflight_bytes`."""
+    settings = AgentSettings(
+        spool_dir=tmp_path, min_free_bytes=0, commit_timeout_s=600, chunk_size=4096,
+        inflight_bytes=1024 * 1024,
+    )  # fmt: skip
+    mailbox = Mailbox()
+    buffer = Spool(tmp_path, on_queued=mailbox.ring)
+    connection = FakeConnection()
+    publisher = Publisher(settings, buffer, connection, mailbox)  # type: ignore[arg-type]
+    connection.publisher = publisher
+    manifest = make_manifest(rows=1, columns=2)
+    buffer.create(manifest, {}, to_server=True, local_hold=False)
+    for key, pixels in make_tiles(manifest).items():
+        buffer.add_tile(manifest.image_id, key, pixels.astype("<u2").tobytes())
+    buffer.close_image(manifest.image_id)
+    _ack(publisher, CreditAck(window_bytes=0))  # before the first flight
+    publisher.start()
+    try:
+        time.sleep(0.5)
+        assert connection.sent == []  # everything held back on the Pi's disk
+        _ack(publisher, CreditAck(window_bytes=manifest.tile_bytes))
+        wait_for(connection.tiles_sent, 10, "a tile")
+        time.sleep(0.3)
+        sent = {tile for tile, _ in connection.tiles_sent()}
+        assert len(sent) == 1 and publisher.counters.inflight_tiles == 1
+        first = sent.pop()
+        _ack(publisher, TileAck(image_id=manifest.image_id, tile=first, state=TileState.COMMITTED))
+        wait_for(lambda: len({t for t, _ in connection.tiles_sent()}) == 2, 10, "the next tile")
+        _ack(publisher, CreditAck(window_bytes=10**12))  # capped by inflight_bytes
+        wait_for(lambda: publisher.counters.window_bytes == 1024 * 1024, 10, "the cap")
+        every = manifest.tile_count
+        wait_for(lambda: len({t for t, _ in connection.tiles_sent()}) == every, 10, "every tile")
+    finally:
+        publisher.stop()
+        buffer.close()

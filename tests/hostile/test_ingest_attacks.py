@@ -61,7 +61,9 @@ class Attacker:
             last.wait_for_publish(timeout=120)
 
     def acks(self) -> list[dict[str, Any]]:
-        return [json.loads(p) for _, p in self.probe.received(device_topic(EVIL, DeviceTopic.ACK))]
+        """Answers to its messages (not its flow-control windows, `credit` acks)."""
+        acks = [json.loads(p) for _, p in self.probe.received(device_topic(EVIL, DeviceTopic.ACK))]
+        return [a for a in acks if a["kind"] != "credit"]
 
     def reasons(self) -> list[str | None]:
         return [a.get("reason") for a in self.acks()]

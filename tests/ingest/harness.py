@@ -24,6 +24,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import (
     AnyAck,
     CloseManifest,
+    CreditAck,
     ImageAck,
     OpenManifest,
     TileAck,
@@ -43,12 +44,17 @@ class Recorder:
 
     def __init__(self) -> None:
         self.acks: list[tuple[str, AnyAck]] = []
+        self.credits: list[tuple[str, CreditAck]] = []
+        """Windows granted (flow control), kept apart from the answers to messages."""
         self.statuses: list[ImageStatus] = []
         self.changed = threading.Condition()
 
     def ack(self, device: str, ack: AnyAck) -> None:
         with self.changed:
-            self.acks.append((device, ack))
+            if isinstance(ack, CreditAck):
+                self.credits.append((device, ack))
+            else:
+                self.acks.append((device, ack))
             self.changed.notify_all()
 
     def image_status(self, status: ImageStatus, done: bool) -> None:

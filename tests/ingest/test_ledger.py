@@ -1,5 +1,5 @@
-"""The SQLite ledger: typed records in, typed images out; a ledger of the release before the
-versioned schema opens, its "code: detail" reasons split into columns."""
+"""The SQLite ledger: the ledger contract (tests/ingest/ledger_contract.py); a ledger of the
+release before the versioned schema opens, its "code: detail" reasons split into columns."""
 
 from __future__ import annotations
 
@@ -8,58 +8,23 @@ from contextlib import closing
 from pathlib import Path
 from uuid import uuid4
 
-from server_ingest.ledger.records import (
-    BackendStored,
-    CloseReceived,
-    DeadLettered,
-    ImageKey,
-    ImageOpened,
-    ImageRefused,
-    PhaseSet,
-    TileStaged,
-)
+import pytest
+
+from server_ingest.ledger.records import BackendStored, ImageKey
 from server_ingest.ledger.sqlite import _V1, SCHEMA_VERSION, SqliteLedger
-from tests.ingest.harness import close_for, tiles_for
+from tests.ingest.ledger_contract import LedgerContract
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.reasons import ReasonCode
-from tilebridge_protocol.status import ImagePhase
 from tilebridge_storage.testing.manifests import make_manifest
 
 
-def test_records_round_trip_and_one_device_never_sees_anothers_image(tmp_path: Path) -> None:
-    ledger = SqliteLedger(tmp_path / "ledger.sqlite", dead_letters_max=2)
-    m = make_manifest()
-    mine, theirs = ImageKey("scope-1", m.image_id), ImageKey("scope-2", m.image_id)
-    tile = TileKey(0)
-    ledger.write(
-        [
-            ImageOpened(mine, m, 1.0),
-            TileStaged(mine, tile, b"d" * 16, 6144),
-            TileStaged(mine, tile, b"d" * 16, 6144),  # a retried batch changes nothing
-            CloseReceived(mine, close_for(m, tiles_for(m))),
-            BackendStored(mine, "archive", "/a.ome.tif"),
-            BackendStored(mine, "omero", "omero:Image:4 dataset:1", "sha1:" + "ab" * 20),
-            PhaseSet(mine, ImagePhase.FAILED, 2.0, ReasonCode.STORAGE_FAILED, "omero: denied"),
-            ImageRefused(theirs, ReasonCode.INVALID_MANIFEST, "junk", 3.0),
-            *(
-                DeadLettered(4.0, "scope-2", "t", ReasonCode.INTERNAL_ERROR, "bug", b"x", 1)
-                for _ in range(3)
-            ),
-        ]
-    )
-    found = ledger.lookup([mine, theirs])
-    assert found[mine].phase is ImagePhase.FAILED and found[mine].manifest == m
-    assert (found[mine].reason, found[mine].detail) == (ReasonCode.STORAGE_FAILED, "omero: denied")
-    assert found[mine].tiles == {tile: b"d" * 16}
-    assert found[mine].locations == {
-        "archive": "/a.ome.tif",
-        "omero": "omero:Image:4 dataset:1",
-    }
-    assert found[mine].digests == {"omero": "sha1:" + "ab" * 20}  # the archive's: unverified
-    assert found[theirs].phase is ImagePhase.REJECTED and found[theirs].manifest is None
-    assert [i.key for i in ledger.recover()] == [mine]  # its tiles are still staged
-    assert len(ledger.dead_letters()) == 2  # bounded
-    ledger.close()
+class TestSqliteLedger(LedgerContract):
+    @pytest.fixture(autouse=True)
+    def _store(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "ledger.sqlite"
+
+    def open_ledger(self, dead_letters_max: int = 1000) -> SqliteLedger:
+        return SqliteLedger(self.path, dead_letters_max)
 
 
 def test_a_ledger_from_before_versioning_is_migrated(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tilebridge_protocol.messages import AnyAck
+from tilebridge_protocol.messages import AnyAck, CreditAck
 from tilebridge_protocol.status import ImageStatus
 
 
@@ -12,7 +12,8 @@ class FakeOutbox:
         self.statuses: list[ImageStatus] = []
 
     def ack(self, device: str, ack: AnyAck) -> None:
-        self.acks.append((device, ack))
+        if not isinstance(ack, CreditAck):  # windows are not answers to a message
+            self.acks.append((device, ack))
 
     def image_status(self, status: ImageStatus, done: bool) -> None:
         self.statuses.append(status)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from server_ingest.routing import Route, Router
+from server_ingest.destinations import Destinations as Router
+from server_ingest.destinations import Route
 from server_ingest.settings import IngestSettings
 from tilebridge_storage.omero_backend.settings import OmeroSettings
 from tilebridge_storage.testing.manifests import make_manifest
