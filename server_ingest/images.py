@@ -23,8 +23,9 @@ from typing import Any
 from uuid import UUID
 
 from server_ingest.control import Answer, Request, ask
+from server_ingest.ledger.base import Ledger
+from server_ingest.ledger.choice import open_ledger
 from server_ingest.ledger.records import ImageKey, StoredImage
-from server_ingest.ledger.sqlite import SqliteLedger
 from server_ingest.settings import IngestSettings
 from server_ingest.staging import Staging
 from tilebridge_protocol.status import ImagePhase
@@ -99,10 +100,19 @@ def become_owner(data_dir: Path) -> None:
 # -- reading --------------------------------------------------------------------------------
 
 
-def _ledger(settings: IngestSettings) -> SqliteLedger:
-    if not settings.ledger_path.exists():
-        raise CommandError(f"no ledger at {settings.ledger_path} (has the ingest ever run?)")
-    return SqliteLedger(settings.ledger_path)
+class _Reading:
+    """The configured ledger (SQLite here, or the shared PostgreSQL one), for reads."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        if settings.ledger.kind == "sqlite" and not settings.ledger_path.exists():
+            raise CommandError(f"no ledger at {settings.ledger_path} (has the ingest ever run?)")
+        self._chosen = open_ledger(settings)
+
+    def __enter__(self) -> Ledger:
+        return self._chosen.ledger
+
+    def __exit__(self, *_: object) -> None:
+        self._chosen.close()
 
 
 def staged_bytes(settings: IngestSettings, key: ImageKey) -> int:
@@ -117,16 +127,13 @@ def find(settings: IngestSettings, ident: str) -> StoredImage:
         image_id = UUID(rest)
     except ValueError:
         raise CommandError(f"{ident!r} is not DEVICE/IMAGE_ID") from None
-    ledger = _ledger(settings)
-    try:
+    with _Reading(settings) as ledger:
         if device:
             found = ledger.lookup([ImageKey(device, image_id)])
             if not found:
                 raise CommandError(f"no image {ident} in the ledger")
             return next(iter(found.values()))
         matches = [i for i in ledger.images(limit=1_000_000) if i.key.image_id == image_id]
-    finally:
-        ledger.close()
     if not matches:
         raise CommandError(f"no image {image_id} in the ledger")
     if len(matches) > 1:
@@ -165,11 +172,8 @@ def next_step(image: StoredImage) -> str | None:
 def list_images(
     settings: IngestSettings, states: list[str], device: str | None, limit: int, as_json: bool
 ) -> str:
-    ledger = _ledger(settings)
-    try:
+    with _Reading(settings) as ledger:
         found = ledger.images([ImagePhase(s) for s in states], device, limit)
-    finally:
-        ledger.close()
     rows = [_row(settings, image) for image in found]
     if as_json:
         return json.dumps(rows, indent=2)
