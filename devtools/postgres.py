@@ -100,17 +100,20 @@ class Postgres:
             )
 
     def start(self) -> Postgres:
-        if not (self.data / "PG_VERSION").exists():
+        fresh = not (self.data / "PG_VERSION").exists()
+        if fresh:
             self.initdb()
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
-                      "-w", "-t", "60", "start")  # fmt: skip
-            self._run(
-                str(self.bin / "createdb"), "-h", self.host, "-p", str(self.port),
-                "-U", SUPERUSER, DATABASE,
-            )  # fmt: skip
-        else:
-            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
-                      "-w", "-t", "60", "start")  # fmt: skip
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
+                  "-w", "-t", "60", "start")  # fmt: skip
+        if fresh:
+            try:
+                self._run(
+                    str(self.bin / "createdb"), "-h", self.host, "-p", str(self.port),
+                    "-U", SUPERUSER, DATABASE,
+                )  # fmt: skip
+            except subprocess.CalledProcessError:
+                self.remove()  # a server that cannot be used must not outlive the test
+                raise
         return self
 
     def stop(self, mode: str = "fast") -> None:

@@ -21,7 +21,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -47,9 +47,13 @@ from edge_agent.spool import ImageRow, Spool
 from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
 from tilebridge_protocol.messages import utcnow
 from tilebridge_storage import registry
+from tilebridge_storage.base import Holdings
 
 log = logging.getLogger(__name__)
 
+LIVE_WAIT_S = 10.0
+"""Longest a frame's answer waits for the live targets (then `landed` is False): a stuck
+disk must not stop the camera, whose frame is safe in the spool already."""
 MAX_FRAMES_PER_EXPERIMENT = 50_000
 """An experiment's close manifest must fit in one message the ingest accepts: compressed,
 a tile with its PlaneMeta takes ~67 bytes of the 4 MiB (`MAX_JSON_BYTES`), so ~60k fit
@@ -125,12 +129,17 @@ class Acquisition:
         key = live.matcher.key(info)
         pixels = live.matcher.pixels(frame, copy_shared=not owned and live.targets is not None)
         meta = info.plane(live.row.manifest.acquired_at)
+        landed = None
         with live.writing():
             accepted = self.spool.add_tile(image_id, key, pixels.data.cast("B"), meta)
             if accepted and live.targets is not None:
-                live.targets.put(key, pixels, meta, functools.partial(self.live.mapped, live, key))
+                mapped = functools.partial(self.live.mapped, live, key)
+                waiting = live.targets.put(key, pixels, meta, mapped)
+                landed = None if waiting is None else waiting.wait(LIVE_WAIT_S)
         if accepted:
-            return FrameResult(accepted=True, tile=tuple(key), frames_received=live.count())
+            return FrameResult(
+                accepted=True, tile=tuple(key), frames_received=live.count(), landed=landed
+            )
         before = self.spool.accepted_digest(image_id, key)
         when = datetime.fromtimestamp(before[1], UTC).isoformat() if before else "before"
         return FrameResult(
@@ -143,6 +152,7 @@ class Acquisition:
         image_id: UUID,
         *,
         partial: bool = False,
+        not_planned: Sequence[int] = (),
         timeout: float | None = None,
         ended_by: str | None = None,
     ) -> ExperimentProgress:
@@ -151,14 +161,18 @@ class Acquisition:
             live = self.live.ensure(row)
             live.close_gate()
             try:
-                close = self.spool.close_image(image_id, partial=partial, ended_by=ended_by)
+                close = self.spool.close_image(
+                    image_id, partial=partial, not_planned=not_planned, ended_by=ended_by
+                )
             except BaseException:
                 live.reopen()
                 raise
             if live.targets is None:
                 self.live.forget(image_id)
+            elif close is None:
+                live.targets.close(ABORT)
             else:
-                live.targets.close(FINISH if close else ABORT)
+                live.targets.close(FINISH, Holdings.of(row.manifest, close))
             log.info(
                 "experiment %s closed%s", image_id, " (partial)" if close and close.partial else ""
             )
@@ -229,12 +243,11 @@ class Acquisition:
 
     def recover(self) -> None:
         """At start-up: local targets of unfinished experiments are written again from the
-        spool's tiles (their partial output from before the restart is replaced)."""
+        spool's tiles (their partial output from before the restart is replaced); those of
+        an experiment closed before are finished after its frames (`LiveExperiments`)."""
         for row in self.spool.images(unfinished=True):
             if row.local_hold and row.state in ("acquiring", "finalizing"):
-                live = self.live.ensure(row)
-                if row.state == "finalizing" and live.targets is not None:
-                    live.targets.close(FINISH)
+                self.live.ensure(row)
 
     def end_abandoned(self, now: float | None = None) -> list[UUID]:
         policy = self.settings.abandoned

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -96,11 +97,17 @@ class EdgeClient:
         )  # fmt: skip
 
     def finalize(
-        self, image_id: UUID | str, timeout: float | None = None, partial: bool = False
+        self,
+        image_id: UUID | str,
+        timeout: float | None = None,
+        partial: bool = False,
+        not_planned: Sequence[int] = (),
     ) -> dict[str, Any]:
         params: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         if partial:
             params["partial"] = "true"
+        if not_planned:
+            params["not_planned"] = list(not_planned)
         return self._call("POST", f"/experiments/{image_id}/finalize", params=params)
 
     def abort(self, image_id: UUID | str) -> dict[str, Any]:

@@ -111,6 +111,7 @@ class FastPath:
             progress = a.finalize(
                 image_id,
                 partial=bool(request.get("partial")),
+                not_planned=_positions(request.get("not_planned")),
                 timeout=None if timeout is None else float(timeout),
             )
             return progress.model_dump(mode="json")
@@ -196,6 +197,14 @@ class _Connection(socketserver.BaseRequestHandler):
         data = json.dumps(answer).encode()
         with suppress(OSError):  # the client went away: nothing to tell
             self.request.sendall(HEADER.pack(len(data), 0) + data)
+
+
+def _positions(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(type(i) is int for i in value):
+        raise PermanentError(f"not_planned must be a list of position indices, not {value!r:.80}")
+    return value
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

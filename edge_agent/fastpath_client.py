@@ -21,7 +21,7 @@ import json
 import socket
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -103,9 +103,16 @@ class FastPathClient:
         return FrameResult.model_validate(answer)
 
     def finalize(
-        self, image_id: UUID, *, partial: bool = False, timeout: float | None = None
+        self,
+        image_id: UUID,
+        *,
+        partial: bool = False,
+        not_planned: Sequence[int] = (),
+        timeout: float | None = None,
     ) -> ExperimentProgress:
-        request = {"op": "finalize", "image_id": str(image_id), "partial": partial}
+        request: dict[str, Any] = {"op": "finalize", "image_id": str(image_id), "partial": partial}
+        if not_planned:
+            request["not_planned"] = list(not_planned)
         if timeout is not None:
             request["timeout"] = timeout
         return ExperimentProgress.model_validate(self._call(request, wait=timeout))

@@ -15,7 +15,7 @@ request can never succeed as it is; the message says why).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -53,13 +53,21 @@ class FrontDoor(Protocol):
         ...
 
     def finalize(
-        self, image_id: UUID, *, partial: bool = False, timeout: float | None = None
+        self,
+        image_id: UUID,
+        *,
+        partial: bool = False,
+        not_planned: Sequence[int] = (),
+        timeout: float | None = None,
     ) -> ExperimentProgress:
         """Close the experiment: the server stream gets its close manifest, the local
         targets finish their files (waited for up to `timeout` s; None: wait for good).
         Without `partial`, every frame must have been accepted (422 names the first
         missing one); with it, the image is closed with the frames it has and the server
-        marks it incomplete. Calling it again answers the same and changes nothing."""
+        marks it incomplete. `not_planned`: positions the scan never planned (a round or
+        oval area's empty grid cells); they hold no frame and are not missing, so the image
+        is complete without them (a sparse image). Calling it again answers the same and
+        changes nothing."""
         ...
 
     def abort(self, image_id: UUID) -> ExperimentProgress:

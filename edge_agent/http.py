@@ -200,11 +200,16 @@ def create_app(
     def finalize(
         image_id: UUID,
         partial: bool = False,
+        not_planned: Annotated[list[int] | None, Query(max_length=100_000)] = None,
         timeout: Annotated[float | None, Query(ge=0, le=86400)] = None,
     ) -> ExperimentProgress:
-        """Close the experiment (with `partial`: with the frames it has); waits for the local
-        targets up to `timeout` s. The server completes later: poll the experiment."""
-        return acquisition.finalize(image_id, partial=partial, timeout=timeout)
+        """Close the experiment (with `partial`: with the frames it has; `not_planned`: the
+        positions never planned, e.g. a round scan area's empty grid cells, which leave the
+        image complete); waits for the local targets up to `timeout` s. The server completes
+        later: poll the experiment."""
+        return acquisition.finalize(
+            image_id, partial=partial, not_planned=not_planned or (), timeout=timeout
+        )
 
     @app.post("/experiments/{image_id}/abort", tags=["experiments"])
     def abort(image_id: UUID) -> ExperimentProgress:

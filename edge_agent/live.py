@@ -19,14 +19,15 @@ import numpy as np
 from edge_agent.config import OMEWriterConfig
 from edge_agent.confine import ConfinedDir, open_confined
 from edge_agent.frames import FrameMatcher
-from edge_agent.localtargets import LocalTargets, Target
+from edge_agent.localtargets import FINISH, LocalTargets, Target
 from edge_agent.models import ExperimentSpec, LocalTarget
 from edge_agent.settings import AgentSettings
 from edge_agent.spool import ImageRow, Spool
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import decode_close
 from tilebridge_storage import registry
-from tilebridge_storage.base import StorageBackend
+from tilebridge_storage.base import Holdings, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class LiveExperiments:
                     manifest=row.manifest,
                     on_done=partial(self._target_done, row.image_id),
                     show=folder.shown,
+                    live=target.live,
                 )
             )
         budget = min(
@@ -176,6 +178,8 @@ class LiveExperiments:
             threading.Thread(
                 target=self._replay, args=(live,), name=f"replay-{row.image_id}", daemon=True
             ).start()
+        elif row.state == "finalizing":
+            self._finish(live)
         return live
 
     def _replay(self, live: Live) -> None:
@@ -188,6 +192,15 @@ class LiveExperiments:
                 continue  # the targets report the tile missing at finish
             live.targets.put(key, pixels, meta, partial(self.mapped, live, key))
         log.info("experiment %s: local targets fed again from the spool", image_id)
+        if live.row.state == "finalizing":  # closed before the restart: finish after the frames
+            self._finish(live)
+
+    def _finish(self, live: Live) -> None:
+        """Finish the targets of an experiment that was closed before the agent restarted,
+        told what the image holds (its close)."""
+        row, targets = live.row, live.targets
+        assert targets is not None and row.close is not None
+        targets.close(FINISH, Holdings.of(row.manifest, decode_close(row.close)))
 
     def mapped(self, live: Live, key: TileKey) -> np.ndarray[Any, Any]:
         """A read-only map of the frame's spool file (kept while local targets need it)."""

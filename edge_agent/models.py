@@ -99,6 +99,10 @@ class LocalTarget(BaseModel):
     name: Name | None = None
     """Status name of the target; defaults to `kind` (give one to write a kind twice)."""
     options: dict[str, JsonValue] = Field(default_factory=dict, max_length=32)
+    live: bool = False
+    """A viewer reads this target after every frame (ImSwitch's live view reads its Zarr
+    store as soon as `write_frame` returns): `write_frame` answers only once it has the
+    frame (`FrameResult.landed`). Costs the target's write time on every frame."""
 
     @field_validator("folder")
     @classmethod
@@ -350,6 +354,10 @@ class FrameResult(BaseModel):
     tile: tuple[int, int, int, int]
     """(tile_index, z_index, channel_index, time_index)."""
     frames_received: int
+    landed: bool | None = None
+    """With live targets (`LocalTarget.live`): True, every one of them has the frame now (a
+    viewer that reads it sees it); False, one failed it or did not take it in time. None:
+    the experiment has no live target."""
 
     @property
     def key(self) -> TileKey:

@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
@@ -162,12 +162,24 @@ class Spool(Outbox):
             raise PermanentError(f"experiment {image_id} is {state}; no more frames")
 
     def close_image(
-        self, image_id: UUID, *, partial: bool = False, ended_by: str | None = None
+        self,
+        image_id: UUID,
+        *,
+        partial: bool = False,
+        not_planned: Collection[int] = (),
+        ended_by: str | None = None,
     ) -> CloseManifest | None:
         """acquiring -> finalizing, atomically with the close manifest (queued when the image
-        streams to the server). Without `partial` every tile must have been accepted. None
-        when there is nothing to close (a partial image without a single frame)."""
+        streams to the server). Without `partial` every tile must have been accepted, but
+        those at the `not_planned` positions (never planned: a round scan area's empty grid
+        cells), which must have none. None when there is nothing to close (a partial image
+        without a single frame)."""
         manifest = self.manifest(image_id)
+        unplanned = sorted(set(not_planned))
+        if unplanned and not 0 <= unplanned[0] <= unplanned[-1] < len(manifest.positions):
+            raise PermanentError(
+                f"not_planned: positions are 0..{len(manifest.positions) - 1}, not {unplanned}"
+            )
         with self._db() as db:
             row = db.execute(
                 "SELECT state, to_server, close, local_hold FROM images WHERE image_id = ?",
@@ -183,12 +195,19 @@ class Spool(Outbox):
                     (str(image_id),),
                 )
             }
-            keys = [k for k in manifest.tile_keys() if k in tiles]
-            missing = manifest.tile_count - len(keys)
-            if missing and not partial:
-                first = next(k for k in manifest.tile_keys() if k not in tiles)
+            taken = next((k for k in tiles if k.index in set(unplanned)), None)
+            if taken is not None:
                 raise PermanentError(
-                    f"cannot finalize {manifest.experiment}: {missing} of {manifest.tile_count}"
+                    f"not_planned: position {taken.index} has frames (tile_index="
+                    f"{taken.index} z_index={taken.z} channel_index={taken.c}): it was planned"
+                )
+            planned = [k for k in manifest.tile_keys() if k.index not in set(unplanned)]
+            keys = [k for k in planned if k in tiles]
+            missing = len(planned) - len(keys)
+            if missing and not partial:
+                first = next(k for k in planned if k not in tiles)
+                raise PermanentError(
+                    f"cannot finalize {manifest.experiment}: {missing} of {len(planned)}"
                     f" frames not written (first: tile_index={first.index} z_index={first.z} "
                     f"channel_index={first.c} time_index={first.t}); finalize with partial "
                     "to close it with the frames it has"
@@ -203,6 +222,7 @@ class Spool(Outbox):
                         for k in keys
                     ),
                     partial=bool(missing),
+                    not_planned=tuple(unplanned),
                 )
             # Local targets still have to finish their files; without any it is done now.
             state = ("finalizing" if hold else "finalized") if close else "aborted"

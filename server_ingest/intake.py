@@ -22,6 +22,7 @@ from server_ingest.tiles import TileIntake
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.framing import decode_chunk, peek_identity
 from tilebridge_protocol.messages import (
+    CloseManifest,
     TileState,
     decode_close,
     decode_open,
@@ -197,19 +198,32 @@ class Intake:
         if located is None:
             return
         book, _ = located
-        conflicts = 0
+        conflicts, committed = 0, None
         if book is not None and book.image.phase in (Phase.RECEIVING, Phase.FAILED):
-            m = book.manifest
-            if close.tile_count != m.tile_count or {d.tile for d in close.digests} != set(
-                m.tile_keys()
-            ):
-                raise ProtocolError(
-                    ReasonCode.INVALID_MANIFEST, "close lists other tiles than open declared"
-                )
+            problem = close.check(book.manifest)
+            if problem is not None:
+                raise ProtocolError(ReasonCode.INVALID_MANIFEST, problem)
             staged = book.staged
             conflicts = len(
                 [d for d in close.digests if d.tile in staged and staged[d.tile].hex() != d.digest]
             )
             if book.close is None:
+                committed = self._hold_only(book, close)
                 book.close = close
-        self.driver.apply(key, Closed(self.driver.now(), close, conflicts))
+        self.driver.apply(key, Closed(self.driver.now(), close, conflicts, committed))
+
+    def _hold_only(self, book: ImageBook, close: CloseManifest) -> int:
+        """The first close says what the image holds: staged tiles (and tiles being
+        reassembled) it leaves out were sent, then left out; they are dropped, never stored.
+        Returns how many of the listed tiles are staged."""
+        listed = {d.tile for d in close.digests}
+        dropped = {k for k in (*book.staged, *book.assemblies) if k not in listed}
+        for tile in dropped:
+            book.staged.pop(tile, None)
+            book.assemblies.pop(tile, None)
+        if dropped:
+            log.warning(
+                "image %s: its close leaves out %d tiles that were sent; they are dropped",
+                book.image.key, len(dropped),
+            )  # fmt: skip
+        return len(book.staged)

@@ -66,14 +66,19 @@ class ImageBook:
     @classmethod
     def loaded(cls, stored: StoredImage, now: float) -> ImageBook:
         assert stored.manifest is not None
-        m = stored.manifest
+        m, close = stored.manifest, stored.close
+        staged = dict(stored.tiles)
+        if close is not None:  # staged tiles its close left out were dropped at the close
+            listed = {d.tile for d in close.digests}
+            staged = {k: v for k, v in staged.items() if k in listed}
         image = Image(
             stored.key,
             stored.phase,
             manifest_id(m),
-            m.tile_count,
-            committed=len(stored.tiles),
-            closed=stored.close is not None,
+            m.tile_count if close is None else close.tile_count,
+            committed=len(staged),
+            closed=close is not None,
+            close_shape=None if close is None else close.shape(),
             locations=tuple(stored.locations.items()),
             reason=stored.reason,
             detail=stored.detail,
@@ -81,26 +86,22 @@ class ImageBook:
             digests=tuple(stored.digests.items()),
         )
         return cls(
-            image,
-            m,
-            stored.close,
-            dict(stored.tiles),
-            manifest_size=len(m.to_bytes()),
-            phase_since=stored.updated,
+            image, m, close, staged, manifest_size=len(m.to_bytes()), phase_since=stored.updated
         )
 
 
 def finished_image(stored: StoredImage) -> Image:
     """A finished image as the lifecycle needs it (no tiles, no manifest kept)."""
-    m = stored.manifest
-    count = m.tile_count if m else 0
+    m, close = stored.manifest, stored.close
+    count = close.tile_count if close else m.tile_count if m else 0
     return Image(
         stored.key,
         stored.phase,
         manifest_id(m) if m else None,
         count,
         committed=count if stored.phase is Phase.COMPLETE else 0,
-        closed=stored.close is not None or stored.phase is Phase.COMPLETE,
+        closed=close is not None or stored.phase is Phase.COMPLETE,
+        close_shape=close.shape() if close else None,
         locations=tuple(stored.locations.items()),
         reason=stored.reason,
         detail=stored.detail,

@@ -14,6 +14,8 @@ def image_status(book: ImageBook) -> ImageStatus:
     if image.phase is ImagePhase.EXPIRED:
         error = image.detail
     complete = image.phase is ImagePhase.COMPLETE
+    close = book.close
+    per_position = m.size_z * m.size_c * m.size_t
     return ImageStatus(
         at=utcnow(),
         device=image.key.device,
@@ -24,11 +26,13 @@ def image_status(book: ImageBook) -> ImageStatus:
         tiles_total=m.tile_count,
         tiles_received=image.committed + len(book.assemblies) + len(book.sealing),
         tiles_committed=image.committed,
-        tiles_stored=m.tile_count if complete else 0,
+        tiles_stored=image.tile_count if complete else 0,
         locations=dict(image.locations),
         error=error,
         staged_bytes=book.in_staging * m.tile_bytes,
         digests=dict(image.digests),
+        incomplete=close is not None and close.partial,
+        tiles_not_planned=len(close.not_planned) * per_position if close else 0,
     )
 
 

@@ -20,6 +20,10 @@ the core as events and keep no state anyone else reads. Each backend of an image
 * with several instances, a backend's writer opens only once this instance holds the image
   store's claim (server_ingest/claims.py): held by another (a dead instance, until its lease
   runs out) it is a fault that may pass, retried like any other.
+
+An image whose close lists fewer tiles than its open (sparse or partial: `Holdings`) is told
+so (`ImageWriter.expect`) before it is finished; a writer already fed a tile the close
+leaves out is started afresh without it.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_runtime.backoff import Backoff
-from tilebridge_storage.base import DigestMismatchError, ImageWriter, StorageBackend
+from tilebridge_storage.base import DigestMismatchError, Holdings, ImageWriter, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,11 @@ class _Job:
     lanes: dict[str, _Lane]
     staged: list[TileKey]
     close: CloseManifest | None = None
+    holdings: Holdings | None = None
+    """What the close says the image holds, when that is fewer tiles than the open's."""
+
+    def holds(self, key: TileKey) -> bool:
+        return self.holdings is None or key in self.holdings.tiles
 
 
 class Storer:
@@ -236,6 +245,12 @@ class Storer:
             self._drop(jobs.pop(command.key))
         elif isinstance(command, Finish):
             job.close = command.close
+            job.holdings = Holdings.of(job.begin.manifest, command.close)
+            job.staged = [key for key in job.staged if job.holds(key)]
+            for lane in job.lanes.values():
+                if lane.writer is not None and not all(map(job.holds, lane.fed)):
+                    _quiet_abort(lane.writer)  # it holds a tile the close left out
+                    lane.writer, lane.retry_at = None, 0.0
         elif command.tile not in job.staged:
             job.staged.append(command.tile)
             for lane in job.lanes.values():
@@ -277,7 +292,7 @@ class Storer:
         assert lane.writer is not None
         manifest, device = job.begin.manifest, job.begin.key.device
         for key in job.staged:
-            if key not in lane.fed:
+            if key not in lane.fed and job.holds(key):
                 lane.writer.write_tile(key, self._staging.load(device, manifest, key))
                 lane.fed.add(key)
                 lane.nbytes += manifest.tile_bytes
@@ -285,6 +300,8 @@ class Storer:
     def _finish(self, job: _Job, name: str, lane: _Lane) -> None:
         assert lane.writer is not None and job.close is not None
         self._feed(job, lane)
+        if job.holdings is not None:
+            lane.writer.expect(job.holdings)
         lane.writer.add_planes(job.close.planes())
         stored = lane.writer.finish()
         del job.lanes[name]

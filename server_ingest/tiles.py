@@ -75,6 +75,17 @@ class TileIntake:
                 self.driver.after_durable(device, committed(key, tile))
             return
         expected = book.close_digest(tile)
+        if book.close is not None and expected is None:
+            tile_refusal(
+                self.driver,
+                device,
+                key.image_id,
+                tile,
+                TileState.REJECTED,
+                ReasonCode.OUT_OF_RANGE,
+                "the image's close does not list this tile: it is not part of the image",
+            )
+            return
         if expected is not None and expected != header.tile_digest:
             tile_refusal(
                 self.driver,
@@ -182,6 +193,8 @@ class TileIntake:
             )
         elif event.outcome is Seal.FAILED:
             self._unavailable(key, f"tile {tuple(tile)} of {key} not staged: {event.detail}")
+        elif book.close is not None and book.close_digest(tile) is None:
+            log.info("tile %s of %s sealed after a close that leaves it out: dropped", tile, key)
         elif book.image.phase in (Phase.RECEIVING, Phase.FAILED) and tile not in book.staged:
             book.staged[tile] = assembly.digest
             self.state.stats.tiles_committed += 1

@@ -12,8 +12,9 @@ UI reads are written where it looks. The Pi holds no OMERO credentials.
 Modules: `writer` (OMEWriter) and `images` (its images' traffic with the edge), `config` (the
 config and paths classes), `placement`, `frames`, `manifest` and `layout` (pure: which tile a
 frame is, what image a writer makes, where ImSwitch's files go), `port` (what the writer needs
-of the edge) with `edge_frontdoor`, `edge_http`, `edge_inprocess` and `stopgap`, `settings`
-and `root` (the one composition root), `switch` (the import lines of ImSwitch's modules).
+of the edge) with `edge_frontdoor` (the edge's front door: its fast path, or an agent in this
+process), `settings` and `root` (the one composition root), `switch` (the import lines of
+ImSwitch's modules).
 """
 
 from tilebridge_imswitch.config import OMEFileStorePaths, OMEWriterConfig

@@ -1,14 +1,13 @@
 """The port over the edge's one front door (`edge_agent.frontdoor.FrontDoor`): the fast-path
-client to a running agent (`edge_agent.fastpath_client.FastPathClient`), or the agent's
-in-process `Acquisition`.
+client to a running `edge-agent run` (`edge_agent.fastpath_client.FastPathClient`, the
+default), or the `Acquisition` of an agent inside ImSwitch's process.
 
-The front door does what the stopgap does for the older edges: the agent writes the local
-files itself (`ExperimentSpec.targets`, the named-layout kinds of `tilebridge_storage`), keeps
-each frame's measured metadata for the close (`FrameInfo` -> `PlaneMeta`), and closes an
-image with the tiles it has (`finalize(partial=True)`). So it is wired without the stopgap.
-
-What its spec has no field for yet travels as key-values, as over HTTP: channel colours,
-the time interval, the time point, the well, ImSwitch's OMERO ids.
+Everything an image is travels as the front door's own fields: the whole open manifest
+(channel colours, the time interval and time point, the well, ImSwitch's OMERO ids) as the
+experiment spec, ImSwitch's local files as the experiment's local targets (the agent writes
+them where ImSwitch looks; the Zarr store is the live target, written before a frame's
+answer), each frame's measured metadata as `FrameInfo` (the agent keeps it as `PlaneMeta`
+for the close), and the end as `finalize(not_planned=..., partial=...)`.
 """
 
 from __future__ import annotations
@@ -23,10 +22,10 @@ import numpy as np
 
 from edge_agent.frontdoor import FrontDoor
 from edge_agent.models import SERVER as DOOR_SERVER
-from edge_agent.models import ExperimentSpec, FrameInfo, Point
+from edge_agent.models import ExperimentSpec, FrameInfo
 from edge_agent.models import LocalTarget as DoorTarget
-from tilebridge_imswitch.edge_http import flattened_key_values
-from tilebridge_imswitch.port import SERVER, LocalTarget, Progress, Target
+from tilebridge_imswitch.port import SERVER, LocalTarget, Progress, Target, Written
+from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest, PlaneMeta
 
@@ -46,13 +45,18 @@ class FrontDoorEdge:
         """When each open image started, as the agent stored it (frames' timestamps)."""
 
     def open(self, manifest: OpenManifest, local: Sequence[LocalTarget]) -> None:
+        if not local and not self.server:
+            raise PermanentError(
+                "nothing to write: the adapter's stream_to_server and ImSwitch's local files "
+                "are both off"
+            )
         started = self.door.start(spec_of(manifest, local, self.server))
         with self._lock:
             self._acquired[manifest.image_id] = started.acquired_at
 
     def write(
         self, image_id: UUID, key: TileKey, pixels: np.ndarray[Any, Any], meta: PlaneMeta
-    ) -> bool:
+    ) -> Written:
         with self._lock:
             acquired = self._acquired.get(image_id)
         info = FrameInfo(
@@ -70,11 +74,16 @@ class FrontDoorEdge:
                 else None
             ),
         )
-        return self.door.write_frame(image_id, pixels, info).accepted
+        answer = self.door.write_frame(image_id, pixels, info)
+        return Written(answer.accepted, answer.landed)
 
-    def close(self, image_id: UUID, never_taken: Sequence[TileKey]) -> None:
-        # Tiles never taken (a round area's holes): closed with the frames it has.
-        self.door.finalize(image_id, partial=bool(never_taken), timeout=self.finalize_timeout_s)
+    def close(self, image_id: UUID, not_planned: Sequence[int], partial: bool) -> None:
+        self.door.finalize(
+            image_id,
+            partial=partial,
+            not_planned=list(not_planned),
+            timeout=self.finalize_timeout_s,
+        )
         with self._lock:
             self._acquired.pop(image_id, None)
 
@@ -91,30 +100,6 @@ class FrontDoorEdge:
 
 
 def spec_of(m: OpenManifest, local: Sequence[LocalTarget], server: bool) -> ExperimentSpec:
-    return ExperimentSpec(
-        experiment=m.experiment,
-        image_name=m.image_name,
-        image_id=m.image_id,
-        tile_width=m.tile_width,
-        tile_height=m.tile_height,
-        dtype=m.dtype,
-        pixel_size_um=m.pixel_size.x_um,
-        pixel_size_y_um=m.pixel_size.y_um,
-        z_step_um=m.pixel_size.z_um,
-        positions=[
-            Point(x_um=p.x_um, y_um=p.y_um, z_um=p.z_um)
-            for p in sorted(m.positions, key=lambda p: p.index)
-        ],
-        channels=list(m.channels),
-        size_c=m.size_c,
-        size_z=m.size_z,
-        size_t=m.size_t,
-        key_values=flattened_key_values(m),
-        tags=list(m.tags),
-        acquired_at=m.acquired_at,
-        project=m.project,
-        dataset=m.dataset,
-        layout=Layout.MOSAIC,
-        targets=[DoorTarget(kind=t.kind, folder=t.folder) for t in local],
-        server=server,
-    )
+    """The whole manifest as the front door's experiment spec, with the local targets."""
+    targets = [DoorTarget(kind=t.kind, folder=t.folder, live=t.live) for t in local]
+    return ExperimentSpec.from_manifest(m, layout=Layout.MOSAIC, targets=targets, server=server)

@@ -1,10 +1,12 @@
 """The images of one writer (one per time point it sees) and their traffic with the edge port.
 
 An image is made once (its manifest, so an open the agent refused is tried again as the same
-image), opened on the edge, written tile by tile, and closed with the tiles never taken
-named. Calls that the agent answers with "try again" (`TransientError`) are repeated for
-`retry_for_s` with backoff, then the error goes to the caller. Used by `writer.OMEWriter`
-under its lock only.
+image), opened on the edge, written tile by tile, and closed saying what it lacks: grid
+cells without a single frame were never planned (a round or oval scan area: the image is
+complete, sparse) when the writer's scan can have such cells, and any other frame missing
+means the scan ended early (partial). Calls that the agent answers with "try again"
+(`TransientError`) are repeated for `retry_for_s` with backoff, then the error goes to the
+caller. Used by `writer.OMEWriter` under its lock only.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tilebridge_imswitch import frames
-from tilebridge_imswitch.port import Edge, LocalTarget
+from tilebridge_imswitch.port import Edge, LocalTarget, Written
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.backoff import Backoff
-from tilebridge_storage.mosaic import Mosaic, plan
-from tilebridge_storage.ome_zarr_v04 import CHUNK, chunks_of
+from tilebridge_storage.mosaic import CHUNK, Mosaic, chunks_of, plan
 
 R = TypeVar("R")
 
@@ -66,7 +67,7 @@ class Images:
 
     def put(
         self, image: Image, key: TileKey, pixels: np.ndarray[Any, Any], meta: PlaneMeta
-    ) -> None:
+    ) -> Written:
         m = image.manifest
         if pixels.shape != (m.tile_height, m.tile_width):
             raise PermanentError(
@@ -75,14 +76,16 @@ class Images:
             )
         if frames.pixel_type(pixels) is not m.dtype:
             raise PermanentError(f"frame of dtype {pixels.dtype}; this writer's are {m.dtype}")
-        self.retrying(lambda: self.edge.write(m.image_id, key, pixels, meta))
+        written = self.retrying(lambda: self.edge.write(m.image_id, key, pixels, meta))
         image.received.add(key)
+        return written
 
-    def close_all(self) -> None:
+    def close_all(self, sparse: bool) -> None:
         for image in self.by_time.values():
-            self.close(image)
+            self.close(image, sparse)
 
-    def close(self, image: Image) -> None:
+    def close(self, image: Image, sparse: bool) -> None:
+        """Close `image`; `sparse`: its grid may have cells the scan never planned."""
         if image.closed:
             return
         image.closed = True
@@ -93,13 +96,24 @@ class Images:
                 "were refused"
             )
             return
-        never = [key for key in m.tile_keys() if key not in image.received]
-        if never:
-            self.logger.warning(
-                f"tilebridge: {m.image_name}: {len(never)} of {m.tile_count} tiles were never "
-                "taken (a scan area with holes, or a stopped scan)"
+        taken = {key.index for key in image.received}
+        not_planned = [p.index for p in m.positions if p.index not in taken] if taken else []
+        if not sparse:
+            not_planned = []
+        missing = [
+            k for k in m.tile_keys() if k not in image.received and k.index not in not_planned
+        ]
+        if not_planned:
+            self.logger.info(
+                f"tilebridge: {m.image_name}: {len(not_planned)} of {len(m.positions)} grid "
+                "cells have no frame: never planned (a round or oval scan area)"
             )
-        self.retrying(lambda: self.edge.close(m.image_id, never))
+        if missing:
+            self.logger.warning(
+                f"tilebridge: {m.image_name}: {len(missing)} planned frames never came (the "
+                "scan stopped, or a frame was refused): it is stored as incomplete"
+            )
+        self.retrying(lambda: self.edge.close(m.image_id, not_planned, bool(missing)))
         for name, target in self.edge.progress(m.image_id).targets.items():
             if target.state == "failed":
                 self.logger.error(f"tilebridge: {m.image_name}: {name} failed: {target.error}")

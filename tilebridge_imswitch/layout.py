@@ -22,8 +22,16 @@ KINDS = {
 }
 
 
+LIVE = "ome_zarr_v04"
+"""The target ImSwitch's live view reads after every frame (`store` and the chunk info)."""
+
+
 def targets(config: WriterConfig, folder: Path) -> list[LocalTarget]:
-    return [LocalTarget(kind, folder) for flag, kind in KINDS.items() if getattr(config, flag)]
+    return [
+        LocalTarget(kind, folder, live=kind == LIVE)
+        for flag, kind in KINDS.items()
+        if getattr(config, flag)
+    ]
 
 
 def zarr_store(folder: Path, name: str) -> Path:

@@ -1,18 +1,17 @@
 """The narrow port the ImSwitch writer drives: what it needs of the edge agent, nothing more.
 
-    edge.open(manifest, local)           # start an image; `local`: files to write on the Pi
-    edge.write(image_id, key, pixels, meta) -> bool   # False: that tile was already written
-    edge.close(image_id, never_taken)    # every tile is in, except those never acquired
-    edge.progress(image_id) -> Progress  # per target, and where the server stored it
-    edge.abort(image_id)                 # the user stopped: discard the local files
+    edge.open(manifest, local)              # start an image; `local`: files to write on the Pi
+    edge.write(image_id, key, pixels, meta) -> Written   # accepted; in the live target yet
+    edge.close(image_id, not_planned, partial)   # every frame is in: positions never planned,
+                                                 # or planned frames missing (stopped early)
+    edge.progress(image_id) -> Progress     # per target, and where the server stored it
+    edge.abort(image_id)                    # the user stopped: discard the local files
 
 Errors are tilebridge's: `TransientError` (try again: the agent is restarting, its disk is
-full), `PermanentError` (this will not work: the reason says why). Implementations:
-`edge_frontdoor.FrontDoorEdge` (the edge's one front door: its fast-path client), and for
-agents without it `edge_http.HttpEdge` (the HTTP API) and `edge_inprocess.AgentEdge` (an
-agent in the same process), those two wrapped in `stopgap.Stopgap` for what they do not do
-(local files where ImSwitch looks, closing an image with holes). Any implementation must be
-safe to call from several threads for different images.
+full), `PermanentError` (this will not work: the reason says why). The implementation is
+`edge_frontdoor.FrontDoorEdge`, over the edge's one front door: its fast-path client to the
+`edge-agent run` service, or an agent inside ImSwitch's process. It must be safe to call
+from several threads for different images.
 """
 
 from __future__ import annotations
@@ -38,10 +37,23 @@ _OMERO = re.compile(r"omero:Image:(\d+)\S*\s+dataset:(\d+)")
 @dataclass(frozen=True)
 class LocalTarget:
     """A local file target: a storage backend kind (tilebridge_storage.registry) and the
-    folder it writes under."""
+    folder it writes under; `live`: a viewer reads it after every frame (ImSwitch's live
+    view, its Zarr store), so a frame's answer waits until it is there."""
 
     kind: str
     folder: Path
+    live: bool = False
+
+
+@dataclass(frozen=True)
+class Written:
+    """The agent's answer to a frame."""
+
+    accepted: bool
+    """False: that tile was written before (same pixels): nothing changed."""
+    landed: bool | None = None
+    """True: the live target (ImSwitch's Zarr store) has the frame now; False: it failed it
+    or was too slow; None: there is no live target."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +81,9 @@ class Edge(Protocol):
 
     def write(
         self, image_id: UUID, key: TileKey, pixels: np.ndarray[Any, Any], meta: PlaneMeta
-    ) -> bool: ...
+    ) -> Written: ...
 
-    def close(self, image_id: UUID, never_taken: Sequence[TileKey]) -> None: ...
+    def close(self, image_id: UUID, not_planned: Sequence[int], partial: bool) -> None: ...
 
     def progress(self, image_id: UUID) -> Progress: ...
 

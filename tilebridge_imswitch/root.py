@@ -3,7 +3,7 @@
 ImSwitch constructs `OMEWriter` with its own arguments only, so writers find the process's
 session here (`session()`), made on first use from `AdapterSettings.load()`. Tests and
 programs that embed the adapter call `configure(...)` first (or pass `edge=` to a writer).
-`close()` ends it (the in-process agent is stopped, the HTTP client closed).
+`close()` ends it (the fast-path connection closed, the in-process agent stopped).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tilebridge_imswitch.port import Edge
 from tilebridge_imswitch.settings import AdapterSettings, OmeroTargets, setup_targets
-from tilebridge_imswitch.stopgap import NoServer, Stopgap
+
+if TYPE_CHECKING:
+    from edge_agent.frontdoor import FrontDoor
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,9 @@ def configure(settings: AdapterSettings | None = None, edge: Edge | None = None)
     """Replace the process's session (closing the old one)."""
     global _current
     settings = settings or AdapterSettings.load()
-    made = Session(settings, edge or NoServer(), setup_targets(settings.imswitch_setup))
-    if edge is None:
-        made.edge = _wire(settings, made.closers)
+    targets = setup_targets(settings.imswitch_setup)
+    closers: list[Any] = []
+    made = Session(settings, edge or _wire(settings, closers), targets, closers)
     with _lock:
         old, _current = _current, made
     if old is not None:
@@ -84,38 +86,24 @@ def close() -> None:
 
 
 def _wire(settings: AdapterSettings, closers: list[Any]) -> Edge:
-    inner: Edge
+    """The edge's front door, over its fast path (the agent service) or in this process."""
+    from tilebridge_imswitch.edge_frontdoor import FrontDoorEdge
+
+    door: FrontDoor
     if settings.edge == "fastpath":
         from edge_agent.fastpath_client import FastPathClient
-        from tilebridge_imswitch.edge_frontdoor import FrontDoorEdge
 
-        door = FastPathClient(settings.edge_socket)
-        closers.append(door.close)
-        # The front door writes the local files and closes with holes: no stopgap.
-        return FrontDoorEdge(door, settings.stream_to_server, settings.finalize_timeout_s)
-    if not settings.stream_to_server:
-        inner = NoServer()
-    elif settings.edge == "in_process":
+        client = FastPathClient(settings.edge_socket)
+        closers.append(client.close)
+        door = client
+    else:
         from edge_agent.app import EdgeApp
         from edge_agent.settings import AgentSettings
-        from tilebridge_imswitch.edge_inprocess import AgentEdge
 
         agent = EdgeApp(AgentSettings.load(settings.agent_config)).start()
         closers.append(agent.stop)
-        inner = AgentEdge(agent.acquisition)
-    elif settings.edge == "http":
-        from edge_agent.client import EdgeClient
-        from tilebridge_imswitch.edge_http import HttpEdge
-
-        token = None
-        if settings.edge_token_file is not None:
-            token = settings.edge_token_file.read_text().strip() or None
-        client = EdgeClient(settings.edge_url, token=token)
-        closers.append(client.close)
-        inner = HttpEdge(client, settings.finalize_timeout_s)
-    else:
-        raise ValueError(f"edge must be 'http', 'fastpath' or 'in_process', not {settings.edge!r}")
-    return Stopgap(inner, settings.device)
+        door = agent.acquisition
+    return FrontDoorEdge(door, settings.stream_to_server, settings.finalize_timeout_s)
 
 
 def _close(old: Session) -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,15 +39,13 @@ class AdapterSettings(BaseSettings):
         env_prefix="TILEBRIDGE_IMSWITCH_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    edge: str = "http"
-    """How to reach the agent: `http` (the agent service's local HTTP API), `fastpath` (its
-    front door over the local socket `edge_socket`: the agent writes the local files and
-    closes images with holes itself), or `in_process` (an agent inside ImSwitch's process,
-    configured by `agent_config`)."""
+    edge: Literal["fastpath", "in_process"] = "fastpath"
+    """How to reach the agent: `fastpath` (the `edge-agent run` service's front door over
+    its local socket `edge_socket`; the agent keeps streaming while ImSwitch restarts), or
+    `in_process` (an agent inside ImSwitch's process, configured by `agent_config`). Either
+    way the agent writes ImSwitch's local files and keeps each frame's measured metadata."""
     edge_socket: Path = Path("/run/tilebridge-edge/acquire.sock")
-    edge_url: str = "http://127.0.0.1:8710"
-    edge_token_file: Path | None = None
-    """A file holding the agent's HTTP token, if it has one."""
+    """The agent's `local_socket`."""
     agent_config: Path | None = None
     """The agent settings file for `edge: in_process` (the agent's own edge.json)."""
     stream_to_server: bool = True
@@ -60,8 +58,6 @@ class AdapterSettings(BaseSettings):
     """OMERO dataset; None: one per ImSwitch experiment (its folder name), or per plate."""
     imswitch_setup: Path | None = None
     """ImSwitch's setup JSON, read for its OMERO targets (never for credentials)."""
-    device: str = "scope-1"
-    """The agent's device id (names local output folders of the in-process stopgap)."""
     retry_for_s: float = Field(default=60.0, ge=0)
     """How long a frame is retried while the agent says "try again" before it is refused."""
     finalize_grace_s: float = Field(default=2.0, ge=0)

@@ -6,8 +6,9 @@ modes make them). Its frames become one tilebridge image per time point they car
 closed by `finalize()`:
 
 * `write_frame` places the frame by its stage x/y (`placement`), hands it to the edge port
-  (durable on the Pi before it returns; the server stream and the local files follow from
-  there) and returns the chunk info ImSwitch's live view uses, or `{}` without a Zarr store.
+  (durable on the Pi before it returns, and in the Zarr store, the live target; the server
+  stream and the other local files follow from there) and returns the chunk info ImSwitch's
+  live view uses, or `{}` without a Zarr store (or when the store did not take it in time).
   A frame that matches no planned position, or does not fit the writer (a channel or z plane
   it does not have, another size or dtype), is refused with `PermanentError` and the reason;
   ImSwitch logs it. While the agent says "try again" (restarting, disk full) the frame is
@@ -15,10 +16,15 @@ closed by `finalize()`:
 * In performance mode frames name their channel only by `illuminationChannel`; until every
   configured channel was seen (the first position's frames), frames wait in memory, and the
   image opens with those names.
-* `finalize()` closes the image with the frames that exist (a round scan area's holes are
-  tiles never taken); called again it does nothing. When frames are missing it first waits
-  until none arrived for `finalize_grace_s`: ImSwitch calls it from its workflow thread
-  while its frame saver may still hold the area's last frames.
+* `finalize()` closes the image with the frames that exist; called again it does nothing. In
+  normal mode a grid cell without a single frame was never planned (a round or oval scan
+  area): the image is complete without it (sparse). Any other frame missing (a performance
+  mode scan, which covers its whole grid, stopped early; a frame refused, which was meant
+  for some cell) closes it as partial: incomplete.
+  When frames are missing it first waits until none arrived for `finalize_grace_s`:
+  ImSwitch calls it from its workflow thread while its frame saver may still hold the
+  area's last frames. (A normal-mode scan the user stops is never finalized by ImSwitch:
+  the agent's abandoned-experiment policy closes it as partial.)
 
 Threads: ImSwitch calls `write_frame` from its frame-saver thread and `finalize` from its
 workflow thread. A writer's calls are serialized by the writer's own lock, held through the
@@ -121,6 +127,7 @@ class OMEWriter:
         self._lock = threading.Lock()
         self._last_frame = time.monotonic()
         self._finalized = False
+        self._sparse = False
         self.frames_refused = 0
         self.last_refusal: str | None = None
         for warning in self._cfg.warnings(self._settings.stream_to_server):
@@ -152,7 +159,8 @@ class OMEWriter:
             if self._held:
                 self._channels.settle()
                 self._open_held()
-            self._images.close_all()
+            # A refused frame was meant for some cell: then no empty cell is known unplanned.
+            self._images.close_all(self._sparse and not self.frames_refused)
             if not self._images.by_time:
                 self.logger.warning(f"tilebridge: {self._stem} got no frames; nothing written")
             self._session.release_stem(self._folder, self._stem)
@@ -207,6 +215,9 @@ class OMEWriter:
         z = self._z.index(facts.z_index, facts.z_um, index, channel)
         if self._extras is None:
             self._extras = facts.extras
+        # Normal mode numbers its frames within an area, which may be round or oval (grid
+        # cells never planned); performance mode scans the whole grid and numbers none.
+        self._sparse |= facts.tile_index is not None
         held = _Held(planes, facts, index, channel, z)
         if self._channels.names is None:
             # Performance mode: wait for every channel's name, at most one frame per channel
@@ -215,8 +226,7 @@ class OMEWriter:
             if len(self._held) < self._channels.count:
                 return {}
             self._channels.settle()
-            self._open_held()
-            return self._chunk_info(held)
+            return self._open_held()  # the last of them is this frame
         if self._held:
             self._open_held()
         return self._put(held)
@@ -227,10 +237,18 @@ class OMEWriter:
             facts.time_index, lambda: self._manifest(facts, first), self._local()
         )
         samples = len(held.planes)
+        landed = True
         for s, pixels in enumerate(held.planes):
             key = TileKey(held.index, held.z, held.channel * samples + s, 0)
             meta = frames.plane_meta(facts, image.manifest.acquired_at)
-            self._images.put(image, key, pixels, meta)
+            landed &= self._images.put(image, key, pixels, meta).landed is not False
+        if not landed:
+            # The live view reads the store as soon as it is told: tell it only what is there.
+            self.logger.warning(
+                "tilebridge: the Zarr store did not take a frame in time; the live view is "
+                "not told about it"
+            )
+            return {}
         return self._chunk_info(held)
 
     def _manifest(self, facts: frames.FrameFacts, first: np.ndarray[Any, Any]) -> OpenManifest:
@@ -272,11 +290,13 @@ class OMEWriter:
             omero_dataset_id=self._targets.dataset_id or None,
         )
 
-    def _open_held(self) -> None:
-        """Write the frames that waited for the channel names."""
+    def _open_held(self) -> dict[str, Any]:
+        """Write the frames that waited for the channel names; the chunk info of the last."""
         held, self._held = self._held, []
+        info: dict[str, Any] = {}
         for frame in held:
-            self._put(frame)
+            info = self._put(frame)
+        return info
 
     # -- helpers -----------------------------------------------------------------------------
 

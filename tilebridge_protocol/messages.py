@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import numpy as np
+import xxhash
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -249,17 +250,26 @@ class TileDigest(BaseModel):
 
 
 class CloseManifest(_Message):
-    """Says the device sent every tile of the image; lists each tile's digest.
+    """Says the device sent every tile of the image it will send; lists each tile's digest.
 
-    `partial`: the acquisition ended early (closed with the frames it had: a stopped or
-    abandoned scan, a round scan area): `digests` lists exactly the tiles sent, fewer than
-    the open declared, and the server stores those and marks the image incomplete. Sent
-    only when true, so a receiver that predates the field still reads every full close."""
+    Two ways an image ends with fewer tiles than its open declared, never to be confused:
+
+    * `partial`: the acquisition ended early (stopped, or abandoned and closed by the agent's
+      policy): planned tiles are missing; the server stores what `digests` lists and flags
+      the image incomplete.
+    * `not_planned`: positions the acquisition never planned (the grid cells outside a round
+      or oval scan area): none of their tiles exist and none is missing, so an image whose
+      every other tile is listed is complete, not flagged.
+
+    Both are left out of the JSON while unset, so a receiver that predates them reads every
+    full close unchanged. `check(open)` says whether a close fits its open manifest."""
 
     image_id: UUID
     tile_count: int = Field(ge=1)
     digests: tuple[TileDigest, ...]
     partial: bool = False
+    not_planned: tuple[int, ...] = Field(default=(), max_length=100000)
+    """Position indices never planned, ascending, each once."""
 
     @model_validator(mode="after")
     def _consistent(self) -> CloseManifest:
@@ -267,17 +277,58 @@ class CloseManifest(_Message):
             raise ValueError(f"{len(self.digests)} digests for tile_count={self.tile_count}")
         if len({d.tile for d in self.digests}) != len(self.digests):
             raise ValueError("a tile is listed twice")
+        if list(self.not_planned) != sorted(set(self.not_planned)) or any(
+            i < 0 for i in self.not_planned
+        ):
+            raise ValueError("not_planned must be ascending position indices, each once")
+        unplanned = set(self.not_planned)
+        listed = next((d.tile for d in self.digests if d.tile.index in unplanned), None)
+        if listed is not None:
+            raise ValueError(f"tile {list(listed)} is listed, but its position is not_planned")
         return self
+
+    def planned_keys(self, manifest: OpenManifest) -> list[TileKey]:
+        """The open's tiles at planned positions, in acquisition order."""
+        unplanned = set(self.not_planned)
+        return [k for k in manifest.tile_keys() if k.index not in unplanned]
+
+    def check(self, manifest: OpenManifest) -> str | None:
+        """What makes this close contradict its open manifest (None: it fits)."""
+        outside = [i for i in self.not_planned if i >= len(manifest.positions)]
+        if outside:
+            count = len(manifest.positions)
+            return f"not_planned names position {outside[0]}, the open has {count}"
+        planned = set(self.planned_keys(manifest))
+        listed = {d.tile for d in self.digests}
+        stray = next((k for k in listed if k not in planned), None)
+        if stray is not None:
+            return f"close lists tile {list(stray)}, which the open does not declare"
+        if not self.partial and listed != planned:
+            return (
+                f"close lists {len(listed)} of the {len(planned)} planned tiles without "
+                "partial: true (other tiles than open declared)"
+            )
+        if self.partial and listed == planned:
+            return "a partial close lists every planned tile: send it as a full close"
+        return None
+
+    def shape(self) -> bytes:
+        """A digest of what a repeated close must agree on: full or partial, the tiles
+        listed, the positions never planned (their digests are checked tile by tile)."""
+        text = json.dumps([self.partial, sorted(d.tile for d in self.digests), self.not_planned])
+        return xxhash.xxh3_128_digest(text.encode())
 
     def planes(self) -> dict[TileKey, PlaneMeta]:
         """Measured metadata by tile, for the tiles that have any."""
         return {d.tile: d.meta for d in self.digests if d.meta is not None}
 
     def to_bytes(self) -> bytes:
-        """JSON (`partial` only when true), zstd-compressed when long (see
+        """JSON (`partial` and `not_planned` only when set), zstd-compressed when long (see
         `tilebridge_protocol.compressed`)."""
-        data = self.model_dump_json(exclude=None if self.partial else {"partial"}).encode()
-        return maybe_compress(data)
+        unset = {"partial"} if not self.partial else set()
+        if not self.not_planned:
+            unset.add("not_planned")
+        return maybe_compress(self.model_dump_json(exclude=unset or None).encode())
 
 
 class TileState(StrEnum):

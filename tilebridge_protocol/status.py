@@ -169,3 +169,9 @@ class ImageStatus(_Status):
     """Bytes of this image's tiles staged on the ingest's disk (0 once stored)."""
     digests: dict[str, str] = Field(default_factory=dict)
     """Backend -> digest of the pixels it was verified to hold (see `ImageAck.digests`)."""
+    incomplete: bool = False
+    """Closed as partial (the acquisition stopped early): stored with the tiles it has,
+    `tiles_stored` of the planned ones, and flagged incomplete in every backend."""
+    tiles_not_planned: int = 0
+    """Of `tiles_total`, those at positions the close says were never planned (a round scan
+    area's empty grid cells): not missing, so the image is complete without them."""

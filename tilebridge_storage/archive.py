@@ -13,6 +13,10 @@ Verified (unless `verify=False`): while writing, the SHA-1 of every plane as wri
 order: position by position, T, C, Z, little-endian samples) is computed; after the file is
 durable it is read back page by page and digested the same way. A mismatch removes the file
 and raises `DigestMismatchError`; a match is the image's `digest` (`sha1:<hex>`).
+
+An image that holds fewer tiles (`expect`) has no series for a position without any tile
+(each series names its position); a position missing some planes keeps them as zeros and
+says which in `tilebridge.missing_planes`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from tilebridge_protocol.messages import OpenManifest
 from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 from tilebridge_storage.base import DigestMismatchError, ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.paths import check_writable, image_path
-from tilebridge_storage.plane_metadata import image_key_values, position_planes
+from tilebridge_storage.plane_metadata import missing_planes, position_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -105,9 +109,12 @@ class _ArchiveWriter(ImageWriter):
     def _write_file(self, tmp: Path) -> None:
         m = self.manifest
         shape = (m.size_t, m.size_c, m.size_z, m.tile_height, m.tile_width)
-        key_values = image_key_values(m)
+        key_values = self.image_key_values()
+        held = {key.index for key in self.tiles}
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for position in m.positions:
+                if position.index not in held:
+                    continue  # not one tile of it: no series (the others name their position)
                 planned = f"{position.x_um:g} {position.y_um:g} {position.z_um:g} um"
                 tif.write(
                     self._planes(position.index),
@@ -118,16 +125,19 @@ class _ArchiveWriter(ImageWriter):
                         m,
                         f"{m.image_name} position {position.index}",
                         position_planes(m, self.planes, position.index),
-                        key_values | {"planned_position": planned},
+                        key_values
+                        | {"planned_position": planned}
+                        | missing_planes(m, position.index, self.tiles),
                     ),
                 )
 
     def _planes(self, index: int) -> Iterator[np.ndarray[Any, Any]]:
         m = self.manifest
+        blank = np.zeros((m.tile_height, m.tile_width), m.dtype.numpy)
         for t in range(m.size_t):
             for c in range(m.size_c):
                 for z in range(m.size_z):
-                    tile = self.tiles[TileKey(index, z, c, t)]
+                    tile = self.tiles.get(TileKey(index, z, c, t), blank)
                     if isinstance(tile, _Staged):
                         tile = tile.load()
                     plane = np.ascontiguousarray(tile, dtype=m.dtype.numpy)

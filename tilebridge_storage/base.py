@@ -11,6 +11,7 @@ Lifecycle of one image::
     writer = backend.open_image(device, manifest)   # once per attempt
     writer.write_tile(key, pixels)                  # every key of the manifest, any order
     writer.add_planes(planes)                       # measured metadata, any time before finish
+    writer.expect(holdings)                         # only if the image holds fewer tiles
     stored = writer.finish()                        # all tiles written -> durable result
     # or writer.abort() to discard a partial attempt
 
@@ -29,6 +30,16 @@ Promises every backend keeps:
   Writing a key again with identical pixels changes nothing. A key outside the manifest, or
   pixels of the wrong shape or dtype, raise `PermanentError` and change nothing.
 * `finish()` requires every tile; with tiles missing it raises `PermanentError` naming them.
+* `expect(holdings)`: the image holds exactly `holdings.tiles`, fewer than its manifest
+  declares (a sparse image: positions never planned, `holdings.not_planned`; a partial one:
+  the acquisition ended early, `holdings.partial`). Called at most once, at any time before
+  `finish()` (before the first tile or after the last); from then on `write_tile` refuses a
+  key outside the holdings and `finish()` requires exactly those tiles (a tile written
+  before that the image does not hold is a `PermanentError` at `finish()`). What is not
+  there is never invented: a canvas stays 0 over the area a missing tile would own (its
+  ownership is the plan's, never the arrivals'); a per-position output omits a position
+  without tiles; every backend records `holdings.key_values()` with the image's own
+  key-values (`tilebridge.incomplete`, `tilebridge.tiles`, `tilebridge.not_planned`).
   Its result is durable when it returns (files fsynced / the server confirmed). Calling it
   again returns an equal `StoredImage` and changes nothing. After it, `write_tile` raises.
 * `add_planes(planes)` may be called any number of times before `finish()`; each call adds
@@ -57,7 +68,8 @@ import numpy as np
 
 from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest, PlaneMeta
+from tilebridge_protocol.messages import CloseManifest, OpenManifest, PlaneMeta
+from tilebridge_storage.plane_metadata import image_key_values
 
 
 class DigestMismatchError(TransientError):
@@ -79,6 +91,57 @@ class StoredImage:
     """`sha1:<hex>` of the pixels the backend was read back to hold, if it verifies them."""
 
 
+@dataclass(frozen=True)
+class Holdings:
+    """Which tiles an image holds when that is fewer than its manifest declares."""
+
+    tiles: frozenset[TileKey]
+    not_planned: frozenset[int] = frozenset()
+    """Positions the acquisition never planned (a round scan area's empty grid cells): none
+    of their tiles is missing."""
+    partial: bool = False
+    """The acquisition ended early: planned tiles are missing, the image is incomplete."""
+
+    @classmethod
+    def of(cls, manifest: OpenManifest, close: CloseManifest) -> Holdings | None:
+        """What a close says the image holds; None when that is every tile."""
+        if not close.partial and not close.not_planned:
+            return None
+        return cls(
+            frozenset(d.tile for d in close.digests), frozenset(close.not_planned), close.partial
+        )
+
+    def planned(self, manifest: OpenManifest) -> int:
+        """Tiles the acquisition planned: the manifest's, less those never planned."""
+        per_position = manifest.size_z * manifest.size_c * manifest.size_t
+        return manifest.tile_count - len(self.not_planned) * per_position
+
+    def key_values(self, manifest: OpenManifest) -> dict[str, str]:
+        """What every backend records with the image's key-values."""
+        out = {}
+        if self.partial:
+            out["tilebridge.incomplete"] = "true"
+            out["tilebridge.tiles"] = f"{len(self.tiles)}/{self.planned(manifest)}"
+        if self.not_planned:
+            out["tilebridge.not_planned"] = _ranges(sorted(self.not_planned))
+        return out
+
+
+def _ranges(indices: list[int], limit: int = 1024) -> str:
+    """`0-3, 7, 12-15`: positions as ranges, cut short to fit a key-value."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[: limit - 4].rsplit(", ", 1)[0] + ", ..."
+
+
 class ImageWriter(ABC):
     """Writes one image. See the module docstring for the contract."""
 
@@ -89,6 +152,8 @@ class ImageWriter(ABC):
         """The `name` of the backend that opened this writer (what `StoredImage` names)."""
         self.planes: dict[TileKey, PlaneMeta] = {}
         """Measured metadata per tile, given by `add_planes` (see the contract)."""
+        self.holdings: Holdings | None = None
+        """Set by `expect`: the tiles this image holds, when fewer than the manifest's."""
 
     @abstractmethod
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None: ...
@@ -108,6 +173,27 @@ class ImageWriter(ABC):
                 )
             self.planes[key] = meta
 
+    def expect(self, holdings: Holdings) -> None:
+        """The image holds exactly `holdings.tiles` (see the contract). A backend that must
+        act on it (write what waited for a missing tile) extends this."""
+        m = self.manifest
+        stray = next((k for k in holdings.tiles if not m.has_tile(k)), None)
+        if stray is not None:
+            raise PermanentError(f"tile {tuple(stray)} is not part of image {m.image_id}")
+        if self.holdings is not None and self.holdings != holdings:
+            raise PermanentError(f"image {m.image_id} was told other holdings before")
+        self.holdings = holdings
+
+    def holds(self, key: TileKey) -> bool:
+        """Whether the image holds `key` (every key of the manifest until `expect`)."""
+        return self.holdings is None or key in self.holdings.tiles
+
+    def image_key_values(self) -> dict[str, str]:
+        """The image's key-values as every backend stores them: the manifest's own (and what
+        its optional fields say), and what `expect` said of the tiles it holds."""
+        extra = self.holdings.key_values(self.manifest) if self.holdings is not None else {}
+        return image_key_values(self.manifest) | extra
+
     def admit(
         self, key: TileKey, pixels: np.ndarray[Any, Any], written: Collection[TileKey], done: bool
     ) -> bool:
@@ -123,6 +209,10 @@ class ImageWriter(ABC):
         m = self.manifest
         if not m.has_tile(key):
             raise PermanentError(f"tile {tuple(key)} is not part of image {m.image_id}")
+        if not self.holds(key):
+            raise PermanentError(
+                f"tile {tuple(key)} is not among the tiles image {m.image_id} holds"
+            )
         if pixels.shape != (m.tile_height, m.tile_width):
             raise PermanentError(
                 f"tile {tuple(key)} has shape {pixels.shape}, "
@@ -132,9 +222,15 @@ class ImageWriter(ABC):
             raise PermanentError(f"tile {tuple(key)} has dtype {pixels.dtype}, expected {m.dtype}")
 
     def missing(self, written: set[TileKey] | dict[TileKey, Any]) -> list[TileKey]:
-        return [k for k in self.manifest.tile_keys() if k not in written]
+        return [k for k in self.manifest.tile_keys() if k not in written and self.holds(k)]
 
     def require_complete(self, written: set[TileKey] | dict[TileKey, Any]) -> None:
+        stray = next((k for k in written if not self.holds(k)), None)
+        if stray is not None:
+            raise PermanentError(
+                f"image {self.manifest.image_id} was given tile {tuple(stray)}, which it does "
+                "not hold"
+            )
         missing = self.missing(written)
         if missing:
             shown = ", ".join(str(tuple(k)) for k in missing[:5])

@@ -9,7 +9,10 @@ position, exposure and DeltaT, the planned position as StageLabel, the image's k
 
 A frame is written the moment it arrives (aside, then renamed: a reader sees whole files
 only), so nothing is held. Measured metadata comes with the close: `finish()` rewrites the
-OME-XML of the files it concerns (tifffile.tiffcomment) and fsyncs files and folders. The
+OME-XML of the files it concerns (tifffile.tiffcomment) and fsyncs files and folders. An
+image that holds fewer tiles (`expect`) has a file per tile it holds, no other; each file's
+key-values then say so (`tilebridge.incomplete`, `tilebridge.not_planned`, ...), so every
+file is rewritten at `finish()`. The
 `tiles` folder is claimed for its image (`paths.claim`); a new attempt of the same image
 starts it afresh, `abort()` removes it.
 """
@@ -30,7 +33,7 @@ from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.paths import check_writable, claim, named_path, release
-from tilebridge_storage.plane_metadata import image_key_values, position_planes
+from tilebridge_storage.plane_metadata import position_planes
 from tilebridge_storage.tiff_metadata import METADATA_NS
 
 UM = ome.UnitsLength.MICROMETER
@@ -73,7 +76,7 @@ class _FrameTiffsWriter(ImageWriter):
             if not self.started:
                 remove(self.folder)  # an earlier attempt's frames are replaced, never mixed in
                 self.started = True
-            _write(path, data, frame_xml(m, key, self.planes).encode())
+            _write(path, data, frame_xml(m, key, self.planes, self.image_key_values()).encode())
         self.written.add(key)
 
     def finish(self) -> StoredImage:
@@ -81,11 +84,11 @@ class _FrameTiffsWriter(ImageWriter):
             return self.stored
         self.require_complete(self.written)
         with disk_errors(f"writing {self.folder}"):
-            for key in sorted(self.planes):
+            key_values = self.image_key_values()
+            for key in sorted(self.written if self.holdings is not None else self.planes):
                 path = self.path_of(key)
-                tifffile.tiffcomment(
-                    path, comment=frame_xml(self.manifest, key, self.planes).encode()
-                )
+                xml = frame_xml(self.manifest, key, self.planes, key_values)
+                tifffile.tiffcomment(path, comment=xml.encode())
             for key in sorted(self.written):
                 fsync_file(self.path_of(key))
             for folder in sorted({self.path_of(key).parent for key in self.written}):
@@ -125,7 +128,12 @@ def _write(path: Path, data: np.ndarray[Any, Any], description: bytes) -> None:
         remove(tmp)
 
 
-def frame_xml(m: OpenManifest, key: TileKey, planes: Mapping[TileKey, PlaneMeta]) -> str:
+def frame_xml(
+    m: OpenManifest,
+    key: TileKey,
+    planes: Mapping[TileKey, PlaneMeta],
+    key_values: Mapping[str, str],
+) -> str:
     """OME-XML of one frame's file."""
     values = position_planes(m, planes, key.index)
     plane = next(v for v in values if (v.the_t, v.the_c, v.the_z) == (key.t, key.c, key.z))
@@ -171,7 +179,7 @@ def frame_xml(m: OpenManifest, key: TileKey, planes: Mapping[TileKey, PlaneMeta]
             )
         ],
     )
-    key_values = image_key_values(m) | {
+    key_values = dict(key_values) | {
         "tile": f"{key.index} z{key.z} c{key.c} t{m.first_time_point + key.t}"
     }
     image = ome.Image(

@@ -5,7 +5,9 @@ OMERO): the layout, the ownership rule, band queries, and 2x2-mean pyramid helpe
 
 Placement: a stage position names the top-left corner of its tile. The canvas origin is the
 smallest stage x and y; tile `i` starts at pixel `round((x_um - min_x) / pixel_size.x_um)`
-(likewise y), and the canvas just covers every tile. Pixels no tile covers stay 0.
+(likewise y), and the canvas just covers every tile. Pixels no tile covers stay 0, and so
+does the area a tile owns when the image does not hold it (a sparse or partial image): the
+plan is the manifest's, whichever tiles arrive.
 
 Ownership: every canvas pixel shows exactly one tile, decided by the pixel alone, never by
 arrival order, so a canvas painted tile by tile as tiles arrive equals one assembled at the
@@ -156,12 +158,30 @@ def plan(manifest: OpenManifest) -> Mosaic:
 def assemble(
     manifest: OpenManifest, tiles_for_plane: Mapping[int, np.ndarray[Any, Any]]
 ) -> np.ndarray[Any, Any]:
-    """The canvas of one plane, from position index -> tile (for tests and small images)."""
+    """The canvas of one plane, from position index -> tile (for tests and small images).
+    A position without a tile leaves the area it owns 0 (see the module docstring)."""
     mosaic = plan(manifest)
     canvas = np.zeros((mosaic.height, mosaic.width), manifest.dtype.numpy.newbyteorder("="))
     for piece in mosaic.pieces:
-        canvas[piece.canvas.slices] = tiles_for_plane[piece.index][piece.tile.slices]
+        tile = tiles_for_plane.get(piece.index)
+        if tile is not None:
+            canvas[piece.canvas.slices] = tile[piece.tile.slices]
     return canvas
+
+
+CHUNK = 512
+"""Side of the square chunks a viewer loads one at a time (the NGFF 0.4 live store's): what
+ImSwitch's live view is told a frame painted (`chunks_of`)."""
+
+
+def chunks_of(mosaic: Mosaic, index: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """(row, column) of every level-0 chunk that tile `index` paints."""
+    out: set[tuple[int, int]] = set()
+    for piece in mosaic.pieces_of(index):
+        c = piece.canvas
+        for row in range(c.y0 // chunk, (c.y1 - 1) // chunk + 1):
+            out.update((row, col) for col in range(c.x0 // chunk, (c.x1 - 1) // chunk + 1))
+    return sorted(out)
 
 
 def pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:

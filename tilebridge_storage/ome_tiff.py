@@ -15,6 +15,10 @@ allocated (header, OME-XML, empty strips); each plane is written into its page t
 arrives, so the caller may free the frame at once. A file is fsynced when its last plane
 lands. Uncompressed pages are what make writing in place, in any order, possible.
 
+An image that holds fewer tiles (`expect`) has no file for a position without any tile; a
+position missing some planes keeps them as zero pages and says which in its key-values
+(`tilebridge.missing_planes`, beside `tilebridge.incomplete` and the others).
+
 Atomicity: files are written under `.<dir>.partial/`; `finish()` renames the whole directory
 into place, so a reader sees every position or none, and a new attempt or `abort()` simply
 removes the partial directory.
@@ -37,7 +41,7 @@ from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.paths import check_writable, image_path
-from tilebridge_storage.plane_metadata import image_key_values, position_planes
+from tilebridge_storage.plane_metadata import missing_planes, position_planes
 from tilebridge_storage.tiff_metadata import METADATA_NS
 
 SUFFIX = ".ome.tif"
@@ -128,12 +132,18 @@ class _OmeTiffWriter(ImageWriter):
             self.started = False
 
     def _describe_measured(self) -> None:
-        """Rewrite the OME-XML of every position that got measured plane metadata (the file
-        was described with the planned values when its first plane arrived)."""
+        """Rewrite the OME-XML of every position that got measured plane metadata, or all of
+        them when the image holds fewer tiles (each file was described with the planned
+        values, as if complete, when its first plane arrived)."""
         m = self.manifest
-        for index in sorted({key.index for key in self.planes}):
+        written = {key.index for key in self.written}
+        rewrite = written if self.holdings is not None else {key.index for key in self.planes}
+        key_values = self.image_key_values()
+        for index in sorted(rewrite & written):
             path = self.partial / self._file_name(index)
-            tifffile.tiffcomment(path, comment=ome_xml(m, index, self.planes).encode())
+            extra = missing_planes(m, index, self.written)
+            xml = ome_xml(m, index, self.planes, key_values | extra)
+            tifffile.tiffcomment(path, comment=xml.encode())
             fsync_file(path)
 
     def _file_name(self, index: int) -> str:
@@ -154,7 +164,7 @@ class _OmeTiffWriter(ImageWriter):
                 dtype=m.dtype.numpy,
                 photometric="minisblack",
                 rowsperstrip=m.tile_height,
-                description=ome_xml(m, index, self.planes).encode(),
+                description=ome_xml(m, index, self.planes, self.image_key_values()).encode(),
                 metadata=None,
             )
         with tifffile.TiffFile(path) as tif:
@@ -174,7 +184,9 @@ def _pwrite_all(path: Path, data: memoryview, offset: int) -> None:
         os.close(fd)
 
 
-def ome_xml(m: OpenManifest, index: int, planes: Mapping[TileKey, PlaneMeta]) -> str:
+def ome_xml(
+    m: OpenManifest, index: int, planes: Mapping[TileKey, PlaneMeta], key_values: Mapping[str, str]
+) -> str:
     """OME-XML of one position's file: one Image, planes in XYZCT order, each at its measured
     stage position (the StageLabel keeps the planned one)."""
     pos = m.positions[index]
@@ -226,7 +238,6 @@ def ome_xml(m: OpenManifest, index: int, planes: Mapping[TileKey, PlaneMeta]) ->
     )
     annotations = ome.StructuredAnnotations()
     refs = []
-    key_values = image_key_values(m)
     if key_values:
         annotations.map_annotations.append(
             ome.MapAnnotation(

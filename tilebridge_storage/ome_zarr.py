@@ -45,7 +45,6 @@ from tilebridge_storage.mosaic import (
     require_mosaic,
 )
 from tilebridge_storage.paths import check_writable, image_path
-from tilebridge_storage.plane_metadata import image_key_values
 
 SUFFIX = ".ome.zarr"
 AXES = ("t", "c", "z", "y", "x")
@@ -103,6 +102,8 @@ class _OmeZarrWriter(ImageWriter):
             return self.stored
         self.require_complete(self.written)
         with disk_errors(f"writing {self.path}"):
+            if self.level0 is None:  # an image that holds no tile (see `expect`): all zeros
+                self.level0 = self._new_level(self.mosaic.height, self.mosaic.width)
             # A retry after a failed parent fsync must not rebuild: the store has moved.
             if not self.renamed:
                 self._build()
@@ -163,7 +164,7 @@ class _OmeZarrWriter(ImageWriter):
                 "multiscales": [multiscale(m, self.mosaic, len(levels))],
                 "omero": omero_block(m, np.asarray(levels[-1][:])),
             },
-            "tilebridge": tilebridge_block(m, self.device, self.planes),
+            "tilebridge": tilebridge_block(m, self.device, self.planes, self.image_key_values()),
         }
 
 
@@ -226,15 +227,18 @@ def omero_block(m: OpenManifest, overview: np.ndarray[Any, Any]) -> dict[str, An
 
 
 def tilebridge_block(
-    m: OpenManifest, device: str, planes: Mapping[TileKey, PlaneMeta]
+    m: OpenManifest,
+    device: str,
+    planes: Mapping[TileKey, PlaneMeta],
+    key_values: Mapping[str, str],
 ) -> dict[str, Any]:
-    """What NGFF has no place for: the image's identity and key-values, and per tile what was
-    measured when it was taken."""
+    """What NGFF has no place for: the image's identity and key-values (with what it holds,
+    `ImageWriter.image_key_values`), and per tile what was measured when it was taken."""
     return {
         "image_id": str(m.image_id),
         "device": device,
         "acquired_at": m.acquired_at.isoformat(),
-        "key_values": image_key_values(m),
+        "key_values": dict(key_values),
         "planes": [
             {"tile": list(key), **meta.model_dump(exclude_none=True)}
             for key, meta in sorted(planes.items())

@@ -13,8 +13,11 @@ arrives, so a viewer shows the scan as it is acquired (`chunks_of` says which ch
 changed). Until `finish()` the metadata lists level 0 only and `tilebridge.complete` is false;
 `finish()` builds the pyramid (2x2 means), lists every level, validates the metadata
 (ome-zarr-models), fsyncs the store and sets `complete`. A failed `finish()` can be called
-again. The store is claimed for its image (`paths.claim`): a new attempt of the same image
-starts it afresh, `abort()` removes it, another image's store is never touched.
+again. An image that holds fewer tiles (`expect`) keeps zeros where a missing tile would
+show, `complete` means written to the end, and its key-values say what it holds
+(`tilebridge.incomplete`, `tilebridge.not_planned`). The store is claimed for its image
+(`paths.claim`): a new attempt of the same image starts it afresh, `abort()` removes it,
+another image's store is never touched.
 """
 
 from __future__ import annotations
@@ -34,12 +37,20 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.mosaic import Mosaic, downsample_level, plan, pyramid_shapes, require_mosaic
+from tilebridge_storage.mosaic import (
+    CHUNK,
+    chunks_of,
+    downsample_level,
+    plan,
+    pyramid_shapes,
+    require_mosaic,
+)
 from tilebridge_storage.ome_zarr import multiscale, omero_block, tilebridge_block
 from tilebridge_storage.paths import check_writable, claim, named_path, release
 
+__all__ = ["CHUNK", "OmeZarrV04Backend", "chunks_of"]
+
 SUFFIX = ".ome.zarr"
-CHUNK = 512
 
 
 class OmeZarrV04Backend(StorageBackend):
@@ -60,16 +71,6 @@ class OmeZarrV04Backend(StorageBackend):
         path = named_path(self.root, manifest, f"{{name}}{SUFFIX}")
         claim(path, manifest.image_id)
         return _LiveZarrWriter(device, manifest, self.name, path, self.chunk)
-
-
-def chunks_of(mosaic: Mosaic, index: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
-    """(row, column) of every level-0 chunk that tile `index` paints."""
-    out: set[tuple[int, int]] = set()
-    for piece in mosaic.pieces_of(index):
-        c = piece.canvas
-        for row in range(c.y0 // chunk, (c.y1 - 1) // chunk + 1):
-            out.update((row, col) for col in range(c.x0 // chunk, (c.x1 - 1) // chunk + 1))
-    return sorted(out)
 
 
 class _LiveZarrWriter(ImageWriter):
@@ -99,9 +100,11 @@ class _LiveZarrWriter(ImageWriter):
         if self.stored is not None:
             return self.stored
         self.require_complete(self.written)
-        assert self.group is not None and self.level0 is not None, "every tile is written"
-        group = self.group
         with disk_errors(f"writing {self.path}"):
+            if self.level0 is None:  # an image that holds no tile (see `expect`): all zeros
+                self._start()
+            assert self.group is not None and self.level0 is not None
+            group = self.group
             levels = [self.level0]
             shapes = pyramid_shapes(self.mosaic.height, self.mosaic.width, self.chunk)
             for level, (height, width) in enumerate(shapes[1:], 1):
@@ -166,7 +169,7 @@ class _LiveZarrWriter(ImageWriter):
             "multiscales": [{"version": "0.4", **multiscale(m, self.mosaic, len(levels))}],
             "omero": omero_block(m, overview),
             "tilebridge": {
-                **tilebridge_block(m, self.device, self.planes),
+                **tilebridge_block(m, self.device, self.planes, self.image_key_values()),
                 "complete": complete,
             },
         }

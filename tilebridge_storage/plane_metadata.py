@@ -15,7 +15,7 @@ per tile is kept in `measured_key_values`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from statistics import fmean
 
@@ -69,13 +69,19 @@ def position_planes(
 
 
 def mosaic_planes(
-    m: OpenManifest, planes: Mapping[TileKey, PlaneMeta], origin_x_um: float, origin_y_um: float
+    m: OpenManifest,
+    planes: Mapping[TileKey, PlaneMeta],
+    origin_x_um: float,
+    origin_y_um: float,
+    holds: Callable[[TileKey], bool] = lambda key: True,
 ) -> list[PlaneValues]:
-    """The planes of a mosaic placed at (origin_x_um, origin_y_um)."""
+    """The planes of a mosaic placed at (origin_x_um, origin_y_um), from the tiles the image
+    `holds` (a tile never taken says nothing about where the stage was)."""
     out = []
     for t, c, z in plane_order(m):
-        metas = [planes.get(TileKey(p.index, z, c, t)) or PlaneMeta() for p in m.positions]
-        heights = [_first(meta.z_um, p.z_um) for meta, p in zip(metas, m.positions, strict=True)]
+        held = [p for p in m.positions if holds(TileKey(p.index, z, c, t))] or list(m.positions)
+        metas = [planes.get(TileKey(p.index, z, c, t)) or PlaneMeta() for p in held]
+        heights = [_first(meta.z_um, p.z_um) for meta, p in zip(metas, held, strict=True)]
         exposures = {meta.exposure_ms for meta in metas if meta.exposure_ms is not None}
         times = [meta.delta_t_s for meta in metas if meta.delta_t_s is not None]
         out.append(
@@ -122,6 +128,22 @@ def image_key_values(m: OpenManifest) -> dict[str, str]:
         if m.well.condition:
             out.setdefault("condition", m.well.condition)
     return out
+
+
+def missing_planes(
+    m: OpenManifest, index: int, present: Collection[TileKey], limit: int = 1024
+) -> dict[str, str]:
+    """`tilebridge.missing_planes` of a position some of whose planes are not `present`
+    (stored as zeros), e.g. `t0 c1 z0, t0 c1 z1`; nothing when every plane is there."""
+    gone = [
+        f"t{t} c{c} z{z}" for t, c, z in plane_order(m) if TileKey(index, z, c, t) not in present
+    ]
+    if not gone:
+        return {}
+    text = ", ".join(gone)
+    if len(text) > limit:
+        text = text[: limit - 4].rsplit(", ", 1)[0] + ", ..."
+    return {"tilebridge.missing_planes": text}
 
 
 def ome_color(hex_rgb: str) -> int:

@@ -37,7 +37,7 @@ from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
 from tilebridge_storage.paths import check_writable, claim, image_path, named_path, release
-from tilebridge_storage.plane_metadata import image_key_values, measured_key_values, mosaic_planes
+from tilebridge_storage.plane_metadata import measured_key_values, mosaic_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
 SUFFIX = ".ome.tif"
@@ -127,10 +127,8 @@ class _StitchedTiffWriter(ImageWriter):
             return
         with disk_errors(f"writing {self.path}"):
             if self.canvas is None:
-                # A fresh canvas: an earlier attempt's leftovers are replaced, never reused.
-                remove(self.staging)
-                self.staging.mkdir(parents=True)
-                self.canvas = self._allocate(0, self.mosaic.height, self.mosaic.width)
+                self._fresh_canvas()
+            assert self.canvas is not None
             plane = self.canvas[key.t, key.c, key.z]
             for piece in self.mosaic.pieces_of(key.index):
                 plane[piece.canvas.slices] = pixels[piece.tile.slices]
@@ -140,8 +138,10 @@ class _StitchedTiffWriter(ImageWriter):
         if self.stored is not None:
             return self.stored
         self.require_complete(self.written)
-        assert self.canvas is not None, "every tile is written, so the canvas exists"
         with disk_errors(f"writing {self.path}"):
+            if self.canvas is None:  # an image that holds no tile (see `expect`): all zeros
+                self._fresh_canvas()
+            assert self.canvas is not None
             levels = [self.canvas]
             shapes = pyramid_shapes(self.mosaic.height, self.mosaic.width, self.tile)
             for level, (height, width) in enumerate(shapes[1:] if self.pyramid else [], 1):
@@ -161,6 +161,12 @@ class _StitchedTiffWriter(ImageWriter):
             remove(self.path.with_name(f".{self.path.name}.partial"))
             if self.claimed and not self.path.exists():
                 release(self.path)
+
+    def _fresh_canvas(self) -> None:
+        """An earlier attempt's leftovers are replaced, never reused."""
+        remove(self.staging)
+        self.staging.mkdir(parents=True)
+        self.canvas = self._allocate(0, self.mosaic.height, self.mosaic.width)
 
     def _allocate(self, level: int, height: int, width: int) -> Canvas:
         m = self.manifest
@@ -199,7 +205,7 @@ class _StitchedTiffWriter(ImageWriter):
         return ome_metadata(
             m,
             m.image_name,
-            mosaic_planes(m, self.planes, mosaic.origin_x_um, mosaic.origin_y_um),
-            image_key_values(m),
+            mosaic_planes(m, self.planes, mosaic.origin_x_um, mosaic.origin_y_um, self.holds),
+            self.image_key_values(),
             measured_key_values(m, self.planes),
         )

@@ -145,7 +145,8 @@ def _opened(image: Image, event: Opened) -> Step:
             image,
             phase=Phase.RECEIVING,
             manifest_id=manifest_id(event.manifest),
-            tile_count=event.manifest.tile_count,
+            # An expired image keeps its close (and what it lists), a refused one has none.
+            tile_count=image.tile_count if image.closed else event.manifest.tile_count,
             reason=None,
             detail=None,
             last_seen=event.at,
@@ -209,9 +210,24 @@ def _closed(image: Image, event: Closed) -> Step:
                 ),
             ),
         )
+    shape = event.close.shape()
     if image.closed or image.phase is Phase.COMPLETE:
+        if image.close_shape is not None and image.close_shape != shape:
+            detail = (
+                "this close differs from the one the image was closed with (full or partial, "
+                "the tiles listed, the positions not planned): the first close stands"
+            )
+            return Step(image, (Send(_error(key, ReasonCode.CONFLICT, detail)),))
         return Step(image, (Persist((), _final_ack(image)),) if _final_ack(image) else ())
-    image = replace(image, closed=True, last_seen=event.at)
+    committed = image.committed if event.committed is None else event.committed
+    image = replace(
+        image,
+        closed=True,
+        close_shape=shape,
+        tile_count=event.close.tile_count,
+        committed=committed,
+        last_seen=event.at,
+    )
     record = CloseReceived(key, event.close)
     if image.phase is Phase.FAILED:
         return Step(image, (Persist((record,), _final_ack(image)),))

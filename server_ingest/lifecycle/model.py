@@ -29,9 +29,13 @@ class Image:
     manifest_id: bytes | None = None
     """Digest of the accepted open manifest: a repeated open must match it."""
     tile_count: int = 0
+    """Tiles the image will hold: the open's, then (once closed) those its close lists."""
     committed: int = 0
-    """Tiles sealed in staging (their commit acks follow their records' durability)."""
+    """Tiles sealed in staging (their commit acks follow their records' durability); once
+    closed, only those its close lists."""
     closed: bool = False
+    close_shape: bytes | None = None
+    """`CloseManifest.shape()` of the first close: a later close must agree with it."""
     locations: tuple[tuple[str, str], ...] = ()
     reason: ReasonCode | None = None
     detail: str | None = None
@@ -78,6 +82,9 @@ class Closed:
     close: CloseManifest
     conflicts: int
     """Staged tiles whose digest differs from the close's (counted by the core)."""
+    committed: int | None = None
+    """Of the tiles the close lists, those staged already (the core dropped any staged tile
+    it leaves out); None: every staged tile is listed."""
 
 
 @dataclass(frozen=True, slots=True)

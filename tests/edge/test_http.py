@@ -32,7 +32,7 @@ from edge_agent.simulate import SyntheticScan
 from tests.edge.stack import Stack, running_stack, scan_spec
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest
+from tilebridge_protocol.messages import OpenManifest, decode_close
 from tilebridge_protocol.status import DeviceStatus
 from tilebridge_protocol.topics import DeviceTopic, device_topic
 from tilebridge_storage.mosaic import assemble, plan
@@ -322,6 +322,20 @@ def test_frames_are_validated_against_the_manifest(api: tuple[httpx.Client, Edge
     assert client.post(f"/experiments/{image_id}/finalize").json()["state"] == "finalized"
     late = client.post(frames, params={"tile_index": 1}, content=frame)
     assert late.status_code == 422 and "no more frames" in late.json()["message"]
+
+
+def test_a_sparse_image_is_finalized_over_http(api: tuple[httpx.Client, EdgeApp]) -> None:
+    client, agent = api
+    spec = scan_spec(SyntheticScan(columns=3, rows=1, tile_size=32))
+    image_id = client.post("/experiments", json=spec).json()["image_id"]
+    frame = np.arange(32 * 32, dtype="<u2").tobytes()
+    client.post(f"/experiments/{image_id}/frames", params={"tile_index": 1}, content=frame)
+    finalize = f"/experiments/{image_id}/finalize"
+    assert client.post(finalize, params={"not_planned": [0, 1]}).status_code == 422
+    done = client.post(finalize, params={"not_planned": [0, 2]})
+    assert done.status_code == 200 and not done.json()["partial"]
+    close = decode_close(agent.spool.image(UUID(image_id)).close or b"")
+    assert close.not_planned == (0, 2) and not close.partial and close.tile_count == 1
 
 
 def test_the_token_is_required_and_never_shown(api: tuple[httpx.Client, EdgeApp]) -> None:

@@ -72,6 +72,13 @@ class Scan:
                 tiles[iy * self.nx + ix] = frame if frame is not None else np.zeros((h, w))
         return assemble(m, tiles)
 
+    def taken_keys(self, m: OpenManifest) -> set[TileKey]:
+        """The image's tiles the camera took."""
+        return {
+            k for k in m.tile_keys()
+            if self.frame(k.index % self.nx, k.index // self.nx, k.z, k.c) is not None
+        }  # fmt: skip
+
     def position_planes(self, index: int) -> np.ndarray[Any, Any]:
         """(C, Z, Y, X) of one position (zeros where never taken)."""
         ix, iy = index % self.nx, index // self.nx
@@ -116,9 +123,9 @@ def check_mosaic_tiff(path: Path, m: OpenManifest, scan: Scan) -> OME:
 
 
 def check_frame_tiffs(folder: Path, m: OpenManifest, scan: Scan) -> None:
-    """One file per frame under tiles/timepoint_<T>/ (holes: black frames)."""
+    """One file per frame taken under tiles/timepoint_<T>/, none for a frame never taken."""
     files = list(folder.rglob("*.ome.tif"))
-    assert len(files) == m.tile_count
+    assert len(files) == len(scan.taken_keys(m))
     assert {f.parent.name for f in files} == {f"timepoint_{scan.time_point:04d}"}
     for path in files:
         with tifffile.TiffFile(path) as tif:
@@ -128,17 +135,22 @@ def check_frame_tiffs(folder: Path, m: OpenManifest, scan: Scan) -> None:
         index, zs, cs, _ = tile.split()
         ix, iy = int(index) % scan.nx, int(index) // scan.nx
         expected = scan.frame(ix, iy, int(zs[1:]), int(cs[1:]))
-        np.testing.assert_array_equal(pixels, expected if expected is not None else 0)
+        assert expected is not None
+        np.testing.assert_array_equal(pixels, expected)
 
 
 def check_archive(path: Path, m: OpenManifest, scan: Scan) -> OME:
-    """The server's archive: one series per position, its planes as acquired."""
+    """The server's archive: one series per position that has a frame (each names it), its
+    planes as acquired."""
+    held = sorted({k.index for k in scan.taken_keys(m)})
     with tifffile.TiffFile(path) as tif:
-        assert len(tif.series) == len(m.positions)
-        for position, series in zip(m.positions, tif.series, strict=True):
+        ome = from_xml(tif.ome_metadata or "")
+        assert len(tif.series) == len(held)
+        for index, image, series in zip(held, ome.images, tif.series, strict=True):
+            assert image.name == f"{m.image_name} position {index}"
             data = series.asarray().reshape(1, m.size_c, m.size_z, m.tile_height, m.tile_width)
-            np.testing.assert_array_equal(data[0], scan.position_planes(position.index))
-        return from_xml(tif.ome_metadata or "")
+            np.testing.assert_array_equal(data[0], scan.position_planes(index))
+        return ome
 
 
 def check_omero(conn: Any, image_id: int, m: OpenManifest, scan: Scan) -> None:

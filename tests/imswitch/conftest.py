@@ -1,74 +1,88 @@
-"""A recording edge for the adapter's own tests: what the server stream would get, kept in
-memory, with the local files written for real by the stopgap (as in production)."""
+"""The adapter's own tests run against a real edge agent in this process, reached the way an
+ImSwitch install reaches it: over the agent's fast-path socket, wired by the adapter's
+composition root from its settings. The agent is never started (no broker): what the server
+stream would get is what its spool holds (every accepted frame, its measured metadata, the
+close manifest), and the local files ImSwitch reads are written by the agent's own local
+targets, for real."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import numpy as np
 import pytest
 
+from edge_agent.app import EdgeApp
+from edge_agent.fastpath_client import FastPathClient
+from edge_agent.settings import AgentSettings
 from tilebridge_imswitch import root
-from tilebridge_imswitch.port import SERVER, LocalTarget, Progress, Target
 from tilebridge_imswitch.settings import AdapterSettings
-from tilebridge_imswitch.stopgap import Stopgap
-from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
-from tilebridge_protocol.messages import OpenManifest, PlaneMeta
+from tilebridge_protocol.messages import CloseManifest, OpenManifest, PlaneMeta, decode_close
 
 
 @dataclass
-class Recorder:
-    """An `Edge` that keeps everything it is given."""
+class Agent:
+    """An agent whose front door listens on `socket` and whose spool is read back here."""
 
-    manifests: dict[UUID, OpenManifest] = field(default_factory=dict)
-    tiles: dict[UUID, dict[TileKey, np.ndarray[Any, Any]]] = field(default_factory=dict)
-    planes: dict[UUID, dict[TileKey, PlaneMeta]] = field(default_factory=dict)
-    closed: dict[UUID, list[TileKey]] = field(default_factory=dict)
-    aborted: set[UUID] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    app: EdgeApp
+    socket: Path
+    clients: list[FastPathClient] = field(default_factory=list)
 
-    def open(self, manifest: OpenManifest, local: Sequence[LocalTarget]) -> None:
-        assert not local
-        with self.lock:
-            self.manifests[manifest.image_id] = manifest
-            self.tiles[manifest.image_id] = {}
-            self.planes[manifest.image_id] = {}
+    def client(self) -> FastPathClient:
+        """A fast-path client of this agent (closed with the fixture)."""
+        made = FastPathClient(self.socket)
+        self.clients.append(made)
+        return made
 
-    def write(
-        self, image_id: UUID, key: TileKey, pixels: np.ndarray[Any, Any], meta: PlaneMeta
-    ) -> bool:
-        with self.lock:
-            if image_id in self.closed:
-                raise PermanentError("closed")
-            if key in self.tiles[image_id]:
-                return False
-            self.tiles[image_id][key] = np.array(pixels)
-            self.planes[image_id][key] = meta
-            return True
+    def manifests(self) -> dict[UUID, OpenManifest]:
+        return {row.image_id: row.manifest for row in self.app.spool.images()}
 
-    def close(self, image_id: UUID, never_taken: Sequence[TileKey]) -> None:
-        with self.lock:
-            self.closed[image_id] = list(never_taken)
+    def tiles(self, image_id: UUID) -> dict[TileKey, np.ndarray[Any, Any]]:
+        """Every frame the server stream gets, as it gets it (the spool's tile files)."""
+        m = self.app.spool.manifest(image_id)
+        return {
+            key: np.frombuffer(self.app.spool.read_tile(image_id, key), m.dtype.numpy).reshape(
+                m.tile_height, m.tile_width
+            )
+            for key in self.app.spool.accepted_tiles(image_id)
+        }
 
-    def progress(self, image_id: UUID) -> Progress:
-        state = "finished" if image_id in self.closed else "writing"
-        return Progress(image_id, {SERVER: Target(state, location="omero:Image:7 dataset:3")})  # type: ignore[arg-type]
+    def planes(self, image_id: UUID) -> dict[TileKey, PlaneMeta | None]:
+        return self.app.spool.accepted_tiles(image_id)
 
-    def abort(self, image_id: UUID) -> None:
-        self.aborted.add(image_id)
+    def close(self, image_id: UUID) -> CloseManifest | None:
+        raw = self.app.spool.image(image_id).close
+        return decode_close(raw) if raw else None
+
+    def settings(self, **fields: Any) -> AdapterSettings:
+        """The adapter's settings for this agent, as an install would write them."""
+        values: dict[str, Any] = {"edge_socket": self.socket, "finalize_grace_s": 0.05}
+        return AdapterSettings(**(values | fields))
 
 
 @pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    """The process's session: a Recorder behind the stopgap (files written for real)."""
-    rec = Recorder()
-    root.configure(
-        AdapterSettings(finalize_grace_s=0.05, retry_for_s=1), edge=Stopgap(rec, "scope-1")
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    """The agent, and the process's adapter session wired to it (`root.configure`)."""
+    settings = AgentSettings(
+        spool_dir=tmp_path / "spool", min_free_bytes=0, local_output_root=tmp_path
     )
-    yield rec
-    root.close()
+    app = EdgeApp(settings)
+    with tempfile.TemporaryDirectory(prefix="tb-") as folder:  # a socket path is short
+        socket = Path(folder) / "acquire.sock"
+        app.fast_path.serve(socket)
+        made = Agent(app, socket)
+        root.configure(made.settings())
+        try:
+            yield made
+        finally:
+            root.close()
+            for client in made.clients:
+                client.close()
+            app.fast_path.stop()
+            app.spool.close()

@@ -159,6 +159,7 @@ def normal_mode(
     base_z: float = 100.0,
     exp_name: str = "scan",
     time_interval: float = 1.0,
+    frame_extras: Callable[[int], dict[str, Any]] = lambda step: {},
 ) -> Run:
     """A normal-mode experiment, as ImSwitch runs it:
 
@@ -172,6 +173,9 @@ def normal_mode(
     * each area's writer finalized after its frames (experiment_normal_mode.py:1060-1075),
       and at the last time point every writer again (:1108-1118, ExperimentController.py
       :3016-3043).
+
+    `frame_extras(step)` adds keys to a frame's metadata (what a metadata hub may add, e.g. a
+    `timestamp`, which `save_frame_ome` itself does not send).
     """
     dir_path = data / "ExperimentController" / "20261201_101500"
     dir_path.mkdir(parents=True, exist_ok=True)
@@ -229,6 +233,7 @@ def normal_mode(
                             "channel_index": channel_index,
                             **HUB_EXTRAS,
                             "exposure_ms": 20.0 + channel_index,
+                            **frame_extras(step),
                         }
                         record(run, writer, frame, metadata)
             writer.finalize()
@@ -251,6 +256,7 @@ def performance_mode(
     pixel_size: float = 1.0,
     flags: dict[str, bool] | None = None,
     n_times: int = 1,
+    stop_after: int | None = None,
 ) -> Run:
     """A performance-mode (hardware-triggered) scan, as ImSwitch runs it: per time point a
     writer named by the second it starts in (experiment_performance_mode.py:596-611), made in
@@ -258,7 +264,8 @@ def performance_mode(
     (ExperimentController.py:2876-2935), frames in the firmware's order with only x, y, z,
     illuminationChannel, illuminationValue and runningNumber (experiment_performance_mode.py
     :646-698, snake rows), written as they come off the camera (ExperimentController.py
-    :2944-2970) and finalized once (:2976)."""
+    :2944-2970) and finalized once (:2976), also when the user stopped the scan after
+    `stop_after` frames (the loop ends on `_stop_writer_evt`, :2940)."""
     active = {k: v for k, v in (illumination or {"LED": 255}).items() if v > 0}
     metadata_list = []
     running = 0
@@ -301,7 +308,7 @@ def performance_mode(
             isRGB=camera.rgb,
         )
         run.writers[t, 0] = writer
-        for meta in metadata_list:
+        for meta in metadata_list[:stop_after]:
             ix = round((meta["x"] - x0) / step[0])
             iy = round((meta["y"] - y0) / step[1])
             iz = round((meta["z"] - z0) / step[2])

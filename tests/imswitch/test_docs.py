@@ -13,7 +13,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "imswitch.md"
 
 def test_the_settings_shown_are_every_setting_with_its_default() -> None:
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", DOC.read_text(), re.S)]
-    [shown] = [b for b in blocks if "edge_url" in b]
+    [shown] = [b for b in blocks if "edge_socket" in b]
     settings = AdapterSettings(**shown)
     assert set(shown) == set(AdapterSettings.model_fields)
     assert settings == AdapterSettings()

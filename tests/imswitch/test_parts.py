@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.imswitch.checks import Scan, check_live_zarr
-from tests.imswitch.conftest import Recorder
+from tests.imswitch.conftest import Agent
 from tests.imswitch.imswitch_like import Camera, ImSwitchConfig, ImSwitchPaths, area, normal_mode
 from tilebridge_imswitch import OMEFileStorePaths, OMEWriter, OMEWriterConfig, root
 from tilebridge_imswitch.config import WriterConfig
+from tilebridge_imswitch.edge_frontdoor import FrontDoorEdge
 from tilebridge_imswitch.placement import Channels, Grid, ZPlanes
+from tilebridge_imswitch.port import Edge, LocalTarget, Progress, Written
 from tilebridge_imswitch.settings import AdapterSettings, connection_targets, setup_targets
-from tilebridge_imswitch.stopgap import Stopgap
 from tilebridge_protocol.errors import PermanentError, TransientError
 
 SECRET = "hunter2-omero-secret"
@@ -125,7 +127,7 @@ def test_the_paths_class_is_imswitchs() -> None:
 
 
 def test_the_omero_password_of_imswitchs_setup_is_ignored_and_goes_nowhere(
-    recorder: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    agent: Agent, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     setup = tmp_path / "setup.json"
     setup.write_text(
@@ -144,10 +146,7 @@ def test_the_omero_password_of_imswitchs_setup_is_ignored_and_goes_nowhere(
     )
     with caplog.at_level(logging.DEBUG):
         targets = setup_targets(setup)
-        root.configure(
-            AdapterSettings(imswitch_setup=setup, finalize_grace_s=0.05),
-            edge=Stopgap(recorder, "scope-1"),
-        )
+        root.configure(agent.settings(imswitch_setup=setup))
         params = type(
             "OMEROConnectionParams", (), {"host": "omero.example.org", "password": SECRET}
         )
@@ -162,7 +161,7 @@ def test_the_omero_password_of_imswitchs_setup_is_ignored_and_goes_nowhere(
         "omero.example.org", 12, 34, True,
     )  # fmt: skip
     assert "holds an OMERO password: ignored" in caplog.text
-    [m] = recorder.manifests.values()
+    [m] = agent.manifests().values()
     assert m.key_values["imswitch_omero_dataset_id"] == "34"
     assert (m.omero_project_id, m.omero_dataset_id) == (12, 34)  # ImSwitch's target, by id
     everything = [caplog.text, m.to_bytes().decode(), repr(targets), repr(vars(writer))]
@@ -178,7 +177,7 @@ def test_connection_params_are_read_duck_typed() -> None:
 
 def test_settings_refuse_unknown_keys(tmp_path: Path) -> None:
     bad = tmp_path / "imswitch.json"
-    bad.write_text(json.dumps({"edge_url": "http://127.0.0.1:1", "omero_password": "x"}))
+    bad.write_text(json.dumps({"edge": "fastpath", "omero_password": "x"}))
     with pytest.raises(ValueError, match="omero_password"):
         AdapterSettings.load(bad)
 
@@ -186,50 +185,60 @@ def test_settings_refuse_unknown_keys(tmp_path: Path) -> None:
 # -- faults --------------------------------------------------------------------------------
 
 
-class Flaky(Recorder):
-    """Says "try again" to the first `failures` writes."""
+class Wrapped:
+    """An `Edge` that hands every call to the agent's, over its fast path."""
 
-    def __init__(self, failures: int) -> None:
-        super().__init__()
+    def __init__(self, agent: Agent) -> None:
+        self.inner: Edge = FrontDoorEdge(agent.client())
+
+    def open(self, manifest: Any, local: Sequence[LocalTarget]) -> None:
+        self.inner.open(manifest, local)
+
+    def write(self, image_id: Any, key: Any, pixels: Any, meta: Any) -> Written:
+        return self.inner.write(image_id, key, pixels, meta)
+
+    def close(self, image_id: Any, not_planned: Sequence[int], partial: bool) -> None:
+        self.inner.close(image_id, not_planned, partial)
+
+    def progress(self, image_id: Any) -> Progress:
+        return self.inner.progress(image_id)
+
+    def abort(self, image_id: Any) -> None:
+        self.inner.abort(image_id)
+
+
+class Flaky(Wrapped):
+    """Says "try again" to the first `failures` writes (the agent's disk was full)."""
+
+    def __init__(self, agent: Agent, failures: int) -> None:
+        super().__init__(agent)
         self.failures = failures
 
-    def write(self, image_id: Any, key: Any, pixels: Any, meta: Any) -> bool:
+    def write(self, image_id: Any, key: Any, pixels: Any, meta: Any) -> Written:
         if self.failures > 0:
             self.failures -= 1
             raise TransientError("edge agent: disk full, try again")
         return super().write(image_id, key, pixels, meta)
 
 
-def test_a_frame_is_retried_while_the_agent_says_try_again(tmp_path: Path) -> None:
-    flaky = Flaky(failures=2)
-    root.configure(
-        AdapterSettings(retry_for_s=30, finalize_grace_s=0.05), edge=Stopgap(flaky, "scope-1")
-    )
-    try:
-        camera = Camera(16, 16)
-        run = normal_mode(tmp_path, [area(0.0, 0.0, 2, 1, (16.0, 16.0))], camera)
-        assert run.refused == []
-        [tiles] = flaky.tiles.values()
-        assert len(tiles) == 2
-    finally:
-        root.close()
+def test_a_frame_is_retried_while_the_agent_says_try_again(agent: Agent, tmp_path: Path) -> None:
+    root.configure(agent.settings(retry_for_s=30), edge=Flaky(agent, failures=2))
+    camera = Camera(16, 16)
+    run = normal_mode(tmp_path, [area(0.0, 0.0, 2, 1, (16.0, 16.0))], camera)
+    assert run.refused == []
+    [image_id] = agent.manifests()
+    assert len(agent.tiles(image_id)) == 2
 
 
-def test_a_frame_refused_for_good_after_the_retry_time(tmp_path: Path) -> None:
-    root.configure(
-        AdapterSettings(retry_for_s=0.3, finalize_grace_s=0.05),
-        edge=Stopgap(Flaky(10**6), "scope-1"),
-    )
-    try:
-        writer = OMEWriter(str(tmp_path / "scan"), (8, 8), (1, 1), (0, 0, 8, 8), ImSwitchConfig())
-        with pytest.raises(TransientError, match="try again"):
-            writer.write_frame(np.ones((8, 8), np.uint16), {"x": 0.0, "y": 0.0})
-    finally:
-        root.close()
+def test_a_frame_refused_for_good_after_the_retry_time(agent: Agent, tmp_path: Path) -> None:
+    root.configure(agent.settings(retry_for_s=0.3), edge=Flaky(agent, 10**6))
+    writer = OMEWriter(str(tmp_path / "scan"), (8, 8), (1, 1), (0, 0, 8, 8), ImSwitchConfig())
+    with pytest.raises(TransientError, match="try again"):
+        writer.write_frame(np.ones((8, 8), np.uint16), {"x": 0.0, "y": 0.0})
 
 
 def test_a_failing_local_target_is_reported_and_the_rest_carries_on(
-    recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tilebridge_storage import frame_tiffs
 
@@ -248,36 +257,35 @@ def test_a_failing_local_target_is_reported_and_the_rest_carries_on(
     assert "No space left" in (progress.targets["frame_tiffs"].error or "")
     assert progress.targets["ome_zarr_v04"].state == "finished"
     [m] = writer.manifests
-    assert len(recorder.tiles[m.image_id]) == 4
+    assert len(agent.tiles(m.image_id)) == 4
 
 
-class RefusesFirstOpen(Recorder):
-    def __init__(self) -> None:
-        super().__init__()
+class RefusesFirstOpen(Wrapped):
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
         self.opens = 0
 
-    def open(self, manifest: Any, local: Any) -> None:
+    def open(self, manifest: Any, local: Sequence[LocalTarget]) -> None:
         self.opens += 1
         if self.opens == 1:
             raise PermanentError("edge agent refused starting the experiment: busy")
         super().open(manifest, local)
 
 
-def test_an_open_the_agent_refused_is_tried_again_with_the_same_image(tmp_path: Path) -> None:
-    edge = RefusesFirstOpen()
-    root.configure(AdapterSettings(finalize_grace_s=0.05), edge=Stopgap(edge, "scope-1"))
-    try:
-        camera = Camera(16, 16)
-        run = normal_mode(tmp_path, [area(0.0, 0.0, 2, 1, (16.0, 16.0))], camera)
-        assert len(run.refused) == 1 and "busy" in run.refused[0]
-        writer = run.writers[0, 0]
-        [m] = writer.manifests
-        assert list(edge.manifests) == [m.image_id] and edge.opens == 2
-        # The refused first frame is a hole; the second frame and the local store are fine.
-        assert len(edge.tiles[m.image_id]) == 2
-        check_live_zarr(Path(writer.store or ""), m, scan_with_one_frame(camera, m))
-    finally:
-        root.close()
+def test_an_open_the_agent_refused_is_tried_again_with_the_same_image(
+    agent: Agent, tmp_path: Path
+) -> None:
+    edge = RefusesFirstOpen(agent)
+    root.configure(agent.settings(), edge=edge)
+    camera = Camera(16, 16)
+    run = normal_mode(tmp_path, [area(0.0, 0.0, 2, 1, (16.0, 16.0))], camera)
+    assert len(run.refused) == 1 and "busy" in run.refused[0]
+    writer = run.writers[0, 0]
+    [m] = writer.manifests
+    assert list(agent.manifests()) == [m.image_id] and edge.opens == 2
+    # The refused first frame left its grid cell empty: the store shows zeros there.
+    assert len(agent.tiles(m.image_id)) == 1
+    check_live_zarr(Path(writer.store or ""), m, scan_with_one_frame(camera, m))
 
 
 def scan_with_one_frame(camera: Camera, m: Any) -> Scan:

@@ -178,7 +178,7 @@ def test_4_a_backend_session_dying_mid_write_is_retried_not_failed(
         harness.scan(manifest, tiles)
         assert_stored_whole(harness, manifest, tiles)
         assert not dead
-        harness.engine.wait_idle()  # the ack can overtake the next snapshot
+        harness.engine.wait_idle()  # the core publishes its snapshot once idle
         assert harness.stats.backends["archive"] == "ok"
     finally:
         harness.close()

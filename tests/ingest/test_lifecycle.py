@@ -67,6 +67,10 @@ CLOSE = CloseManifest(
         for k, v in make_tiles(MANIFEST).items()
     ),
 )
+PARTIAL = CloseManifest(
+    image_id=MANIFEST.image_id, tile_count=1, digests=CLOSE.digests[:1], partial=True
+)
+"""Closed with the first tile only (a stopped scan)."""
 KEY = ImageKey("scope-1", MANIFEST.image_id)
 POLICY = Policy(image_ttl_s=100.0)
 T0 = 1000.0
@@ -111,6 +115,7 @@ EVENTS: dict[str, Event] = {
     "second tile staged": Staged(LATER, SECOND, b"d" * 16, MANIFEST.tile_bytes),
     "close": Closed(LATER, CLOSE, conflicts=0),
     "close contradicting staged tiles": Closed(LATER, CLOSE, conflicts=1),
+    "partial close": Closed(LATER, PARTIAL, conflicts=0),
     "a backend stored": Stored("archive", "/a"),
     "store done": StoreDone(LATER),
     "store delayed": StoreDelayed("omero", "unreachable"),
@@ -134,22 +139,23 @@ LETTERS: dict[str, Phase | None] = {
 # Rows: STATES in order; one letter per event of EVENTS, in order: the phase after it.
 EXPECTED: dict[str, str] = {
     # open, open other manifest, open refused, tile staged, close, close contradicting,
-    # a backend stored, store done, store delayed, store failed, tick early, tick late,
-    # retry, discard. Letters: R S C F X E D as above, "-" for unknown.
-    "unknown": "RRX-----------",
-    "receiving": "RRRRRFRRRFRERD",
-    "receiving, one tile": "RRRRRFRRRFRERD",
-    "receiving, closed, one tile missing": "RRRSRRRRRFRERD",
-    "storing": "SSSSSSSCSFSSSD",
-    "complete": "CCCCCCCCCCCCCC",
+    # partial close (of the first tile), a backend stored, store done, store delayed,
+    # store failed, tick early, tick late, retry, discard. Letters: R S C F X E D as above,
+    # "-" for unknown.
+    "unknown": "RRX------------",
+    "receiving": "RRRRRFRRRRFRERD",
+    "receiving, one tile": "RRRRRFSRRRFRERD",
+    "receiving, closed, one tile missing": "RRRSRRRRRRFRERD",
+    "storing": "SSSSSSSSCSFSSSD",
+    "complete": "CCCCCCCCCCCCCCC",
     # A resent open after a backend's failure is a retry (issue 13).
-    "failed, tiles missing": "RFFFFFFFFFFFRD",
-    "failed, all in": "SFFFFFFFFFFFSD",
-    "rejected, unreadable open": "RRXXXXXXXXXXXX",
-    "rejected, this manifest": "RXXXXXXXXXXXXX",
-    "expired, nothing staged": "REEEEEEEEEEEED",
-    "expired, one tile": "REEEEEEEEEEEED",
-    "discarded": "DDDDDDDDDDDDDD",
+    "failed, tiles missing": "RFFFFFFFFFFFFRD",
+    "failed, all in": "SFFFFFFFFFFFFSD",
+    "rejected, unreadable open": "RRXXXXXXXXXXXXX",
+    "rejected, this manifest": "RXXXXXXXXXXXXXX",
+    "expired, nothing staged": "REEEEEEEEEEEEED",
+    "expired, one tile": "REEEEEEEEEEEEED",
+    "discarded": "DDDDDDDDDDDDDDD",
 }
 
 PAIRS = [(s, e) for s in STATES for e in EVENTS]
@@ -317,6 +323,50 @@ def test_a_whole_image_completes_in_order() -> None:
     (final,) = [e.ack for e in effects if isinstance(e, Send) and isinstance(e.ack, ImageAck)]
     assert final.state is ImageState.COMPLETE and final.locations == {"archive": "/x"}
     assert isinstance(effects[-1], Forget)
+
+
+def test_a_partial_close_stores_the_tiles_it_lists_and_a_repeat_is_answered_alike() -> None:
+    image = STATES["receiving, one tile"]
+    stored = step(image, KEY, Closed(LATER, PARTIAL, 0), POLICY)
+    assert stored.image is not None and stored.image.phase is Phase.STORING
+    assert (stored.image.tile_count, stored.image.committed) == (1, 1)
+    assert StoreFinish() in stored.effects
+    done = step(stored.image, KEY, StoreDone(LATER + 1), POLICY).image
+    again = step(done, KEY, Closed(LATER + 2, PARTIAL, 0), POLICY)
+    (ack,) = [e.ack for e, _ in flatten(again.effects) if isinstance(e, Send)]
+    assert isinstance(ack, ImageAck) and ack.state is ImageState.COMPLETE
+
+
+@pytest.mark.parametrize(("first", "then"), [(PARTIAL, CLOSE), (CLOSE, PARTIAL)])
+def test_a_full_close_after_a_partial_one_or_the_reverse_is_a_conflict(
+    first: CloseManifest, then: CloseManifest
+) -> None:
+    for state in ("receiving", "receiving, one tile"):  # still waiting, or storing already
+        closed = step(STATES[state], KEY, Closed(LATER, first, 0), POLICY).image
+        assert closed is not None
+        result = step(closed, KEY, Closed(LATER + 1, then, 0), POLICY)
+        assert result.image == closed  # the first close stands
+        (refusal,) = [e.ack for e, _ in flatten(result.effects) if isinstance(e, Send)]
+        assert isinstance(refusal, ErrorAck) and refusal.reason is ReasonCode.CONFLICT
+
+
+def test_a_close_that_leaves_out_a_staged_tile_counts_only_what_it_lists() -> None:
+    """Both tiles were staged; the close lists the first: the core dropped the second and
+    says how many listed tiles are staged, so the image stores at once."""
+    both = replace(BASE, committed=2)
+    result = step(both, KEY, Closed(LATER, PARTIAL, 0, committed=1), POLICY)
+    assert result.image is not None and result.image.phase is Phase.STORING
+    assert (result.image.tile_count, result.image.committed) == (1, 1)
+
+
+def test_an_expired_image_closed_as_partial_keeps_its_close_when_revived() -> None:
+    closed = step(BASE, KEY, Closed(LATER, PARTIAL, 0), POLICY).image
+    expired = step(closed, KEY, Tick(LATER + 200), POLICY).image
+    assert expired is not None and expired.phase is Phase.EXPIRED
+    revived = step(expired, KEY, Opened(LATER + 300, MANIFEST), POLICY).image
+    assert revived is not None and revived.tile_count == 1
+    stored = step(revived, KEY, Staged(LATER + 301, FIRST, b"a" * 16, 8), POLICY).image
+    assert stored is not None and stored.phase is Phase.STORING
 
 
 def test_an_expired_image_is_revived_with_its_tiles_by_its_open() -> None:

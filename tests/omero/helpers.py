@@ -70,8 +70,11 @@ def expected_pixels(manifest: OpenManifest, tiles: Tiles, index: int | None = No
                 if index is None:
                     plane = {k.index: v for k, v in tiles.items() if (k.z, k.c, k.t) == (z, c, t)}
                     planes.append(assemble(m, plane))
-                else:
-                    planes.append(tiles[TileKey(index, z, c, t)])
+                else:  # a tile the image does not hold is zeros
+                    tile = tiles.get(TileKey(index, z, c, t))
+                    planes.append(
+                        tile if tile is not None else np.zeros((m.tile_height, m.tile_width))
+                    )
     stacked = np.stack(planes).astype(m.dtype.numpy.newbyteorder("="))
     return stacked.reshape(m.size_t, m.size_c, m.size_z, *stacked.shape[1:])
 

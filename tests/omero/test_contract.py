@@ -10,10 +10,18 @@ import pytest
 
 pytest.importorskip("omero")
 
-from tests.omero.helpers import digest, expected_pixels, images_of, read_pixels, settings_for
+from tests.omero.helpers import (
+    digest,
+    expected_pixels,
+    images_of,
+    key_values,
+    read_pixels,
+    settings_for,
+)
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.omero_backend.backend import OmeroBackend
+from tilebridge_storage.omero_backend.metadata import METADATA_NS
 from tilebridge_storage.testing.contract import StorageContract, Tiles
 
 
@@ -29,6 +37,11 @@ class TestOmeroContract(StorageContract):
 
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return OmeroBackend(settings_for(self.target))
+
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        return key_values(self.target.connect(), stored.ids["image"], METADATA_NS)
 
     def leftovers(self, backend: StorageBackend, manifest: OpenManifest) -> list[Any]:
         return images_of(self.target.connect(), manifest)

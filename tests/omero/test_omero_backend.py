@@ -28,7 +28,7 @@ from tests.omero.helpers import (
 from tilebridge_protocol.errors import PermanentError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import PROTOCOL_VERSION, OpenManifest
-from tilebridge_storage.base import StoredImage
+from tilebridge_storage.base import Holdings, StoredImage
 from tilebridge_storage.omero_backend.backend import OmeroBackend
 from tilebridge_storage.omero_backend.metadata import METADATA_NS
 from tilebridge_storage.omero_backend.provenance import PROVENANCE_NS
@@ -212,6 +212,47 @@ def test_tiles_in_random_order_still_make_a_correct_pyramid(
                 for p in manifest.positions:
                     got = target.server.pixels(stored.ids[f"image_{p.index}"])
                     assert digest(got) == digest(expected_pixels(manifest, tiles, p.index))
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("told", ["before the tiles", "after the tiles"])
+def test_a_sparse_pyramid_is_still_written_in_one_pass(
+    omero_standin_factory: Any, told: str
+) -> None:
+    """Position 0 was never planned: the bands that wait for it are written, zeros there, as
+    soon as the writer is told (the stand-in refuses any other order of a pyramid's tiles)."""
+    target = omero_standin_factory(pyramid_threshold_px=50 * 50, pyramid_tile=(32, 16))
+    backend = OmeroBackend(settings_for(target))
+    conn = target.connect()
+    try:
+        for layout in ("mosaic", "per_tile"):
+            manifest = unique_manifest(layout=layout, size_t=2)
+            tiles = {k: v for k, v in make_tiles(manifest, seed=4).items() if k.index != 0}
+            holdings = Holdings(frozenset(tiles), not_planned=frozenset({0}))
+            writer = backend.open_image(DEVICE, manifest)
+            if told == "before the tiles":
+                writer.expect(holdings)
+            keys = list(tiles)
+            random.Random(4).shuffle(keys)
+            for key in keys:
+                writer.write_tile(key, tiles[key])
+            if told == "after the tiles":
+                writer.expect(holdings)
+            stored = writer.finish()
+            images = {k: v for k, v in stored.ids.items() if k.startswith("image")}
+            for name, image_id in images.items():
+                assert target.server.pixel_state(image_id) == "complete"
+                if name == "image" and layout == "per_tile":
+                    continue  # the first position's image, named again as image_0
+                index = None if layout == "mosaic" else int(name.split("_")[1])
+                got = target.server.pixels(image_id)
+                assert digest(got) == digest(expected_pixels(manifest, tiles, index))
+                kv = key_values(conn, image_id, METADATA_NS)
+                assert kv["tilebridge.not_planned"] == "0"
+                assert "tilebridge.incomplete" not in kv
+            if layout == "per_tile":
+                assert not target.server.pixels(stored.ids["image_0"]).any()
     finally:
         backend.close()
 

@@ -126,3 +126,77 @@ def test_a_close_carries_measured_plane_metadata_and_stays_compatible() -> None:
         bad = json.loads(close.to_bytes())
         bad["digests"][0]["meta"]["exposure_ms"] = -1
         decode_close(json.dumps(bad).encode())
+
+
+# -- images that end with fewer tiles: partial and sparse closes (docs/protocol.md) ---------
+
+GRID = make_manifest(columns=3, rows=2, size_z=1, size_c=2, channels=["DAPI", "GFP"])  # 12 tiles
+
+
+def close_of(keys: list[TileKey], **fields: object) -> CloseManifest:
+    digests = [TileDigest(tile=k, digest=f"{n:032x}") for n, k in enumerate(keys)]
+    return CloseManifest(
+        image_id=GRID.image_id, tile_count=len(digests), digests=tuple(digests), **fields
+    )
+
+
+def test_a_sparse_close_lists_every_planned_tile_and_fits_its_open() -> None:
+    planned = [k for k in GRID.tile_keys() if k.index not in (0, 2)]
+    close = close_of(planned, not_planned=(0, 2))
+    assert close.check(GRID) is None and close.planned_keys(GRID) == planned
+    wire = json.loads(close.to_bytes())
+    assert wire["not_planned"] == [0, 2] and "partial" not in wire
+    assert decode_close(close.to_bytes()) == close
+    # Left out of a full close, as `partial` is: an older ingest reads it unchanged.
+    assert b"not_planned" not in close_of(GRID.tile_keys()).to_bytes()
+
+
+def test_a_sparse_close_that_leaves_a_planned_tile_out_is_partial_or_wrong() -> None:
+    planned = [k for k in GRID.tile_keys() if k.index != 0]
+    assert "planned tiles without partial" in (
+        close_of(planned[1:], not_planned=(0,)).check(GRID) or ""
+    )
+    both = close_of(planned[1:], not_planned=(0,), partial=True)
+    assert both.check(GRID) is None  # a round area, stopped early
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"not_planned": (1, 0)}, "ascending"),
+        ({"not_planned": (0, 0)}, "each once"),
+        ({"not_planned": (-1,)}, "ascending"),
+        ({"not_planned": (3,)}, "position is not_planned"),
+    ],
+)
+def test_a_close_naming_not_planned_positions_badly_is_refused(
+    fields: dict[str, object], problem: str
+) -> None:
+    payload = json.loads(close_of(GRID.tile_keys()[:8], partial=True).to_bytes())
+    payload.update({k: list(v) for k, v in fields.items()})  # type: ignore[call-overload]
+    with pytest.raises(ProtocolError, match=problem) as caught:
+        decode_close(json.dumps(payload).encode())
+    assert caught.value.reason is ReasonCode.INVALID_MANIFEST
+
+
+def test_a_close_is_checked_against_its_open() -> None:
+    keys = GRID.tile_keys()
+    assert "does not declare" in (close_of([*keys[:3], TileKey(9)], partial=True).check(GRID) or "")
+    assert "the open has 6" in (
+        close_of(keys[:2], not_planned=(7,), partial=True).check(GRID) or ""
+    )
+    assert "send it as a full close" in (close_of(keys, partial=True).check(GRID) or "")
+    assert "other tiles than open declared" in (close_of(keys[:-1]).check(GRID) or "")
+    assert close_of(keys[:-1], partial=True).check(GRID) is None
+
+
+def test_the_shape_of_a_close_tells_full_from_partial_and_ignores_digests() -> None:
+    keys = GRID.tile_keys()
+    partial = close_of(keys[:-1], partial=True)
+    assert partial.shape() != close_of(keys).shape()
+    assert partial.shape() != close_of(keys[:-2], partial=True).shape()
+    other_digests = CloseManifest(
+        image_id=GRID.image_id, tile_count=len(keys) - 1, partial=True,
+        digests=tuple(TileDigest(tile=k, digest="f" * 32) for k in keys[:-1]),
+    )  # fmt: skip
+    assert other_digests.shape() == partial.shape()

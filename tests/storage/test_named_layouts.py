@@ -24,7 +24,7 @@ from tilebridge_storage.frame_tiffs import FrameTiffsBackend
 from tilebridge_storage.mosaic import downsample, plan
 from tilebridge_storage.ome_zarr_v04 import OmeZarrV04Backend, chunks_of
 from tilebridge_storage.stitched_tiff import HyperstackTiffBackend, NamedStitchedTiffBackend
-from tilebridge_storage.testing.contract import StorageContract, Tiles
+from tilebridge_storage.testing.contract import StorageContract, Tiles, ome_key_values
 from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
 SMALL = 32
@@ -65,6 +65,12 @@ class TestLiveZarr(StorageContract):
             np.testing.assert_array_equal(level0[t, c, z], expected)  # type: ignore[index]
             np.testing.assert_array_equal(level1[t, c, z], downsample(expected))  # type: ignore[index]
 
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        group = zarr.open_group(stored.location, mode="r", zarr_format=2)
+        return dict(group.attrs["tilebridge"]["key_values"])  # type: ignore[index,call-overload]
+
     def test_it_is_a_valid_store_while_it_is_written(self, backend: StorageBackend) -> None:
         manifest = self.manifest()
         tiles = make_tiles(manifest)
@@ -90,6 +96,12 @@ class TestNamedStitchedTiff(StorageContract):
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return NamedStitchedTiffBackend(tmp_path / "data", tile=SMALL)
 
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        with tifffile.TiffFile(stored.location) as tif:
+            return ome_key_values(from_xml(tif.ome_metadata or ""))
+
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles
     ) -> None:
@@ -114,6 +126,12 @@ class TestHyperstack(StorageContract):
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return HyperstackTiffBackend(tmp_path / "data", tile=SMALL)
 
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        with tifffile.TiffFile(stored.location) as tif:
+            return ome_key_values(from_xml(tif.ome_metadata or ""))
+
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles
     ) -> None:
@@ -132,6 +150,13 @@ class TestHyperstack(StorageContract):
 class TestFrameTiffs(StorageContract):
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return FrameTiffsBackend(tmp_path / "data")
+
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        first = sorted(Path(stored.location).rglob("*.ome.tif"))[0]
+        with tifffile.TiffFile(first) as tif:
+            return ome_key_values(from_xml(tif.pages[0].description))  # type: ignore[union-attr]
 
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles

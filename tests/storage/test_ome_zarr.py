@@ -26,6 +26,12 @@ class TestOmeZarr(StorageContract):
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return OmeZarrBackend(tmp_path / "zarr", chunk=CHUNK)
 
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        group = zarr.open_group(stored.location, mode="r", zarr_format=3)
+        return dict(group.attrs["tilebridge"]["key_values"])  # type: ignore[index,call-overload]
+
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles
     ) -> None:

@@ -15,7 +15,7 @@ from tilebridge_storage import stitched_tiff
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample, plan
 from tilebridge_storage.stitched_tiff import StitchedTiffBackend
-from tilebridge_storage.testing.contract import StorageContract, Tiles
+from tilebridge_storage.testing.contract import StorageContract, Tiles, ome_key_values
 
 TILE = 32
 """Small tiles, so the contract's 91 x 179 canvas gets a real pyramid."""
@@ -24,6 +24,12 @@ TILE = 32
 class TestStitchedTiff(StorageContract):
     def make_backend(self, tmp_path: Path) -> StorageBackend:
         return StitchedTiffBackend(tmp_path / "stitched", tile=TILE)
+
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        with tifffile.TiffFile(stored.location) as tif:
+            return ome_key_values(from_xml(tif.ome_metadata or ""))
 
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles

@@ -19,9 +19,19 @@ import numpy as np
 from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest
-from tilebridge_storage.base import DigestMismatchError, ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.base import (
+    DigestMismatchError,
+    Holdings,
+    ImageWriter,
+    StorageBackend,
+    StoredImage,
+)
 from tilebridge_storage.omero_backend.errors import omero_errors
-from tilebridge_storage.omero_backend.images import create_images, describe_planes
+from tilebridge_storage.omero_backend.images import (
+    create_images,
+    describe_holdings,
+    describe_planes,
+)
 from tilebridge_storage.omero_backend.pixels import PixelSink, read_digest
 from tilebridge_storage.omero_backend.provenance import (
     delete_images,
@@ -116,6 +126,7 @@ class _OmeroWriter(ImageWriter):
         """Why an earlier call of this attempt failed; every later call fails alike."""
         self.aborted = False
         self.measured_saved = False
+        self.holdings_saved = False
         self.stored: StoredImage | None = None
 
     def __repr__(self) -> str:
@@ -147,6 +158,23 @@ class _OmeroWriter(ImageWriter):
             self.failed = _as_tilebridge(exc)
             raise
 
+    def expect(self, holdings: Holdings) -> None:
+        """docstring inherited; the bands that waited only for tiles the image does not hold
+        are written now, in the same pass."""
+        self._check_open()
+        super().expect(holdings)
+        self._check_failed()
+        try:
+            with omero_errors(f"writing image {self.manifest.image_id}"):
+                for sink in self.sinks:
+                    sink.held = self.holds
+                    sink.advance()
+                    if sink.complete:
+                        sink.save()
+        except Exception as exc:
+            self.failed = _as_tilebridge(exc)
+            raise
+
     def finish(self) -> StoredImage:
         if self.stored is not None:
             return self.stored
@@ -161,8 +189,16 @@ class _OmeroWriter(ImageWriter):
                     sink.save()
                 if self.planes and not self.measured_saved:
                     for image_id, sink in zip(self.image_ids, self.sinks, strict=True):
-                        describe_planes(self.session, image_id, sink, self.manifest, self.planes)
+                        describe_planes(
+                            self.session, image_id, sink, self.manifest, self.planes, self.holds
+                        )
                     self.measured_saved = True
+                if self.holdings is not None and not self.holdings_saved:
+                    for image_id, sink in zip(self.image_ids, self.sinks, strict=True):
+                        describe_holdings(
+                            self.session, image_id, sink, self.manifest, self.holdings
+                        )
+                    self.holdings_saved = True
                 digests = self._verify() if self.settings.verify else None
         except Exception as exc:
             self.failed = _as_tilebridge(exc)
@@ -194,7 +230,7 @@ class _OmeroWriter(ImageWriter):
         for image_id, sink, annotation in zip(
             self.image_ids, self.sinks, self.provenance, strict=True
         ):
-            meant = sink.digest(lambda key: self.sources[key].load())
+            meant = sink.digest(lambda key: s.load() if (s := self.sources.get(key)) else None)
             held = read_digest(self.session, sink.pixels_id, self.settings.verify_wait_s)
             if held != meant:
                 log.error(

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest, PixelType, PlaneMeta, StagePosition
+from tilebridge_storage.base import Holdings
 from tilebridge_storage.mosaic import Mosaic, plan
 from tilebridge_storage.omero_backend.metadata import (
+    METADATA_NS,
     annotation_link,
     dataset_link,
     describe,
     describe_measured,
+    map_annotation,
     metadata_annotation,
     tag_annotations,
 )
@@ -29,7 +32,12 @@ from tilebridge_storage.omero_backend.pixels import OneTile, PixelSink, Source
 from tilebridge_storage.omero_backend.provenance import image_description, provenance_annotation
 from tilebridge_storage.omero_backend.session import OmeroSession
 from tilebridge_storage.omero_backend.targets import Target
-from tilebridge_storage.plane_metadata import measured_key_values, mosaic_planes, position_planes
+from tilebridge_storage.plane_metadata import (
+    measured_key_values,
+    missing_planes,
+    mosaic_planes,
+    position_planes,
+)
 
 OMERO_PIXEL_TYPES = {
     PixelType.UINT8: "uint8",
@@ -113,13 +121,32 @@ def describe_planes(
     sink: PixelSink,
     manifest: OpenManifest,
     planes: Mapping[TileKey, PlaneMeta],
+    holds: Callable[[TileKey], bool] = lambda key: True,
 ) -> None:
     """The measured metadata of the tiles one OMERO image is made of (see `plane_metadata`)."""
     m = manifest
     mine = {key: meta for key, meta in planes.items() if key.index in sink.indices}
     source = sink.source
     if isinstance(source, Mosaic):
-        values = mosaic_planes(m, mine, source.origin_x_um, source.origin_y_um)
+        values = mosaic_planes(m, mine, source.origin_x_um, source.origin_y_um, holds)
     else:
         values = position_planes(m, mine, sink.indices[0])
     describe_measured(session, image_id, sink.pixels_id, values, measured_key_values(m, mine))
+
+
+def describe_holdings(
+    session: OmeroSession,
+    image_id: int,
+    sink: PixelSink,
+    manifest: OpenManifest,
+    holdings: Holdings,
+) -> None:
+    """What an image that holds fewer tiles says about it, beside its other key-values
+    (`METADATA_NS`): `tilebridge.incomplete`, `tilebridge.tiles`, `tilebridge.not_planned`,
+    and for one position's image (`per_tile`) the planes it lacks."""
+    pairs = holdings.key_values(manifest)
+    if len(sink.indices) == 1:
+        pairs |= missing_planes(manifest, sink.indices[0], holdings.tiles)
+    if pairs:
+        annotation = map_annotation(METADATA_NS, sorted(pairs.items()))
+        session.update.saveObject(annotation_link(image_id, annotation))

@@ -12,6 +12,10 @@ arrived, and only one band is ever assembled in memory.
 * Small ("ROMIO") images accept full-width stripes in any order, so any ready band is
   written at once.
 
+A tile the image does not hold (`expect`: a sparse or partial image) is never waited for:
+once the sink is told what is held (`held`), its area of a band stays 0 and `advance`
+writes every band that was waiting only for it, still in the one pass.
+
 Per-channel min/max is tracked over what is written and set after `save()`.
 
 Verification (`digest`, `read_digest`): OMERO's `RawPixelsStore.calculateMessageDigest` is a
@@ -115,9 +119,11 @@ class PixelSink:
         self.saved = False
         self._sha1 = hashlib.sha1()
         """Pyramids: the digest of every band written so far, in OMERO's order."""
+        self.held: Callable[[TileKey], bool] = lambda key: True
+        """Whether the image holds a tile (set by the writer's `expect`)."""
 
     # -- writing -------------------------------------------------------------------------
-    def offer(self, key: TileKey) -> None:
+    def offer(self, key: TileKey | None) -> None:
         """Write every band that tile `key` (now in `tiles`) made ready, as the rules allow."""
         if self.rps is None:
             self._open()
@@ -129,8 +135,20 @@ class PixelSink:
                     return
                 self._write(plane, band)
                 self.cursor += 1
-        else:
+        elif key is not None:
             plane = self._plane_of[(key.z, key.c, key.t)]
+            for band in range(len(self.bands)):
+                if band not in self.written[plane] and self._ready(plane, band):
+                    self._write(plane, band)
+
+    def advance(self) -> None:
+        """Write every band that is ready now (after `held` changed)."""
+        if self.rps is None:
+            self._open()
+        if self.pyramid:
+            self.offer(None)
+            return
+        for plane in range(len(self.planes)):
             for band in range(len(self.bands)):
                 if band not in self.written[plane] and self._ready(plane, band):
                     self._write(plane, band)
@@ -185,10 +203,11 @@ class PixelSink:
 
     def _ready(self, plane: int, band: int) -> bool:
         z, c, t = self.planes[plane]
-        return all(TileKey(i, z, c, t) in self.tiles for i in self.needs[band])
+        keys = (TileKey(i, z, c, t) for i in self.needs[band])
+        return all(key in self.tiles or not self.held(key) for key in keys)
 
     def _compose(
-        self, plane: int, band: int, tile_of: Callable[[TileKey], np.ndarray[Any, Any]]
+        self, plane: int, band: int, tile_of: Callable[[TileKey], np.ndarray[Any, Any] | None]
     ) -> np.ndarray[Any, Any]:
         z, c, t = self.planes[plane]
         y0, y1 = self.bands[band]
@@ -196,10 +215,12 @@ class PixelSink:
         for piece in self.pieces[band]:
             r = piece.canvas
             tile = tile_of(TileKey(piece.index, z, c, t))
+            if tile is None:  # a tile the image does not hold: its area stays 0
+                continue
             pixels[r.y0 - y0 : r.y1 - y0, r.x0 : r.x1] = tile[piece.tile.slices]
         return pixels
 
-    def digest(self, load: Callable[[TileKey], np.ndarray[Any, Any]]) -> str:
+    def digest(self, load: Callable[[TileKey], np.ndarray[Any, Any] | None]) -> str:
         """SHA-1 (hex) of the pixels meant for OMERO, as `calculateMessageDigest` makes it."""
         if self.pyramid:
             return self._sha1.hexdigest()
@@ -215,7 +236,7 @@ class PixelSink:
         z, c, t = self.planes[plane]
         y0, y1 = self.bands[band]
         width = self.source.width
-        pixels = self._compose(plane, band, self.tiles.__getitem__)
+        pixels = self._compose(plane, band, self.tiles.get)
         self._track(c, pixels)
         wire = self.dtype.newbyteorder(">")
         if self.pyramid:

@@ -9,7 +9,7 @@
 Needs pytest (the `dev` extra); importing `tilebridge_storage` itself never imports this.
 """
 
-from tilebridge_storage.testing.contract import StorageContract, Tiles
+from tilebridge_storage.testing.contract import StorageContract, Tiles, ome_key_values
 from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
-__all__ = ["StorageContract", "Tiles", "make_manifest", "make_tiles"]
+__all__ = ["StorageContract", "Tiles", "make_manifest", "make_tiles", "ome_key_values"]

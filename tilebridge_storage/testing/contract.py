@@ -20,10 +20,21 @@ from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_storage import registry
-from tilebridge_storage.base import StorageBackend, StoredImage
+from tilebridge_storage.base import Holdings, StorageBackend, StoredImage
 from tilebridge_storage.testing.manifests import make_manifest, make_tiles
+from tilebridge_storage.tiff_metadata import METADATA_NS
 
 Tiles = dict[TileKey, np.ndarray[Any, Any]]
+
+
+def ome_key_values(ome: Any, namespace: str = METADATA_NS) -> dict[str, str]:
+    """The key-values of an `ome_types.OME` document's MapAnnotations in `namespace` (what
+    the file backends write with the image)."""
+    out: dict[str, str] = {}
+    for annotation in ome.structured_annotations.map_annotations:
+        if annotation.namespace == namespace:
+            out.update(dict(annotation.value))
+    return out
 
 
 class StorageContract:
@@ -40,7 +51,17 @@ class StorageContract:
     def read_back(
         self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest, tiles: Tiles
     ) -> None:
-        """Read what `stored` names with an independent reader; assert it holds `tiles`."""
+        """Read what `stored` names with an independent reader; assert it holds `tiles`. For
+        an image that holds fewer tiles (`expect`), `tiles` lacks the others: a canvas is 0
+        over the area a missing tile owns, and a per-position output has no position without
+        a tile (and zeros for the planes a position lacks)."""
+        raise NotImplementedError
+
+    def key_values(
+        self, backend: StorageBackend, stored: StoredImage, manifest: OpenManifest
+    ) -> dict[str, str]:
+        """The image's own key-values as `stored` holds them, read independently (for a
+        per-position output: those of any one position)."""
         raise NotImplementedError
 
     def leftovers(self, backend: StorageBackend, manifest: OpenManifest) -> list[Any]:
@@ -220,3 +241,77 @@ class StorageContract:
         with pytest.raises(TransientError):
             writer.finish()
         self.read_back(backend, writer.finish(), manifest, tiles)
+
+    # -- images that hold fewer tiles than their manifest (base.py, `expect`) ----------------
+
+    def test_a_sparse_image_holds_what_was_planned_and_is_complete(
+        self, backend: StorageBackend
+    ) -> None:
+        """A round scan area: position 0 (a corner) was never planned. Told so after the last
+        tile, the image is stored with the others, not flagged incomplete."""
+        manifest = self.manifest()
+        tiles = {k: v for k, v in make_tiles(manifest).items() if k.index != 0}
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels)
+        writer.expect(Holdings(frozenset(tiles), not_planned=frozenset({0})))
+        stored = writer.finish()
+        self.read_back(backend, stored, manifest, tiles)
+        kv = self.key_values(backend, stored, manifest)
+        assert kv["tilebridge.not_planned"] == "0"
+        assert "tilebridge.incomplete" not in kv
+        assert kv["objective"] == "10x"  # the image's own key-values are kept beside
+
+    def test_a_partial_image_is_stored_with_its_tiles_and_flagged_incomplete(
+        self, backend: StorageBackend
+    ) -> None:
+        """A stopped scan, told before its first tile (an OMERO pyramid is written in one
+        pass, so what it holds must not hold the pass up): tiles in any order."""
+        manifest = self.manifest()
+        everything = make_tiles(manifest)
+        last = len(manifest.positions) - 1
+        # The whole last position and one plane of the first are missing.
+        gone = {k for k in everything if k.index == last} | {TileKey(0, 1, 0, 0)}
+        tiles = {k: v for k, v in everything.items() if k not in gone}
+        writer = backend.open_image(self.device, manifest)
+        writer.expect(Holdings(frozenset(tiles), partial=True))
+        order = list(tiles)
+        random.Random(3).shuffle(order)
+        for key in order:
+            writer.write_tile(key, tiles[key])
+        stored = writer.finish()
+        self.read_back(backend, stored, manifest, tiles)
+        kv = self.key_values(backend, stored, manifest)
+        assert kv["tilebridge.incomplete"] == "true"
+        assert kv["tilebridge.tiles"] == f"{len(tiles)}/{manifest.tile_count}"
+
+    def test_what_the_image_does_not_hold_is_refused(self, backend: StorageBackend) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        held = frozenset(k for k in tiles if k.index != 0)
+        writer = backend.open_image(self.device, manifest)
+        with pytest.raises(PermanentError):  # a tile outside the manifest
+            writer.expect(Holdings(held | {TileKey(len(manifest.positions), 0, 0, 0)}))
+        writer.expect(Holdings(held, not_planned=frozenset({0})))
+        with pytest.raises(PermanentError):
+            writer.write_tile(TileKey(0), tiles[TileKey(0)])
+        with pytest.raises(PermanentError):  # told twice, otherwise
+            writer.expect(Holdings(held - {max(held)}, partial=True))
+        for key in sorted(held)[1:]:
+            writer.write_tile(key, tiles[key])
+        with pytest.raises(PermanentError, match="missing 1 tiles"):
+            writer.finish()
+        writer.abort()
+
+    def test_a_tile_written_before_it_was_known_not_held_fails_the_finish(
+        self, backend: StorageBackend
+    ) -> None:
+        manifest = self.manifest()
+        tiles = make_tiles(manifest)
+        writer = backend.open_image(self.device, manifest)
+        for key, pixels in tiles.items():
+            writer.write_tile(key, pixels)
+        writer.expect(Holdings(frozenset(k for k in tiles if k.index != 0), partial=True))
+        with pytest.raises(PermanentError, match="does not hold"):
+            writer.finish()
+        writer.abort()
