@@ -5,13 +5,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Mosquitto for everything. The tests also need: chromium for the dashboard's browser test
+# Mosquitto for everything. The tests also need: prometheus (its server evaluates the alert
+# rules against real failures, tests/deploy/test_alerts.py), chromium for the dashboard's browser test
 # (driven by Playwright, which must not download a browser of its own), shellcheck and
 # systemd-analyze for deploy/, openssl for certificates, a compiler with the OpenSSL and
 # bzip2 headers for the zeroc-ice build, and PostgreSQL for the shared ledger's tests (they
 # start their own throw-away server: devtools/postgres.py; the packaged one is not used).
 APT_PACKAGES := mosquitto mosquitto-clients
-APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev postgresql
+APT_TEST_PACKAGES := chromium shellcheck systemd openssl g++ libssl-dev libbz2-dev postgresql \
+	prometheus
 
 .PHONY: demo test lint typecheck pytest bench bench-fleet chaos system test-system venv omero clean
 

@@ -9,6 +9,9 @@
 # credentials. DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 
+# PYTHON: the interpreter of the virtual environment [/usr/bin/python3] (the system's, so
+# the service user can run it); PREFIX, ETC, UNIT_DIR, SERVICE_USER: where things go.
+PYTHON=${PYTHON:-/usr/bin/python3}
 PREFIX=${PREFIX:-/opt/tilebridge}
 ETC=${ETC:-/etc/tilebridge-edge}
 UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
@@ -42,7 +45,11 @@ if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
     --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
 
-run python3 -m venv "$PREFIX/venv"
+if [[ $DRY_RUN != 1 && ! -x $PYTHON ]]; then
+  echo "install-edge.sh: no interpreter at $PYTHON (set PYTHON=...)" >&2
+  exit 1
+fi
+run "$PYTHON" -m venv "$PREFIX/venv"
 run "$PREFIX/venv/bin/pip" install --upgrade pip
 # Only the [edge] extra: the Pi never gets omero-py or any other server-side package.
 run "$PREFIX/venv/bin/pip" install --upgrade "${source}[edge]"

@@ -6,11 +6,26 @@
 #
 # SOURCE is what pip installs tilebridge from: a checkout (default: the repository this script
 # is in) or a built wheel. Running it again upgrades the code and keeps the configuration,
-# credentials, broker users and ACL. DRY_RUN=1 prints the commands instead of running them.
+# credentials, broker users and ACL, and an edited listener file; Mosquitto is restarted only
+# when its configuration changed. DRY_RUN=1 prints the commands instead of running them.
+#
+# Where things go (environment variables, defaults in brackets):
+#   PYTHON         the interpreter the virtual environment is made from [/usr/bin/python3]:
+#                  the system's, so the service user can run it (not a pyenv under /root)
+#   PREFIX         the code: $PREFIX/venv, $PREFIX/scripts, $PREFIX/docs [/opt/tilebridge]
+#   ETC            configuration and credentials [/etc/tilebridge]
+#   ARCHIVE_DIR    a folder for the archive on a data volume, made with the service user as
+#                  owner; the unit may write there (ReadWritePaths) [/srv/tilebridge]
+#   MOSQUITTO_ETC  the broker's configuration [/etc/mosquitto]
+#   UNIT_DIR       systemd units [/etc/systemd/system]
+#   SERVICE_USER   the user the ingest runs as [tilebridge]
+#   WITH_OMERO=1   also install omero-py (builds zeroc-ice once, docs/omero.md)
 set -euo pipefail
 
+PYTHON=${PYTHON:-/usr/bin/python3}
 PREFIX=${PREFIX:-/opt/tilebridge}
 ETC=${ETC:-/etc/tilebridge}
+ARCHIVE_DIR=${ARCHIVE_DIR:-/srv/tilebridge}
 MOSQUITTO_ETC=${MOSQUITTO_ETC:-/etc/mosquitto}
 UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
 SERVICE_USER=${SERVICE_USER:-tilebridge}
@@ -29,6 +44,8 @@ run() {
   fi
 }
 
+identities_added=0
+
 # A broker identity for a local service, made by `server-ingest device add` (which hashes the
 # password into Mosquitto's file and extends the ACL) and kept in a root-only credential file
 # that systemd hands to the unit. The password never appears on a command line.
@@ -46,6 +63,7 @@ add_service_identity() {
     --password-file "$broker_dir/passwd" --acl "$broker_dir/acl" --hide-password >/dev/null
   install -m 0600 "$out/mqtt-password" "$credential"
   rm -rf "$out"
+  identities_added=1
 }
 
 if [[ $DRY_RUN != 1 && $EUID -ne 0 ]]; then
@@ -61,7 +79,11 @@ if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
     --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
 
-run python3 -m venv "$PREFIX/venv"
+if [[ $DRY_RUN != 1 && ! -x $PYTHON ]]; then
+  echo "install-server.sh: no interpreter at $PYTHON (set PYTHON=...)" >&2
+  exit 1
+fi
+run "$PYTHON" -m venv "$PREFIX/venv"
 run "$PREFIX/venv/bin/pip" install --upgrade pip
 # fastapi and uvicorn serve the dashboard (server-ingest dashboard).
 run "$PREFIX/venv/bin/pip" install --upgrade "${source}[ingest]" fastapi uvicorn
@@ -81,20 +103,15 @@ if [[ -f $repo/docs/deploy.md ]]; then
   run install -D -m 0644 "$repo/docs/deploy.md" "$PREFIX/docs/deploy.md"
 fi
 
-# The broker: tile-traffic settings and listeners from the repository, users and ACL here.
-run install -m 0644 "$repo/mosquitto/tilebridge.conf" "$MOSQUITTO_ETC/conf.d/tilebridge.conf"
-run install -m 0644 "$repo/mosquitto/mosquitto.conf" \
-  "$MOSQUITTO_ETC/conf.d/tilebridge-listeners.conf"
-run install -d -m 0750 -o root -g mosquitto "$broker_dir"
-if [[ ! -e $broker_dir/acl ]]; then
-  run install -m 0640 -o root -g mosquitto "$repo/mosquitto/acl" "$broker_dir/acl"
-fi
-if [[ ! -e $broker_dir/passwd ]]; then
-  run install -m 0640 -o root -g mosquitto /dev/null "$broker_dir/passwd"
-fi
+# The broker: tile-traffic settings from the repository, listeners once (then the admin's),
+# users and ACL here (install-broker-config.sh says what it changed).
+broker_changes=$(MOSQUITTO_ETC=$MOSQUITTO_ETC DRY_RUN=$DRY_RUN bash "$here/install-broker-config.sh")
+printf '%s\n' "$broker_changes" | grep -v '^changed: ' | grep . || true
 
 run install -d -m 0755 "$ETC"
 run install -d -m 0700 "$ETC/credentials"
+# The archive's data volume (archive_dir in ingest.json), owned by the service.
+run install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$ARCHIVE_DIR"
 add_service_identity ingest ingest "$ETC/credentials/ingest-mqtt-password"
 add_service_identity monitor monitor "$ETC/credentials/dashboard-mqtt-password"
 if [[ ! -e $ETC/ingest.json ]]; then
@@ -114,10 +131,14 @@ missing=()
 for file in ca.crt server.crt server.key; do
   [[ -e $broker_dir/$file ]] || missing+=("$broker_dir/$file")
 done
-if ((${#missing[@]} == 0)); then
-  run systemctl restart mosquitto
-else
+if ((${#missing[@]} != 0)); then
   echo "install-server.sh: not restarting Mosquitto: its TLS listener needs ${missing[*]}" >&2
+elif [[ $DRY_RUN == 1 ]] || grep -q '^changed: ' <<<"$broker_changes"; then
+  run systemctl restart mosquitto
+elif ((identities_added)); then
+  run systemctl reload mosquitto # new passwords and ACL lines: SIGHUP is enough
+else
+  echo "install-server.sh: the broker's configuration is unchanged; Mosquitto keeps running"
 fi
 
 cat <<NEXT

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -13,7 +12,6 @@ from pathlib import Path
 from uuid import UUID
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edge_agent.app import EdgeApp
@@ -23,6 +21,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.simulate import SyntheticScan
 from tilebridge_protocol.errors import TilebridgeError
 from tilebridge_protocol.keys import TileKey
+from tilebridge_runtime.logs import setup_logging
 from tilebridge_runtime.process import exit_when_a_thread_dies
 
 console = Console(stderr=True)
@@ -66,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     end.add_argument("--partial", action="store_true", help="with the frames it has")
     stop = what.add_parser("abort", help="discard an experiment on the Pi")
     stop.add_argument("image_id", type=UUID)
+    rejected = commands.add_parser(
+        "rejected", help="tiles the server refused, set aside on the Pi: list or send again"
+    )
+    aside = rejected.add_subparsers(dest="what", required=True)
+    aside.add_parser("list", help="images with tiles set aside")
+    again = aside.add_parser("resend", help="queue an image's set-aside tiles again")
+    again.add_argument("image_id", type=UUID)
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(threadName)s %(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    setup_logging(args.log_level)
     try:
         settings = AgentSettings.load(args.config)
     except (ValueError, OSError) as exc:
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge_agent.cli import experiments_command
 
         return experiments_command(settings, args)
+    if args.command == "rejected":
+        from edge_agent.cli import rejected_command
+
+        return rejected_command(settings, args)
     scan = SyntheticScan(
         columns=args.columns, rows=args.rows, tile_size=args.tile_size, channels=args.channels,
         z_planes=args.z_planes, seed=args.seed, image_id=args.image_id,

@@ -124,7 +124,7 @@ def serve_metrics(agent: Observed, stop: threading.Event) -> None:
         return
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EdgeCollector(agent))
-    httpd, _ = start_http_server(port, registry=registry)
+    httpd, _ = start_http_server(port, agent.settings.metrics_host, registry=registry)
 
     def shutdown() -> None:
         stop.wait()

@@ -72,7 +72,10 @@ class AgentSettings(BaseSettings):
     min_free_bytes: int = Field(default=512 * MiB, ge=0)
     """`write_frame` refuses a frame (TransientError) rather than fill the disk below this."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
-    """Serve Prometheus metrics on this port (all interfaces); None: no metrics endpoint."""
+    """Serve Prometheus metrics on this port; None: no metrics endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics endpoint listens on; `0.0.0.0` for every interface (then allow
+    the port only from the Prometheus host in the firewall)."""
     bandwidth_limit_bytes_per_s: int | None = Field(default=None, gt=0)
     """Cap on bytes published per second (after compression); None: no cap."""
     http_host: str = "127.0.0.1"

@@ -25,6 +25,7 @@ serialized by a claim on that tile, so the second answers "already accepted" or 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -244,6 +245,59 @@ class Spool(Outbox):
                 self._enqueue(db, "close", image_id)
         self._notify()
         return close
+
+    def rejected(self) -> list[tuple[UUID, int, str | None]]:
+        """Images with tiles set aside in `rejected/`: (image_id, tiles, the server's word)."""
+        rows = self._read(
+            "SELECT t.image_id, COUNT(*), i.server_detail FROM tiles t JOIN images i"
+            " USING (image_id) WHERE t.state = 'rejected' GROUP BY t.image_id"
+        )
+        return [(UUID(r[0]), int(r[1]), r[2]) for r in rows]
+
+    def resend_rejected(self, image_id: UUID) -> int:
+        """An admin fixed what made the server refuse: the set-aside tiles go back into the
+        buffer as pending and the image is queued again (open, its tiles, its close), as if
+        it had never been sent. Only while no agent runs on this spool. Returns the tiles."""
+        folder = self.rejected_dir / str(image_id)
+        files = {p.stem: p for p in folder.glob("*.tile")} | {
+            p.stem: p for p in folder.glob("tiles/*.tile")
+        }
+        target = self.tiles_dir / str(image_id)
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT idx, z, c, t, nbytes, digest FROM tiles WHERE image_id = ?"
+                " AND state = 'rejected'",
+                (str(image_id),),
+            ).fetchall()
+            back = [r for r in rows if TileKey(*r[:4]).slug() in files]
+            if not back:
+                return 0
+            target.mkdir(parents=True, exist_ok=True)
+            for r in back:
+                os.replace(files[TileKey(*r[:4]).slug()], target / f"{TileKey(*r[:4]).slug()}.tile")
+            fsync_dir(target)
+            db.execute(
+                "UPDATE images SET server = 'sending', server_detail = NULL, done_at = NULL"
+                " WHERE image_id = ?",
+                (str(image_id),),
+            )
+            self._enqueue(db, "open", image_id)
+            for idx, z, c, t, nbytes, digest in back:
+                db.execute(
+                    "UPDATE tiles SET state = 'pending', reason = NULL WHERE image_id = ?"
+                    " AND idx = ? AND z = ? AND c = ? AND t = ?",
+                    (str(image_id), idx, z, c, t),
+                )
+                self._enqueue(db, "tile", image_id, TileKey(idx, z, c, t), nbytes, digest)
+            closed = db.execute(
+                "SELECT close IS NOT NULL FROM images WHERE image_id = ?", (str(image_id),)
+            ).fetchone()[0]
+            if closed:
+                self._enqueue(db, "close", image_id)
+        with open(folder / "reasons.log", "a") as log:
+            log.write(f"{time.time():.3f} resent {len(back)} tiles by an administrator\n")
+        self._notify()
+        return len(back)
 
     def set_state(self, image_id: UUID, state: ImageState) -> None:
         with self._db() as db:

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from rich.console import Console
-from rich.logging import RichHandler
 
-from server_ingest import admin
+from server_ingest import admin, images
 from server_ingest.app import IngestService
 from server_ingest.deadletters import dead_letters
 from server_ingest.settings import IngestSettings
 from tilebridge_protocol.errors import TilebridgeError
+from tilebridge_runtime.logs import setup_logging
 from tilebridge_runtime.process import exit_when_a_thread_dies
 
 console = Console(stderr=True)
@@ -31,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the ingest until stopped (the systemd service)")
     admin.add_parser(commands)
+    images.add_parser(commands)
     commands.add_parser(
         "dashboard", help="serve the monitoring dashboard (--config: deploy/dashboard.example.json)"
     )
@@ -40,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     letters.add_argument("--limit", type=int, default=100)
     letters.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(threadName)s %(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    setup_logging(args.log_level)
     if args.command == "device":
+        args.settings = _settings_or_none(args.config)
         return admin.main(args)
     if args.command == "dashboard":
         from server_ingest.dashboard.server import main as dashboard
@@ -57,9 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]invalid configuration:[/red] {exc}")
         return 2
     if args.command == "dead-letters":
+        images.become_owner(settings.data_dir)
         print(dead_letters(settings, args.limit, args.json))
         return 0
+    if args.command == "images":
+        return images.main(args, settings)
     return run(settings)
+
+
+def _settings_or_none(config: Path | None) -> IngestSettings | None:
+    """The ingest's settings for `device` commands, which work without them too."""
+    try:
+        return IngestSettings.load(config)
+    except (ValueError, OSError):
+        return None
 
 
 def run(settings: IngestSettings) -> int:

@@ -39,6 +39,7 @@ from server_ingest.identities import (
     set_identity,
     write_secret,
 )
+from server_ingest.images import clear_device_status
 from tilebridge_runtime.mqtt import BrokerSettings
 
 BROKER_DIR = Path("/etc/mosquitto/tilebridge")
@@ -193,6 +194,10 @@ def remove(args: argparse.Namespace) -> int:
             "cannot connect any more"
         )
     _stderr(reload_broker(broker_pid(args.pid, args.pid_file)))
+    settings = getattr(args, "settings", None)
+    if role_of(name) is Role.DEVICE and settings is not None:
+        # Kicked by the reload without its will: its last status would say online forever.
+        _stderr(clear_device_status(settings, name))
     return 0
 
 

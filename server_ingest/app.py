@@ -20,10 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from server_ingest.backends import build_backends
+from server_ingest.backends import build_backends, build_destinations
 from server_ingest.broker import MqttOutbox, StatusReporter, inbound, subscribe, subscriptions
 from server_ingest.claimer import Claimer
 from server_ingest.claims import LocalClaims
+from server_ingest.control import ControlServer
 from server_ingest.core import Core
 from server_ingest.events import Barrier, Inbound
 from server_ingest.flow import Windows
@@ -34,6 +35,8 @@ from server_ingest.ledger.writer import LedgerWriter
 from server_ingest.lifecycle import Policy
 from server_ingest.metrics import IngestCollector, MetricsServer
 from server_ingest.ports import Outbox, Relay
+from server_ingest.preview import Previewer, Publish
+from server_ingest.retention import DiskWatch
 from server_ingest.routing import Router
 from server_ingest.settings import IngestSettings
 from server_ingest.stager import Stager
@@ -42,7 +45,8 @@ from server_ingest.state import Snapshot
 from server_ingest.storer import Storer
 from tilebridge_protocol.messages import utcnow
 from tilebridge_protocol.status import IngestStatus, Liveness
-from tilebridge_protocol.topics import ingest_status_topic
+from tilebridge_protocol.topics import DeviceTopic, device_topic, ingest_status_topic
+from tilebridge_runtime.durable import HeldLock
 from tilebridge_runtime.mqtt import SESSION_EXPIRY_S, MqttConnection
 from tilebridge_storage.base import StorageBackend
 
@@ -69,8 +73,29 @@ class Engine:
         ledger: Ledger | None = None,
         relay: Relay | None = None,
         clock: Callable[[], float] = time.time,
+        preview: Publish | None = None,
     ) -> None:
-        """`clock`: the wall clock events are stamped with (tests move it ahead)."""
+        """`clock`: the wall clock events are stamped with (tests move it ahead); `preview`:
+        where live previews go (none without it)."""
+        # One process per data directory: never a second writer of its ledger and staging.
+        self._lock = HeldLock(settings.lock_path)
+        try:
+            self._wire(settings, outbox, backends, ledger, relay, clock, preview)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._started = False
+
+    def _wire(
+        self,
+        settings: IngestSettings,
+        outbox: Outbox,
+        backends: Sequence[StorageBackend] | None,
+        ledger: Ledger | None,
+        relay: Relay | None,
+        clock: Callable[[], float],
+        preview: Publish | None,
+    ) -> None:
         self.settings = settings
         limits = settings.limits
         self.inbox = Inbox(settings.inbox_messages)
@@ -83,14 +108,23 @@ class Engine:
         self.staging = Staging(settings.staging_dir)
         self.ledger_writer = LedgerWriter(self.ledger, self.inbox.post)
         self.stager = Stager(self.staging, self.inbox.post, settings.staging_workers)
+        targets = build_backends(settings) if backends is None else list(backends)
         self.storer = Storer(
-            build_backends(settings) if backends is None else backends,
+            targets,
             self.staging,
             self.inbox.post,
             settings.store_retry_s,
             settings.store_retry_max_s,
             settings.storer_workers,
+            settings.verify_attempts,
+            build_destinations(settings, targets),
             self.claims,
+        )
+        p = settings.preview
+        self.previewer = (
+            Previewer(self.staging, preview, p.max_px, p.images, p.interval_s)
+            if preview is not None and p.enabled
+            else None
         )
         # Several instances: devices are claimed, their messages routed (docs/scale.md).
         self.claimer: Claimer | None = None
@@ -126,8 +160,14 @@ class Engine:
             router=router,
             windows=windows,
             clock=clock,
+            retention=settings.retention,
+            # Kept copies are swept only where this instance alone stages (docs/operations.md).
+            keep_staged=settings.keep_staged and not self.claims.shared,
+            preview=self.previewer,
         )
-        self._started = False
+        self.disk = DiskWatch(
+            settings.staging_dir, self.inbox.post, settings.retention.check_interval_s
+        )
 
     def start(self) -> Engine:
         recovered = []
@@ -144,6 +184,9 @@ class Engine:
         self.storer.start()
         self.core.recover(recovered)
         self.core.start()
+        self.disk.start()
+        if self.previewer is not None:
+            self.previewer.start()
         if self.claimer is not None:  # shared: a device's images are taken up with its claim
             self.claimer.start()
         self._started = True
@@ -153,13 +196,17 @@ class Engine:
 
     def stop(self) -> None:
         if self._started:
+            self.disk.stop()
             self.core.stop()
+            if self.previewer is not None:
+                self.previewer.stop()
             self.stager.stop()
             self.storer.stop()
             self.ledger_writer.stop()
             if self.claimer is not None:
                 self.claimer.stop()
         self.chosen.close()
+        self._lock.release()
 
     def handle(self, message: Inbound) -> None:
         """Put a device message into the core's inbox (blocks while the inbox is full)."""
@@ -204,11 +251,14 @@ class IngestService:
         outbox = MqttOutbox(
             self.connection, settings.image_status_ttl_s, settings.cluster.relay_ttl_s
         )
-        self.engine = Engine(settings, outbox, relay=outbox)
+        self.engine = Engine(settings, outbox, relay=outbox, preview=outbox.image_preview)
         self._filters = subscriptions(
             settings.instance, settings.cluster, routed=self.engine.claims.shared
         )
         self.storer = self.engine.storer
+        self.control = ControlServer(
+            settings.control_path, self.engine.inbox.post, self._clear_device_status
+        )
         self.reporter = StatusReporter(
             self.connection,
             self.status_topic,
@@ -221,7 +271,7 @@ class IngestService:
             collector = IngestCollector(
                 settings.instance, self.engine.snapshot, self.connection.connected.is_set
             )
-            self.metrics = MetricsServer(settings.metrics_port, collector)
+            self.metrics = MetricsServer(settings.metrics_host, settings.metrics_port, collector)
 
     def start(self) -> IngestService:
         raise_open_file_limit()
@@ -230,9 +280,11 @@ class IngestService:
         self.engine.start()
         self.connection.start()
         self.reporter.start()
+        self.control.start()
         return self
 
     def stop(self) -> None:
+        self.control.stop()
         self.reporter.stop()
         offline = self.status(Liveness.OFFLINE)
         self.connection.stop(final=(self.status_topic, offline.to_bytes()))
@@ -248,6 +300,11 @@ class IngestService:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    def _clear_device_status(self, device: str) -> None:
+        """A removed device's retained status would say `online` forever (the broker drops
+        its connection without publishing its will): an empty retained message clears it."""
+        self.connection.publish(device_topic(device, DeviceTopic.STATUS), b"", retain=True)
 
     def _connected(self, client: object) -> None:
         subscribe(client, self._filters)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from uuid import UUID
 
 import paho.mqtt.client as mqtt
 
@@ -20,6 +21,7 @@ from tilebridge_protocol.topics import (
     DeviceTopic,
     device_filter,
     device_topic,
+    image_preview_topic,
     image_status_topic,
     parse_relay_topic,
     relay_filter,
@@ -81,6 +83,15 @@ class MqttOutbox:
         self._connection.publish(
             image_status_topic(status.device, status.image_id),
             status.to_bytes(),
+            retain=True,
+            properties=expiring(self._ttl) if done else None,
+        )
+
+    def image_preview(self, device: str, image_id: UUID, png: bytes, done: bool) -> None:
+        """Called from the preview thread; paho only queues the message."""
+        self._connection.publish(
+            image_preview_topic(device, image_id),
+            png,
             retain=True,
             properties=expiring(self._ttl) if done else None,
         )

@@ -47,13 +47,14 @@ from server_ingest.lifecycle import (
     clip,
     step,
 )
-from server_ingest.ports import LedgerPort, Outbox, StagerPort, StorerPort
+from server_ingest.ports import LedgerPort, Outbox, PreviewPort, StagerPort, StorerPort
 from server_ingest.routing import Router
-from server_ingest.settings import Limits
-from server_ingest.stager import Job, RemoveImage
+from server_ingest.settings import Limits, Retention
+from server_ingest.stager import Job, RemoveImage, SweepKept
 from server_ingest.state import CoreState, ImageBook, Snapshot, finished_image
 from server_ingest.status import image_status
 from server_ingest.storer import Begin, Cancel, Finish, Tile
+from server_ingest.upkeep import Upkeep
 from tilebridge_protocol.errors import ProtocolError
 from tilebridge_protocol.messages import (
     AnyAck,
@@ -91,7 +92,12 @@ class Core:
         router: Router | None = None,
         windows: Windows | None = None,
         clock: Callable[[], float] = time.time,
+        retention: Retention | None = None,
+        keep_staged: bool = False,
+        preview: PreviewPort | None = None,
     ) -> None:
+        self._preview = preview
+        self.retention = retention or Retention()
         self.inbox, self.limits, self.policy = inbox, limits, policy
         # Wall-clock time of the events (expiry, records); injected so tests can jump ahead.
         self._clock = clock
@@ -102,6 +108,7 @@ class Core:
         self.state = CoreState(limits)
         self.state.stats.backends.update(dict.fromkeys(backends, "ok"))
         self.intake = Intake(self.state, self, limits)
+        self.upkeep = Upkeep(self.state, self, stager, self.retention, keep_staged)
         self.snapshot = Snapshot()
         self._tokens = count(1)
         self._pending: dict[int, tuple[str | None, ImageKey | None, tuple[Effect, ...]]] = {}
@@ -109,7 +116,7 @@ class Core:
         self._waiting: list[int] = []
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
         self._dirty, self._snapshot_at = True, 0.0
-        self._tick_s = min(60.0, policy.image_ttl_s / 10)
+        self._tick_s = min(60.0, policy.image_ttl_s / 10, self.retention.check_interval_s)
         self._ticked = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="ingest-core", daemon=True)
 
@@ -184,6 +191,8 @@ class Core:
             self.state.stats.observe_store(item.backend, item.outcome, item.seconds, item.nbytes)
         elif isinstance(item, ev.Owner):
             self._owner(item)
+        elif isinstance(item, ev.AdminRequest | ev.DiskSpace | ev.StagingSwept):
+            self.upkeep.handle(item)
         else:
             self._waiting.append(item.token)
 
@@ -263,10 +272,23 @@ class Core:
         book = self.state.images.get(key)
         image = book.image if book is not None else self.state.finished.get(key)
         result = step(image, key, event, self.policy)
+        if (
+            result.image is not None
+            and result.image.phase is Phase.FAILED
+            and (image is None or image.phase is not Phase.FAILED)
+        ):
+            self.state.stats.failed[str(result.image.reason)] += 1
         if result.image is not None:
+            if book is not None and result.image.phase is not book.image.phase:
+                book.phase_since = self.now()
             if book is None and result.image.phase in HOLDS_STAGED_TILES:
                 assert isinstance(event, Opened)  # the only way into a phase with tiles
-                book = ImageBook(result.image, event.manifest, manifest_size=manifest_size)
+                book = ImageBook(
+                    result.image,
+                    event.manifest,
+                    manifest_size=manifest_size,
+                    phase_since=self.now(),
+                )
                 self.state.hold(book)
             elif book is not None:
                 book.image = result.image
@@ -300,6 +322,7 @@ class Core:
         log.warning("refused %s%s", detail, more)
 
     def stage(self, job: Job) -> None:
+        assert not isinstance(job, SweepKept)  # about no image: submitted by `_sweep`
         key = job.key if isinstance(job, RemoveImage) else job.ref.key
         self.state.io[key] += 1
         self._stager.submit(job)
@@ -325,8 +348,15 @@ class Core:
         if not force and now - book.last_published < PUBLISH_EVERY_S:
             return
         book.last_published = now
-        done = book.image.phase not in (Phase.RECEIVING, Phase.STORING)
+        # A failed or abandoned image still staged keeps its status until an admin acts:
+        # only an image that needs nothing more expires from the broker.
+        phase = book.image.phase
+        done = phase in (Phase.COMPLETE, Phase.REJECTED, Phase.DISCARDED) or (
+            phase is Phase.EXPIRED and not book.staged
+        )
         self._outbox.image_status(image_status(book), done)
+        if self._preview is not None and phase not in (Phase.RECEIVING, Phase.STORING):
+            self._preview.done(key)
 
     def now(self) -> float:
         return self._clock()
@@ -371,6 +401,8 @@ class Core:
             self._storer.submit(Begin(key, book.manifest, done, tuple(book.staged)))
         elif isinstance(effect, StoreTile):
             self._storer.submit(Tile(key, effect.tile))
+            if self._preview is not None:
+                self._preview.tile(key, book.manifest, effect.tile)
         elif isinstance(effect, StoreFinish) and book.close is not None:
             self._storer.submit(Finish(key, book.close))
 
@@ -416,6 +448,7 @@ class Core:
         for key, book in list(self.state.images.items()):
             if book.image.phase is Phase.RECEIVING:
                 self.apply(key, Tick(at))
+        self.upkeep.tick(at)
 
     def _idle(self) -> bool:
         return not (self._pending or self._parked or self.state.io)

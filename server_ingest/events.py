@@ -3,6 +3,7 @@ results of the work the core handed out (staging, ledger, storer). Frozen data o
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 
@@ -116,6 +117,41 @@ class Owner:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskSpace:
+    """Free bytes on the staging disk (from the "ingest-disk" thread)."""
+
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagingSwept:
+    """Kept staged copies of stored images removed by the retention policy."""
+
+    removed: int
+    freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAnswer:
+    ok: bool
+    phase: str | None
+    """The image's phase after the command (None: the core does not hold the image)."""
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    """An administrator's command about one image (`server-ingest images retry|discard`),
+    from the control socket; the core applies it like any event and answers in `reply`."""
+
+    key: ImageKey
+    event: LifecycleEvent
+    reply: Future[AdminAnswer]
+    by: str
+    """Who asked (for the log): e.g. `uid 0`."""
+
+
+@dataclass(frozen=True, slots=True)
 class Barrier:
     """Posted by `Engine.wait_idle`: set `done` once nothing is in flight."""
 
@@ -124,5 +160,6 @@ class Barrier:
 
 InboxItem = (
     Inbound | ChunkWritten | TileSealed | StagingDone | Durable | Looked | LedgerTrouble
-    | ForImage | BackendHealth | StoreAttempt | Owner | Barrier
+    | ForImage | BackendHealth | StoreAttempt | Owner | AdminRequest | DiskSpace
+    | StagingSwept | Barrier
 )  # fmt: skip

@@ -15,6 +15,7 @@ from server_ingest.ledger.records import ImageKey
 from server_ingest.lifecycle import Closed, Image, Opened, OpenRefused
 from server_ingest.limits import check_admission, check_manifest, image_bytes
 from server_ingest.ports import Driver
+from server_ingest.retention import NONE
 from server_ingest.settings import Limits
 from server_ingest.state import CoreState, ImageBook
 from server_ingest.tiles import TileIntake
@@ -100,6 +101,19 @@ class Intake:
             return
         _, image = located
         if image is None or image.phase in (Phase.REJECTED, Phase.EXPIRED):  # would start
+            if state.stats.disk_pressure != NONE:
+                detail = (
+                    f"the staging disk is low ({state.stats.staging_free_bytes} bytes free): "
+                    "new images wait, send the open again later"
+                )
+                self.driver.refuse(device, ReasonCode.UNAVAILABLE, detail)
+                self.driver.send(
+                    device,
+                    error_ack(
+                        device, DeviceTopic.OPEN, ReasonCode.UNAVAILABLE, detail, key.image_id
+                    ),
+                )
+                return
             receiving = state.receiving(device)
             refusal = check_admission(
                 limits,

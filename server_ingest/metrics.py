@@ -20,6 +20,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from server_ingest.state import STORE_BUCKETS, Snapshot
+from tilebridge_protocol.reasons import ReasonCode
+
+PRESSURE_LEVELS = {"none": 0, "new_images_refused": 1, "tiles_refused": 2}
+FAILURE_REASONS = (ReasonCode.STORAGE_FAILED, ReasonCode.VERIFY_FAILED, ReasonCode.CONFLICT)
 
 
 class IngestCollector(Collector):
@@ -51,7 +55,7 @@ class IngestCollector(Collector):
             "Messages refused, by protocol reason code",
             "reason",
             instance,
-            s.rejections,
+            {str(r): 0 for r in ReasonCode} | dict(s.rejections),  # see FAILURE_REASONS
         )
         yield _gauge(
             "tilebridge_ingest_images_in_progress",
@@ -113,6 +117,58 @@ class IngestCollector(Collector):
             instance,
             s.stored_bytes,
         )
+        yield _by(
+            "tilebridge_ingest_images_failed",
+            "Images that failed for good (since start), by reason code",
+            "reason",
+            instance,
+            # Every way an image fails has a series from the start: `increase()` cannot see
+            # the first failure of a series that appears at 1.
+            {str(r): 0 for r in FAILURE_REASONS} | dict(s.failed_total),
+        )
+        unresolved = GaugeMetricFamily(
+            "tilebridge_ingest_images_failed_unresolved",
+            "Failed images still staged (not retried or discarded yet), by reason code",
+            labels=["instance", "reason"],
+        )
+        by_reason: dict[str, int] = {str(r): 0 for r in FAILURE_REASONS} | dict(s.unresolved)
+        for reason, count in sorted(by_reason.items()):
+            unresolved.add_metric([instance, reason], count)
+        yield unresolved
+        yield _gauge(
+            "tilebridge_ingest_images_abandoned",
+            "Images their microscope never closed whose tiles are still staged",
+            instance,
+            sum(1 for h in s.attention if h.phase.value == "expired"),
+        )
+        waiting = GaugeMetricFamily(
+            "tilebridge_ingest_images_waiting",
+            "Images whose write into a backend waits for a retry (it is unreachable)",
+            labels=["instance", "backend"],
+        )
+        for name in sorted(s.backends):
+            waiting.add_metric([instance, name], s.waiting.get(name, 0))
+        yield waiting
+        if s.staging_free_bytes is not None:
+            yield _gauge(
+                "tilebridge_ingest_staging_free_bytes",
+                "Free space on the staging disk",
+                instance,
+                s.staging_free_bytes,
+            )
+        yield _gauge(
+            "tilebridge_ingest_disk_pressure",
+            "0: none; 1: new images refused (staging disk low); 2: tiles refused too",
+            instance,
+            PRESSURE_LEVELS.get(s.disk_pressure, 0),
+        )
+        yield _by(
+            "tilebridge_ingest_retention_removed",
+            "Images whose staged tiles the retention policy removed, by the phase they were in",
+            "phase",
+            instance,
+            s.retention_removed,
+        )
 
 
 def _by(
@@ -131,9 +187,10 @@ def _gauge(name: str, doc: str, instance: str, value: float) -> GaugeMetricFamil
 
 
 class MetricsServer:
-    """`/metrics` on `port` (all interfaces), from `start()` to `stop()`."""
+    """`/metrics` on `host:port`, from `start()` to `stop()`."""
 
-    def __init__(self, port: int, collector: IngestCollector) -> None:
+    def __init__(self, host: str, port: int, collector: IngestCollector) -> None:
+        self._host = host
         self._port = port
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(collector)
@@ -141,7 +198,7 @@ class MetricsServer:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._server, _ = start_http_server(self._port, registry=self._registry)
+        self._server, _ = start_http_server(self._port, self._host, registry=self._registry)
 
     def stop(self) -> None:
         server = self._server

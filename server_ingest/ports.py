@@ -11,7 +11,8 @@ from server_ingest.ledger.records import ImageKey, Record
 from server_ingest.lifecycle import Event
 from server_ingest.stager import Job
 from server_ingest.storer import Command
-from tilebridge_protocol.messages import AnyAck
+from tilebridge_protocol.keys import TileKey
+from tilebridge_protocol.messages import AnyAck, OpenManifest
 from tilebridge_protocol.status import ImageStatus
 
 
@@ -27,6 +28,12 @@ class StagerPort(Protocol):
 
 class StorerPort(Protocol):
     def submit(self, command: Command) -> None: ...
+
+
+class PreviewPort(Protocol):
+    def tile(self, key: ImageKey, manifest: OpenManifest, tile: TileKey) -> None: ...
+
+    def done(self, key: ImageKey) -> None: ...
 
 
 class Outbox(Protocol):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server_ingest.destinations import Route
 from tilebridge_protocol.messages import MAX_JSON_BYTES
 from tilebridge_protocol.topics import check_device_id
 from tilebridge_runtime.mqtt import BrokerSettings
@@ -55,6 +56,50 @@ class Limits(BaseModel):
     """Messages held while the ledger is asked about their image (milliseconds, normally)."""
     image_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """A receiving image without a tile or a close for this long expires (revivable)."""
+
+
+class Retention(BaseModel):
+    """How long staged tiles are kept, and what is refused when the staging disk runs low
+    (docs/operations.md, "Disk and retention")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stored_s: float | None = Field(default=None, gt=0)
+    """With `keep_staged`: the staged copy of a stored image is removed this long after it
+    was stored. None: kept until the disk runs low (it is the first thing removed then)."""
+    failed_s: float | None = Field(default=None, gt=0)
+    """A failed image is discarded this long after it failed. None: kept until an admin
+    retries or discards it (the default: nothing unstored is removed behind anyone's back)."""
+    abandoned_s: float | None = Field(default=30 * 24 * 3600.0, gt=0)
+    """An expired image (its microscope never closed it) is discarded this long after it
+    expired. None: kept until an admin acts."""
+    reserve_bytes: int = Field(default=4 * 1024 * MiB, ge=0)
+    """Free space on the staging disk below which new images are refused (`unavailable`):
+    the images already receiving go on and finish."""
+    floor_bytes: int = Field(default=1024 * MiB, ge=0)
+    """Free space below which chunks are refused too (`unavailable`): nothing new is staged;
+    acks, storing and the ledger go on, and storing frees space."""
+    check_interval_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Retention:
+        if self.floor_bytes > self.reserve_bytes:
+            raise ValueError("retention.floor_bytes must not exceed retention.reserve_bytes")
+        return self
+
+
+class Preview(BaseModel):
+    """The live mosaic preview on the dashboard (server_ingest/preview.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    max_px: int = Field(default=512, ge=16, le=4096)
+    """Longest side of the preview, in pixels."""
+    images: int = Field(default=8, ge=1, le=256)
+    """Images previewed at once (the least recently updated goes first)."""
+    interval_s: float = Field(default=2.0, gt=0)
+    """Shortest time between two previews of one image."""
 
 
 class SqliteLedgerSettings(BaseModel):
@@ -151,15 +196,26 @@ class IngestSettings(BaseSettings):
     """Where the local archive writes; defaults to `data_dir/archive`."""
     backends: tuple[str, ...] = ("archive",)
     keep_staged: bool = False
-    """Keep staged tiles after every backend stored the image (for audits or re-exports)."""
+    """Keep staged tiles after every backend stored the image (for audits or re-exports);
+    `retention.stored_s` says for how long."""
+    retention: Retention = Retention()
+    preview: Preview = Preview()
     omero: OmeroSettings | None = None
     """Where and how the `omero` backend writes (pure settings: no omero-py import)."""
+    omero_targets: dict[str, OmeroSettings] = Field(default_factory=dict)
+    """Several OMERO servers, by name (instead of `omero`): each with its own credentials,
+    device policies and health; `routes` says which images go where (docs/omero.md)."""
+    routes: tuple[Route, ...] = ()
+    """First match wins: device / experiment / project patterns -> an `omero_targets` name."""
     limits: Limits = Limits()
     status_interval_s: float = Field(default=5.0, gt=0)
     image_status_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     """Retained status of a finished image expires from the broker after this long."""
     store_retry_s: float = Field(default=5.0, gt=0)
     store_retry_max_s: float = Field(default=300.0, gt=0)
+    verify_attempts: int = Field(default=3, ge=1, le=100)
+    """Writes of one image into one backend whose read-back must match before the image
+    fails with `verify_failed`."""
     inbox_messages: int = Field(default=256, ge=1)
     """Device messages waiting for the core; when full, the broker connection waits."""
     staging_workers: int = Field(default=2, ge=1, le=64)
@@ -168,7 +224,13 @@ class IngestSettings(BaseSettings):
     dead_letter_payload_bytes: int = Field(default=64 * 1024, ge=0)
     """How much of a dead-lettered message is kept (its full size is recorded)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
-    """Serve Prometheus metrics on this port (all interfaces); None: no metrics endpoint."""
+    """Serve Prometheus metrics on this port; None: no metrics endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics endpoint listens on; `0.0.0.0` for every interface (then allow
+    the port only from the Prometheus host in the firewall)."""
+    control_socket: Path | None = None
+    """The Unix socket `server-ingest images` and `device remove` reach the running ingest
+    through; defaults to `data_dir/control.sock`."""
     ledger: SqliteLedgerSettings | PostgresLedgerSettings = Field(
         default=SqliteLedgerSettings(), discriminator="kind"
     )
@@ -191,6 +253,22 @@ class IngestSettings(BaseSettings):
     def _instance(cls, value: str) -> str:
         return check_device_id(value)
 
+    @model_validator(mode="after")
+    def _targets(self) -> IngestSettings:
+        if self.omero_targets and self.omero is not None:
+            raise ValueError("give either `omero` (one server) or `omero_targets`, not both")
+        for name in self.omero_targets:
+            check_device_id(name)  # a metric label, a thread name, a key in status
+            if name in self.backends and name != "omero":
+                raise ValueError(f"OMERO target {name!r} has the name of a backend kind")
+        if self.omero_targets and "omero" not in self.backends:
+            raise ValueError("`omero_targets` are written only with 'omero' in `backends`")
+        known = set(self.omero_targets) or ({"omero"} if self.omero else set())
+        unknown = sorted({r.target for r in self.routes} - known)
+        if unknown:
+            raise ValueError(f"routes name unknown OMERO targets {unknown}; known {sorted(known)}")
+        return self
+
     @property
     def staging_dir(self) -> Path:
         return self.staging_root or self.data_dir / "staging"
@@ -198,6 +276,15 @@ class IngestSettings(BaseSettings):
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.sqlite"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held by the one process that owns this data directory (service or admin command)."""
+        return self.data_dir / "ingest.lock"
+
+    @property
+    def control_path(self) -> Path:
+        return self.control_socket or self.data_dir / "control.sock"
 
     @property
     def archive_root(self) -> Path:

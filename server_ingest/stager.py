@@ -18,7 +18,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server_ingest.events import ChunkWritten, InboxItem, Seal, StagingDone, TileRef, TileSealed
+from server_ingest.events import (
+    ChunkWritten,
+    InboxItem,
+    Seal,
+    StagingDone,
+    StagingSwept,
+    TileRef,
+    TileSealed,
+)
 from server_ingest.ledger.records import ImageKey
 from server_ingest.staging import Staging
 from tilebridge_protocol.errors import TilebridgeError
@@ -47,7 +55,16 @@ class RemoveImage:
     key: ImageKey
 
 
-Job = WriteChunk | SealTile | RemoveImage
+@dataclass(frozen=True, slots=True)
+class SweepKept:
+    """Remove the staged copies of stored images (`retention`): every image folder but
+    those of `keep` (the images the core holds) not written for `min_age_s`."""
+
+    keep: frozenset[ImageKey]
+    min_age_s: float
+
+
+Job = WriteChunk | SealTile | RemoveImage | SweepKept
 
 
 class Stager:
@@ -85,6 +102,9 @@ class Stager:
         if isinstance(job, RemoveImage):
             self._sealers[hash(job.key) % len(self._sealers)].put(job)
             return
+        if isinstance(job, SweepKept):
+            self._sealers[0].put(job)
+            return
         lane = hash((job.ref.key, job.ref.tile))
         queues = self._writers if isinstance(job, WriteChunk) else self._sealers
         queues[lane % len(queues)].put(job)
@@ -98,6 +118,9 @@ class Stager:
         if isinstance(job, RemoveImage):
             s.remove_image(job.key.device, job.key.image_id)
             return StagingDone(job.key)
+        if isinstance(job, SweepKept):
+            keep = frozenset((k.device, k.image_id) for k in job.keep)
+            return StagingSwept(*s.sweep(keep, job.min_age_s))
         key, tile = job.ref.key, job.ref.tile
         if isinstance(job, WriteChunk):
             try:

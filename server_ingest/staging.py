@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,13 +27,18 @@ from tilebridge_runtime.durable import disk_errors, fsync_dir
 
 
 class Staging:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, create: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def folder(root: Path, device: str, image_id: UUID) -> Path:
+        # Both parts are validated (device id pattern, UUID), so the path stays under root.
+        return Path(root) / check_device_id(device) / str(image_id)
 
     def image_dir(self, device: str, image_id: UUID) -> Path:
-        # Both parts are validated (device id pattern, UUID), so the path stays under root.
-        return self.root / check_device_id(device) / str(image_id)
+        return self.folder(self.root, device, image_id)
 
     def tile_path(self, device: str, image_id: UUID, key: TileKey) -> Path:
         return self.image_dir(device, image_id) / f"{key.slug()}.tile"
@@ -91,6 +97,26 @@ class Staging:
 
     def remove_image(self, device: str, image_id: UUID) -> None:
         shutil.rmtree(self.image_dir(device, image_id), ignore_errors=True)
+
+    def sweep(self, keep: frozenset[tuple[str, UUID]], min_age_s: float) -> tuple[int, int]:
+        """Remove every image folder not in `keep` whose newest file is older than
+        `min_age_s` (the kept copies of stored images); (folders removed, bytes freed)."""
+        removed = freed = 0
+        cutoff = time.time() - min_age_s
+        for folder in self.root.glob("*/*"):
+            try:
+                key = (folder.parent.name, UUID(folder.name))
+            except ValueError:
+                continue
+            if key in keep or not folder.is_dir():
+                continue
+            files = [f.stat() for f in folder.iterdir()]
+            if any(st.st_mtime >= cutoff for st in files):
+                continue
+            size = sum(st.st_size for st in files)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed, freed = removed + 1, freed + size
+        return removed, freed
 
     def drop_partials(self, device: str | None = None) -> int:
         """At start-up: partial tiles from before a restart cannot be trusted; drop them (of

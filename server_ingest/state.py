@@ -19,7 +19,11 @@ from server_ingest.limits import DeviceBook
 from server_ingest.settings import Limits
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest
+from tilebridge_protocol.status import HeldImage
 from tilebridge_protocol.status import ImagePhase as Phase
+
+ATTENTION_SHOWN = 20
+"""Failed and abandoned images listed in the ingest's status (all are in `images list`)."""
 
 FINISHED_KEPT = 4096
 """Finished images answered from memory (late resends, repeated closes) before the ledger."""
@@ -42,6 +46,8 @@ class ImageBook:
     close_digests: dict[TileKey, bytes] | None = None
     manifest_size: int = 0
     """JSON bytes of the manifest: what the manifest-memory limit counts."""
+    phase_since: float = 0.0
+    """Wall-clock time the image entered its phase (for the retention policy)."""
 
     @property
     def in_staging(self) -> int:
@@ -77,8 +83,11 @@ class ImageBook:
             reason=stored.reason,
             detail=stored.detail,
             last_seen=now,
+            digests=tuple(stored.digests.items()),
         )
-        return cls(image, m, close, staged, manifest_size=len(m.to_bytes()))
+        return cls(
+            image, m, close, staged, manifest_size=len(m.to_bytes()), phase_since=stored.updated
+        )
 
 
 def finished_image(stored: StoredImage) -> Image:
@@ -97,6 +106,7 @@ def finished_image(stored: StoredImage) -> Image:
         reason=stored.reason,
         detail=stored.detail,
         last_seen=stored.updated,
+        digests=tuple(stored.digests.items()),
     )
 
 
@@ -113,6 +123,12 @@ class Stats:
     store_buckets: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     store_sums: dict[tuple[str, str], float] = field(default_factory=dict)
     stored_bytes: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    """Images that failed, by reason, since start."""
+    retention_removed: Counter[str] = field(default_factory=Counter)
+    """Images whose staged tiles the retention policy removed, by the phase they were in."""
+    staging_free_bytes: int | None = None
+    disk_pressure: str = "none"
 
     def observe_store(self, backend: str, outcome: str, seconds: float, nbytes: int) -> None:
         buckets = self.store_buckets.setdefault((backend, outcome), [0] * (len(STORE_BUCKETS) + 1))
@@ -143,6 +159,15 @@ class Snapshot:
     store_sums: Mapping[tuple[str, str], float] = field(default_factory=_empty)
     stored_bytes: Mapping[str, int] = field(default_factory=_empty)
     storing: int = 0
+    images_failed: int = 0
+    unresolved: Mapping[str, int] = field(default_factory=_empty)
+    """Failed images still staged, by reason."""
+    failed_total: Mapping[str, int] = field(default_factory=_empty)
+    waiting: Mapping[str, int] = field(default_factory=_empty)
+    attention: tuple[HeldImage, ...] = ()
+    staging_free_bytes: int | None = None
+    disk_pressure: str = "none"
+    retention_removed: Mapping[str, int] = field(default_factory=_empty)
 
 
 class CoreState:
@@ -204,21 +229,86 @@ class CoreState:
 
     def snapshot(self) -> Snapshot:
         s = self.stats
-        progress = sum(
-            1 for b in self.images.values() if b.image.phase in (Phase.RECEIVING, Phase.STORING)
-        )
-        staged = sum(b.in_staging * b.manifest.tile_bytes for b in self.images.values())
-        storing = sum(1 for b in self.images.values() if b.image.phase is Phase.STORING)
+        books = list(self.images.values())
+        progress = sum(1 for b in books if b.image.phase in (Phase.RECEIVING, Phase.STORING))
+        staged = sum(b.in_staging * b.manifest.tile_bytes for b in books)
+        storing = sum(1 for b in books if b.image.phase is Phase.STORING)
+        failed = [b for b in books if b.image.phase is Phase.FAILED]
+        waiting: Counter[str] = Counter()
+        for b in books:
+            if b.image.delayed and b.image.phase in (Phase.RECEIVING, Phase.STORING):
+                waiting[_named(b.image.delayed, s.backends)] += 1
         return Snapshot(
             MappingProxyType(dict(s.messages)),
             MappingProxyType(dict(s.rejections)),
             s.tiles_committed,
             progress,
             staged,
-            MappingProxyType(dict(s.backends)),
+            MappingProxyType(_health(s.backends, failed)),
             s.ledger_trouble or s.last_error,
             MappingProxyType({k: tuple(v) for k, v in s.store_buckets.items()}),
             MappingProxyType(dict(s.store_sums)),
             MappingProxyType(dict(s.stored_bytes)),
             storing,
+            len(failed),
+            MappingProxyType(Counter(str(b.image.reason) for b in failed)),
+            MappingProxyType(dict(s.failed)),
+            MappingProxyType({k: v for k, v in waiting.items() if k in s.backends}),
+            _attention(books),
+            s.staging_free_bytes,
+            s.disk_pressure,
+            MappingProxyType(dict(s.retention_removed)),
         )
+
+
+def _named(detail: str, backends: Mapping[str, str]) -> str:
+    """The backend a lifecycle detail names (`"<backend>: <why>"`, see `lifecycle.step`)."""
+    name = detail.split(": ", 1)[0]
+    return name if name in backends else ""
+
+
+def _health(backends: Mapping[str, str], failed: list[ImageBook]) -> dict[str, str]:
+    """A backend is not healthy while images it refused stay failed, whatever its last write
+    said: a permanent refusal must keep the alert on until an admin resolved it."""
+    health = dict(backends)
+    refused: Counter[str] = Counter()
+    last: dict[str, str] = {}
+    for book in failed:
+        name = _named(book.image.detail or "", backends)
+        if name:
+            refused[name] += 1
+            last[name] = (book.image.detail or "").split(": ", 1)[-1]
+    for name, count in refused.items():
+        if health[name] == "ok":
+            health[name] = f"{count} failed image(s) not resolved; last: {last[name]}"
+    return health
+
+
+def _attention(books: list[ImageBook]) -> tuple[HeldImage, ...]:
+    held = [
+        b
+        for b in books
+        if b.image.phase is Phase.FAILED or (b.image.phase is Phase.EXPIRED and b.staged)
+    ]
+    held.sort(key=lambda b: b.image.last_seen, reverse=True)
+    out = []
+    for b in held[:ATTENTION_SHOWN]:
+        image, ident = b.image, str(b.image.key)
+        command = (
+            f"server-ingest images retry {ident}"
+            if image.phase is Phase.FAILED
+            else f"server-ingest images discard {ident}"
+        )
+        out.append(
+            HeldImage(
+                device=image.key.device,
+                image_id=image.key.image_id,
+                image_name=b.manifest.image_name,
+                phase=image.phase,
+                reason=image.reason.value if image.reason else None,
+                detail=image.detail,
+                staged_bytes=b.in_staging * b.manifest.tile_bytes,
+                command=command,
+            )
+        )
+    return tuple(out)

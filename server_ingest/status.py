@@ -29,6 +29,8 @@ def image_status(book: ImageBook) -> ImageStatus:
         tiles_stored=image.tile_count if complete else 0,
         locations=dict(image.locations),
         error=error,
+        staged_bytes=book.in_staging * m.tile_bytes,
+        digests=dict(image.digests),
         incomplete=close is not None and close.partial,
         tiles_not_planned=len(close.not_planned) * per_position if close else 0,
     )
@@ -52,4 +54,9 @@ def ingest_status(
         chunks_rejected=sum(snapshot.rejections.values()),
         backends=dict(snapshot.backends),
         last_error=snapshot.last_error or connection_error,
+        images_failed=snapshot.images_failed,
+        images_waiting=dict(snapshot.waiting),
+        attention=list(snapshot.attention),
+        staging_free_bytes=snapshot.staging_free_bytes,
+        disk_pressure=snapshot.disk_pressure,
     )

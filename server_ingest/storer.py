@@ -14,6 +14,9 @@ the core as events and keep no state anyone else reads. Each backend of an image
   tiles stay staged;
 * a backend that finished is reported (`Stored`) and recorded by the core, so it is never
   written again, also after a restart;
+* a backend that reads back other pixels than it was given (`DigestMismatchError`) is
+  rewritten like a transient fault, but at most `verify_attempts` times: then the image
+  fails with `verify_failed`;
 * with several instances, a backend's writer opens only once this instance holds the image
   store's claim (server_ingest/claims.py): held by another (a dead instance, until its lease
   runs out) it is a fault that may pass, retried like any other.
@@ -35,6 +38,7 @@ from functools import partial
 from typing import Literal
 
 from server_ingest.claims import STORE, Claims, LocalClaims, store_name
+from server_ingest.destinations import Destinations
 from server_ingest.events import BackendHealth, ForImage, InboxItem, StoreAttempt
 from server_ingest.ledger.records import ImageKey
 from server_ingest.lifecycle import Stored, StoreDelayed, StoreDone, StoreFailed
@@ -44,7 +48,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest
 from tilebridge_protocol.reasons import ReasonCode
 from tilebridge_runtime.backoff import Backoff
-from tilebridge_storage.base import Holdings, ImageWriter, StorageBackend
+from tilebridge_storage.base import DigestMismatchError, Holdings, ImageWriter, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,8 @@ class _Lane:
     backoff: Backoff | None = None
     started: float = 0.0
     nbytes: int = 0
+    mismatches: int = 0
+    """Writes whose read-back did not match (bounded by `verify_attempts`)."""
 
 
 @dataclass
@@ -114,28 +120,60 @@ class Storer:
         retry_s: float = 5.0,
         retry_max_s: float = 300.0,
         workers: int = 2,
+        verify_attempts: int = 3,
+        router: Destinations | None = None,
         claims: Claims | None = None,
     ) -> None:
-        self.backends = list(backends)
         self._claims = claims or LocalClaims("")
+        self.backends = list(backends)
         self._staging = staging
         self._post = post
         self._retry = (retry_s, retry_max_s)
-        self._queues: list[queue.SimpleQueue[Command | None]] = [
-            queue.SimpleQueue() for _ in range(workers)
-        ]
+        self._verify_attempts = verify_attempts
+        self.router = router or Destinations(
+            [b.name for b in backends if b.kind != "omero"],
+            [b.name for b in backends if b.kind == "omero"],
+        )
+        # One pool of workers per OMERO target (and one for images going to none): an
+        # unreachable target blocks only the workers of the images routed to it.
+        self._pools: dict[str, list[queue.SimpleQueue[Command | None]]] = {
+            pool: [queue.SimpleQueue() for _ in range(workers)]
+            for pool in ("", *self.router.targets)
+        }
         self._threads = [
-            threading.Thread(target=self._work, args=(q,), name=f"ingest-storer-{n}", daemon=True)
-            for n, q in enumerate(self._queues)
+            threading.Thread(
+                target=self._work,
+                args=(q,),
+                name=f"ingest-storer-{f'{pool}-' if pool else ''}{n}",
+                daemon=True,
+            )
+            for pool, queues in self._pools.items()
+            for n, q in enumerate(queues)
         ]
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        for backend in self.backends:  # one-shot: a slow OMERO login must not hold anything
+            threading.Thread(
+                target=self._check, args=(backend,), name=f"ingest-check-{backend.name}",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _check(self, backend: StorageBackend) -> None:
+        try:
+            backend.check()
+        except Exception as exc:
+            detail = str(exc) or type(exc).__name__
+            log.error("storage %s is not usable at start-up: %s", backend.name, detail)
+            self._post(BackendHealth(backend.name, f"start-up check failed: {detail}"))
+            return
+        log.info("storage %s: writable", backend.name)
 
     def stop(self) -> None:
-        for q in self._queues:
-            q.put(None)
+        for queues in self._pools.values():
+            for q in queues:
+                q.put(None)
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=30)
@@ -143,8 +181,16 @@ class Storer:
             backend.close()
 
     def submit(self, command: Command) -> None:
-        """Never blocks; commands about one image keep their order."""
-        self._queues[command.key.image_id.int % len(self._queues)].put(command)
+        """Never blocks; commands about one image keep their order. A `begin` goes to a
+        worker of its OMERO target's pool; later commands go to that worker's peer in every
+        pool (the workers without the image ignore them), as they do not name the target."""
+        n = command.key.image_id.int % len(self._pools[""])
+        if isinstance(command, Begin):
+            target = self.router.route(command.key.device, command.manifest).target
+            self._pools[target][n].put(command)
+            return
+        for queues in self._pools.values():
+            queues[n].put(command)
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -176,15 +222,27 @@ class Storer:
     def _apply(self, jobs: dict[ImageKey, _Job], command: Command) -> None:
         if isinstance(command, Begin):
             if command.key in jobs:
-                _abort(jobs[command.key])
-            lanes = {b.name: _Lane(b) for b in self.backends if b.name not in command.done}
+                _abort(jobs.pop(command.key))
+            routed = self.router.route(command.key.device, command.manifest)
+            if routed.problem is not None:
+                log.error("image %s: %s", command.key, routed.problem)
+                failed = StoreFailed(
+                    time.time(), "routing", ReasonCode.STORAGE_FAILED, routed.problem
+                )
+                self._post(ForImage(command.key, failed))
+                return
+            lanes = {
+                b.name: _Lane(b)
+                for b in self.backends
+                if b.name in routed.backends and b.name not in command.done
+            }
             jobs[command.key] = _Job(command, lanes, list(command.staged))
             return
         job = jobs.get(command.key)
         if job is None:
             return
         if isinstance(command, Cancel):
-            self._give_up(jobs.pop(command.key))
+            self._drop(jobs.pop(command.key))
         elif isinstance(command, Finish):
             job.close = command.close
             job.holdings = Holdings.of(job.begin.manifest, command.close)
@@ -229,7 +287,6 @@ class Storer:
         if lane.backoff is not None:
             log.info("image %s: %s is writing again", job.begin.key, lane.backend.name)
         lane.backoff = None
-        self._post(BackendHealth(lane.backend.name, "ok"))
 
     def _feed(self, job: _Job, lane: _Lane) -> None:
         assert lane.writer is not None
@@ -248,45 +305,59 @@ class Storer:
         lane.writer.add_planes(job.close.planes())
         stored = lane.writer.finish()
         del job.lanes[name]
+        self._attempt(lane, "ok")
+        self._post(BackendHealth(name, "ok"))  # only a durable, finished image proves it
         if self._claims.shared:
             self._release(job.begin.key, name)
-        self._attempt(lane, "ok")
-        self._post(ForImage(job.begin.key, Stored(name, stored.location)))
+        self._post(ForImage(job.begin.key, Stored(name, stored.location, stored.digest)))
         log.info("image %s stored in %s: %s", job.begin.key, name, stored.location)
 
     def _guard(
         self, jobs: dict[ImageKey, _Job], job: _Job, lane: _Lane, step: Callable[[], None]
     ) -> None:
         """Run `step`; a permanent refusal fails the image, anything else is retried."""
-        key, name = job.begin.key, lane.backend.name
         try:
             step()
         except PermanentError as exc:
-            self._attempt(lane, "failed")
-            self._give_up(jobs.pop(key, job))
-            log.error("image %s: %s refused it: %s", key, name, exc)
-            self._post(
-                ForImage(key, StoreFailed(time.time(), name, ReasonCode.STORAGE_FAILED, str(exc)))
-            )
+            self._give_up(jobs, job, lane, ReasonCode.STORAGE_FAILED, str(exc))
+        except DigestMismatchError as exc:
+            lane.mismatches += 1
+            if lane.mismatches >= self._verify_attempts:
+                detail = f"{exc}; {lane.mismatches} writes, none read back as written"
+                self._give_up(jobs, job, lane, ReasonCode.VERIFY_FAILED, detail)
+            else:
+                self._delay(job, lane, exc)
         except Exception as exc:
-            if lane.writer is not None:
-                _quiet_abort(lane.writer)
-            lane.writer = None
-            lane.backoff = lane.backoff or Backoff(*self._retry)
-            delay = lane.backoff.next_delay()
-            lane.retry_at = time.monotonic() + delay
-            detail = str(exc) or type(exc).__name__
-            if not isinstance(exc, TilebridgeError):
-                log.exception("image %s: %s failed unexpectedly; retrying", key, name)
-                detail = f"{type(exc).__name__}: {detail}"
-            log.warning(
-                "image %s: %s unavailable (%s); retrying in %.1f s", key, name, detail, delay
-            )
-            self._attempt(lane, "retry")
-            self._post(BackendHealth(name, detail))
-            self._post(ForImage(key, StoreDelayed(name, detail)))
+            self._delay(job, lane, exc)
 
-    def _give_up(self, job: _Job) -> None:
+    def _give_up(
+        self, jobs: dict[ImageKey, _Job], job: _Job, lane: _Lane, reason: ReasonCode, detail: str
+    ) -> None:
+        key, name = job.begin.key, lane.backend.name
+        self._attempt(lane, "failed")
+        self._drop(jobs.pop(key, job))
+        log.error("image %s: %s refused it: %s", key, name, detail)
+        self._post(BackendHealth(name, detail))
+        self._post(ForImage(key, StoreFailed(time.time(), name, reason, detail)))
+
+    def _delay(self, job: _Job, lane: _Lane, exc: Exception) -> None:
+        key, name = job.begin.key, lane.backend.name
+        if lane.writer is not None:
+            _quiet_abort(lane.writer)
+        lane.writer = None
+        lane.backoff = lane.backoff or Backoff(*self._retry)
+        delay = lane.backoff.next_delay()
+        lane.retry_at = time.monotonic() + delay
+        detail = str(exc) or type(exc).__name__
+        if not isinstance(exc, TilebridgeError):
+            log.exception("image %s: %s failed unexpectedly; retrying", key, name)
+            detail = f"{type(exc).__name__}: {detail}"
+        log.warning("image %s: %s unavailable (%s); retrying in %.1f s", key, name, detail, delay)
+        self._attempt(lane, "retry")
+        self._post(BackendHealth(name, detail))
+        self._post(ForImage(key, StoreDelayed(name, detail)))
+
+    def _drop(self, job: _Job) -> None:
         _abort(job)
         if self._claims.shared:
             for name in job.lanes:

@@ -14,6 +14,7 @@ from server_ingest.ledger.records import ImageKey
 from server_ingest.lifecycle import Staged
 from server_ingest.limits import check_chunk
 from server_ingest.ports import Driver
+from server_ingest.retention import TILES_REFUSED
 from server_ingest.settings import Limits
 from server_ingest.stager import SealTile, WriteChunk
 from server_ingest.state import CoreState, ImageBook
@@ -109,6 +110,10 @@ class TileIntake:
                 log.info("tile %s of %s restarted by a conflicting chunk", tuple(tile), key)
                 del book.assemblies[tile]
                 fresh = True
+        if fresh and self.state.stats.disk_pressure == TILES_REFUSED:
+            free = self.state.stats.staging_free_bytes
+            self._unavailable(key, f"the staging disk is low ({free} bytes free): tiles wait")
+            return
         if fresh:
             refusal = self._room_for_a_tile(device, m.tile_bytes)
             if refusal is not None:

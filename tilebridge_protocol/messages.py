@@ -375,8 +375,15 @@ class ImageAck(_Message):
     state: ImageState
     locations: dict[str, str] = Field(default_factory=dict)
     """Backend name -> where the image is (a path, or e.g. `omero:Image:42 dataset:7`)."""
+    digests: dict[str, Text] = Field(default_factory=dict)
+    """Backend name -> the digest of the pixels it was verified to hold after writing
+    (`sha1:<hex>`; several OMERO images of a `per_tile` image: comma-separated, in the order
+    of their ids in `locations`). Left out while empty (added within v1)."""
     reason: ReasonCode | None = None
     detail: Text | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude=None if self.digests else {"digests"}).encode()
 
 
 class ErrorAck(_Message):

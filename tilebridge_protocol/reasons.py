@@ -30,6 +30,9 @@ class ReasonCode(StrEnum):
     """The server's policy does not let this device write there."""
     STORAGE_FAILED = "storage_failed"
     """The storage backend refused the image permanently; the data stays staged."""
+    VERIFY_FAILED = "verify_failed"
+    """The storage backend holds other pixels than the ingest wrote (their digests differ),
+    again after rewriting the image; the data stays staged."""
     LOST_STATE = "lost_state"
     """The receiver lost a partial tile (e.g. it restarted): send the tile again."""
     RATE_LIMITED = "rate_limited"

@@ -87,21 +87,6 @@ class DeviceStatus(_Status):
     """The experiments not yet done (newest first, at most 20): acquiring, idle, closing."""
 
 
-class IngestStatus(_Status):
-    """Published by an ingest instance on `ingest/<instance>/status`; the last will says offline."""
-
-    instance: str
-    state: Liveness
-    broker_connected: bool = False
-    images_in_progress: int = 0
-    staging_bytes: int = 0
-    tiles_committed: int = 0
-    chunks_rejected: int = 0
-    backends: dict[str, str] = Field(default_factory=dict)
-    """Backend name -> "ok" or the last error."""
-    last_error: str | None = None
-
-
 class ImagePhase(StrEnum):
     """Where an image is in the ingest's lifecycle (docs/architecture.md draws it)."""
 
@@ -123,6 +108,49 @@ class ImagePhase(StrEnum):
     """An administrator discarded the image and its staged tiles."""
 
 
+class HeldImage(BaseModel):
+    """An image whose tiles the ingest keeps staged for an administrator (see
+    docs/operations.md): a failed one, or one its microscope never closed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str
+    image_id: UUID
+    image_name: str
+    phase: ImagePhase
+    reason: str | None = None
+    detail: str | None = None
+    staged_bytes: int = 0
+    command: str | None = None
+    """What to run about it, e.g. `server-ingest images retry scope-1/<uuid>`."""
+
+
+class IngestStatus(_Status):
+    """Published by an ingest instance on `ingest/<instance>/status`; the last will says offline."""
+
+    instance: str
+    state: Liveness
+    broker_connected: bool = False
+    images_in_progress: int = 0
+    staging_bytes: int = 0
+    tiles_committed: int = 0
+    chunks_rejected: int = 0
+    backends: dict[str, str] = Field(default_factory=dict)
+    """Backend name -> "ok", or what is wrong: its last error, or the images that failed
+    in it and are not resolved yet."""
+    last_error: str | None = None
+    images_failed: int = 0
+    """Images failed and still staged (not retried or discarded yet)."""
+    images_waiting: dict[str, int] = Field(default_factory=dict)
+    """Backend name -> images whose write there waits for a retry (it is unreachable)."""
+    attention: list[HeldImage] = Field(default_factory=list)
+    """Failed and abandoned images still staged, newest first (at most 20)."""
+    staging_free_bytes: int | None = None
+    """Free space on the staging disk."""
+    disk_pressure: Literal["none", "new_images_refused", "tiles_refused"] = "none"
+    """What the ingest refuses because the staging disk is low (docs/operations.md)."""
+
+
 class ImageStatus(_Status):
     """Published by the ingest on `image/<device>/<image_id>/status`."""
 
@@ -137,6 +165,10 @@ class ImageStatus(_Status):
     tiles_stored: int
     locations: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
+    staged_bytes: int = 0
+    """Bytes of this image's tiles staged on the ingest's disk (0 once stored)."""
+    digests: dict[str, str] = Field(default_factory=dict)
+    """Backend -> digest of the pixels it was verified to hold (see `ImageAck.digests`)."""
     incomplete: bool = False
     """Closed as partial (the acquisition stopped early): stored with the tiles it has,
     `tiles_stored` of the planned ones, and flagged incomplete in every backend."""

@@ -7,6 +7,7 @@
     tilebridge/v1/dev/<device>/status    device, retained  JSON DeviceStatus (+ last will)
     tilebridge/v1/ingest/<instance>/status   retained      JSON IngestStatus (+ last will)
     tilebridge/v1/image/<device>/<image_id>/status  retained  JSON ImageStatus
+    tilebridge/v1/image/<device>/<image_id>/preview retained  PNG, the live mosaic preview
     tilebridge/v1/ingest/<instance>/relay/dev/<device>/<kind>   ingest -> ingest (relays)
 
 The device id is the MQTT username, so a broker ACL pattern (`%u`) pins each device to its
@@ -114,4 +115,11 @@ def image_status_topic(device: str, image_id: UUID) -> str:
 
 
 IMAGE_STATUS_FILTER = f"{ROOT}/image/+/+/status"
+
+
+def image_preview_topic(device: str, image_id: UUID) -> str:
+    return f"{ROOT}/image/{check_device_id(device)}/{image_id}/preview"
+
+
+IMAGE_PREVIEW_FILTER = f"{ROOT}/image/+/+/preview"
 DEVICE_STATUS_FILTER = f"{ROOT}/dev/+/status"

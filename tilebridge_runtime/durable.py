@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -42,16 +43,19 @@ def disk_errors(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
         if exc.errno is None or exc.errno in TRANSIENT_ERRNOS:
-            raise TransientError(f"{what}: {exc.strerror or exc}") from exc
-        raise PermanentError(f"{what}: {exc.strerror or exc}") from exc
+            raise TransientError(f"{what}: {exc.strerror or exc}{where}") from exc
+        raise PermanentError(f"{what}: {exc.strerror or exc}{where}") from exc
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` to produce the file, fsync it, then rename it into place durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     with disk_errors(f"writing {path}"):
+        # Inside: an unwritable archive folder must fail naming the path, never as a bare
+        # PermissionError (issue 13).
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             write(tmp)
             if tmp.is_dir():
@@ -73,3 +77,41 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+class HeldLock:
+    """An exclusive `flock` on a file, held until `release()` (or the process ends)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            self._fd = None
+            raise PermanentError(f"{path} is held by another process (pid {holder})") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds `path`'s lock right now (False if it does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

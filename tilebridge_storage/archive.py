@@ -9,6 +9,11 @@ increment and the image's key-values (with its planned position) as a MapAnnotat
 file is written at `finish()` from the tiles handed in (on the server these are memory maps
 of staged tiles, so nothing is held in memory).
 
+Verified (unless `verify=False`): while writing, the SHA-1 of every plane as written (file
+order: position by position, T, C, Z, little-endian samples) is computed; after the file is
+durable it is read back page by page and digested the same way. A mismatch removes the file
+and raises `DigestMismatchError`; a match is the image's `digest` (`sha1:<hex>`).
+
 An image that holds fewer tiles (`expect`) has no series for a position without any tile
 (each series names its position); a position missing some planes keeps them as zeros and
 says which in `tilebridge.missing_planes`.
@@ -16,6 +21,7 @@ says which in `tilebridge.missing_planes`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +32,9 @@ import tifffile
 
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
-from tilebridge_runtime.durable import atomic_write, remove
-from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.paths import image_path
+from tilebridge_runtime.durable import atomic_write, disk_errors, remove
+from tilebridge_storage.base import DigestMismatchError, ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.paths import check_writable, image_path
 from tilebridge_storage.plane_metadata import missing_planes, position_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
@@ -40,21 +46,29 @@ class ArchiveBackend(StorageBackend):
 
     kind = "archive"
 
-    def __init__(self, root: Path, name: str | None = None) -> None:
+    def __init__(self, root: Path, name: str | None = None, verify: bool = True) -> None:
         super().__init__(name)
         self.root = Path(root)
+        self.verify = verify
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         path = image_path(self.root, device, manifest, SUFFIX)
-        return _ArchiveWriter(device, manifest, self.name, path)
+        return _ArchiveWriter(device, manifest, self.name, path, self.verify)
 
 
 class _ArchiveWriter(ImageWriter):
-    def __init__(self, device: str, manifest: OpenManifest, backend: str, path: Path) -> None:
+    def __init__(
+        self, device: str, manifest: OpenManifest, backend: str, path: Path, verify: bool
+    ) -> None:
         super().__init__(device, manifest, backend)
         self.path = path
+        self.verify = verify
         self.tiles: dict[TileKey, np.ndarray[Any, Any] | _Staged] = {}
         self.stored: StoredImage | None = None
+        self._written = hashlib.sha1()
 
     def write_tile(self, key: TileKey, pixels: np.ndarray[Any, Any]) -> None:
         if not self.admit(key, pixels, self.tiles, self.stored is not None):
@@ -71,8 +85,19 @@ class _ArchiveWriter(ImageWriter):
         if self.stored is not None:
             return self.stored
         self.require_complete(self.tiles)
+        self._written = hashlib.sha1()
         atomic_write(self.path, self._write_file)
-        self.stored = StoredImage(self.backend_name, str(self.path))
+        digest = None
+        if self.verify:
+            held = _read_back(self.path)
+            if held != self._written.hexdigest():
+                remove(self.path)
+                raise DigestMismatchError(
+                    f"{self.path} read back other pixels than written (sha1 {held[:12]}…, "
+                    f"written {self._written.hexdigest()[:12]}…)"
+                )
+            digest = f"sha1:{held}"
+        self.stored = StoredImage(self.backend_name, str(self.path), digest=digest)
         self.tiles.clear()
         return self.stored
 
@@ -115,7 +140,19 @@ class _ArchiveWriter(ImageWriter):
                     tile = self.tiles.get(TileKey(index, z, c, t), blank)
                     if isinstance(tile, _Staged):
                         tile = tile.load()
-                    yield np.asarray(tile, dtype=m.dtype.numpy)
+                    plane = np.ascontiguousarray(tile, dtype=m.dtype.numpy)
+                    self._written.update(plane.tobytes())
+                    yield plane
+
+
+def _read_back(path: Path) -> str:
+    """SHA-1 of the file's planes, one page at a time, as `_planes` digested them."""
+    sha1 = hashlib.sha1()
+    with disk_errors(f"reading back {path}"), tifffile.TiffFile(path) as tif:
+        for page in tif.pages:
+            plane = page.asarray()
+            sha1.update(plane.astype(plane.dtype.newbyteorder("<"), copy=False).tobytes())
+    return sha1.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,12 @@ Promises every backend keeps:
 * `abort()` removes partial output; it is safe to call at any time, more than once.
 * Faults say whether to retry: `TransientError` (unreachable, disk full, timeout: the caller
   keeps its data and tries again later) or `PermanentError` (permission, invalid target).
+* A backend that verifies what it wrote (`StoredImage.digest`) reads it back before
+  `finish()` returns and raises `DigestMismatchError` if it holds other pixels.
 * Writers of different images may be used from different threads; one writer is used by
   one thread at a time.
+* `check()` proves the target writable now (a folder, an OMERO login) or raises saying why;
+  the ingest calls it at start-up, so an unwritable target is reported before any image.
 """
 
 from __future__ import annotations
@@ -62,10 +66,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import CloseManifest, OpenManifest, PlaneMeta
 from tilebridge_storage.plane_metadata import image_key_values
+
+
+class DigestMismatchError(TransientError):
+    """The backend holds other pixels than it was given (read back after writing). Its
+    partial output is removed; the caller writes the image again, a bounded number of times,
+    then gives up with `verify_failed`."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class StoredImage:
     """A path, or a backend URI such as `omero:Image:42`."""
     ids: dict[str, int] = field(default_factory=dict)
     """Backend object ids, e.g. {"image": 42, "dataset": 7} for OMERO."""
+    digest: str | None = None
+    """`sha1:<hex>` of the pixels the backend was read back to hold, if it verifies them."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,10 @@ class StorageBackend(ABC):
 
     @abstractmethod
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter: ...
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Prove the target can be written now (a file backend: its folder; OMERO: a login);
+        raise `TransientError` or `PermanentError` saying why not. Called at start-up."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections; writers already finished stay valid."""

@@ -32,7 +32,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.paths import claim, named_path, release
+from tilebridge_storage.paths import check_writable, claim, named_path, release
 from tilebridge_storage.plane_metadata import position_planes
 from tilebridge_storage.tiff_metadata import METADATA_NS
 
@@ -48,6 +48,9 @@ class FrameTiffsBackend(StorageBackend):
     def __init__(self, root: Path, name: str | None = None) -> None:
         super().__init__(name)
         self.root = Path(root)
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         folder = named_path(self.root, manifest, "{name}", "tiles")

@@ -40,7 +40,7 @@ from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest, PlaneMeta
 from tilebridge_runtime.durable import disk_errors, fsync_dir, fsync_file, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
-from tilebridge_storage.paths import image_path
+from tilebridge_storage.paths import check_writable, image_path
 from tilebridge_storage.plane_metadata import missing_planes, position_planes
 from tilebridge_storage.tiff_metadata import METADATA_NS
 
@@ -61,6 +61,9 @@ class OmeTiffBackend(StorageBackend):
     def __init__(self, root: Path, name: str | None = None) -> None:
         super().__init__(name)
         self.root = Path(root)
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         path = image_path(self.root, device, manifest, "")

@@ -44,7 +44,7 @@ from tilebridge_storage.mosaic import (
     pyramid_shapes,
     require_mosaic,
 )
-from tilebridge_storage.paths import image_path
+from tilebridge_storage.paths import check_writable, image_path
 
 SUFFIX = ".ome.zarr"
 AXES = ("t", "c", "z", "y", "x")
@@ -60,6 +60,9 @@ class OmeZarrBackend(StorageBackend):
         super().__init__(name)
         self.root = Path(root)
         self.chunk = chunk
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)

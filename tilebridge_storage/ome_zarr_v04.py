@@ -46,7 +46,7 @@ from tilebridge_storage.mosaic import (
     require_mosaic,
 )
 from tilebridge_storage.ome_zarr import multiscale, omero_block, tilebridge_block
-from tilebridge_storage.paths import claim, named_path, release
+from tilebridge_storage.paths import check_writable, claim, named_path, release
 
 __all__ = ["CHUNK", "OmeZarrV04Backend", "chunks_of"]
 
@@ -62,6 +62,9 @@ class OmeZarrV04Backend(StorageBackend):
         super().__init__(name)
         self.root = Path(root)
         self.chunk = chunk
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def open_image(self, device: str, manifest: OpenManifest) -> ImageWriter:
         require_mosaic(manifest, self.name)

@@ -65,3 +65,13 @@ def _inside(root: Path, path: Path) -> Path:
     if root.resolve() not in path.resolve().parents:
         raise PermanentError(f"refusing to write outside {root}: {path}")
     return path
+
+
+def check_writable(root: Path) -> None:
+    """Create `root` if missing and prove a file can be written, synced and removed there:
+    a folder that is not writable says so at start-up, not at the first image (issue 13)."""
+    probe = root / ".tilebridge-write-check"
+    with disk_errors(f"storage folder {root} is not writable"):
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        remove(probe)

@@ -36,7 +36,7 @@ from tilebridge_protocol.messages import OpenManifest
 from tilebridge_runtime.durable import atomic_write, disk_errors, remove
 from tilebridge_storage.base import ImageWriter, StorageBackend, StoredImage
 from tilebridge_storage.mosaic import downsample_level, plan, pyramid_shapes, require_mosaic
-from tilebridge_storage.paths import claim, image_path, named_path, release
+from tilebridge_storage.paths import check_writable, claim, image_path, named_path, release
 from tilebridge_storage.plane_metadata import measured_key_values, mosaic_planes
 from tilebridge_storage.tiff_metadata import ome_metadata
 
@@ -57,6 +57,9 @@ class StitchedTiffBackend(StorageBackend):
             raise ValueError(f"TIFF tiles are multiples of 16 pixels, not {tile}")
         self.root = Path(root)
         self.tile = tile
+
+    def check(self) -> None:
+        check_writable(self.root)
 
     def path_for(self, device: str, manifest: OpenManifest) -> Path:
         return image_path(self.root, device, manifest, SUFFIX)

@@ -2,9 +2,11 @@
 # repository root. Only the packages go in: no tests, no developer tools.
 FROM python:3.11-slim-bookworm
 
-COPY pyproject.toml /src/
+COPY pyproject.toml README.md /src/
 COPY tilebridge_protocol /src/tilebridge_protocol
+COPY tilebridge_runtime /src/tilebridge_runtime
 COPY tilebridge_storage /src/tilebridge_storage
+COPY tilebridge_imswitch /src/tilebridge_imswitch
 COPY edge_agent /src/edge_agent
 COPY server_ingest /src/server_ingest
 RUN pip install --no-cache-dir "/src[ingest]" fastapi uvicorn \

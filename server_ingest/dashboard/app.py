@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -78,9 +79,20 @@ def create_app(
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
+    @app.get("/api/preview/{device}/{image_id}.png")
+    async def preview(device: str, image_id: UUID) -> Response:
+        png = board.preview(f"{device}/{image_id}")
+        if png is None:
+            return Response(status_code=404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"ok": True, "monitor": board.snapshot()["monitor"]}
+    async def healthz() -> JSONResponse:
+        """200 only while the dashboard is logged in to the broker: otherwise what it shows
+        is stale, and a health check must say so (503)."""
+        monitor = board.snapshot()["monitor"]
+        ok = bool(monitor["connected"])
+        return JSONResponse({"ok": ok, "monitor": monitor}, status_code=200 if ok else 503)
 
     return app
 

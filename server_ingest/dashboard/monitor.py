@@ -8,12 +8,18 @@ from server_ingest.dashboard.board import StatusBoard
 from server_ingest.dashboard.settings import DashboardSettings
 from tilebridge_protocol.topics import (
     DEVICE_STATUS_FILTER,
+    IMAGE_PREVIEW_FILTER,
     IMAGE_STATUS_FILTER,
     INGEST_STATUS_FILTER,
 )
 from tilebridge_runtime.mqtt import MqttConnection
 
-STATUS_FILTERS = (DEVICE_STATUS_FILTER, INGEST_STATUS_FILTER, IMAGE_STATUS_FILTER)
+STATUS_FILTERS = (
+    DEVICE_STATUS_FILTER,
+    INGEST_STATUS_FILTER,
+    IMAGE_STATUS_FILTER,
+    IMAGE_PREVIEW_FILTER,
+)
 
 
 class StatusMonitor:

@@ -31,7 +31,11 @@ class _Server(uvicorn.Server):
 class DashboardServer:
     def __init__(self, settings: DashboardSettings) -> None:
         self.settings = settings
-        self.board = StatusBoard(settings.omero_web_url)
+        self.board = StatusBoard(
+            settings.omero_web_url,
+            stale_s=settings.device_stale_s,
+            omero_web_urls=settings.omero_web_urls,
+        )
         self.monitor = StatusMonitor(settings, self.board)
         self.app = create_app(self.board, tick=self._tick, stopping=lambda: self.server.should_exit)
         config = uvicorn.Config(

@@ -31,15 +31,23 @@ class DashboardSettings(BaseSettings):
     omero_web_url: str | None = None
     """OMERO.web base address (e.g. `https://omero.example.org`); images stored in OMERO
     link to it. None: no links."""
+    omero_web_urls: dict[str, str] = Field(default_factory=dict)
+    """With several OMERO servers: OMERO.web per target (the ingest's `omero_targets` name);
+    a target not named here links to `omero_web_url`."""
+    device_stale_s: float = Field(default=60.0, gt=0)
+    """A microscope (or ingest) without a status message for this long shows offline: its
+    agent publishes one every few seconds, and a revoked or cut-off one leaves its last
+    `online` retained with no will (the broker drops it without publishing it)."""
 
     @field_validator("omero_web_url")
     @classmethod
     def _omero_web_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("omero_web_url must start with http:// or https://")
-        return value.rstrip("/")
+        return None if value is None else _web(value)
+
+    @field_validator("omero_web_urls")
+    @classmethod
+    def _omero_web_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: _web(url) for name, url in value.items()}
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> DashboardSettings:
@@ -48,3 +56,9 @@ class DashboardSettings(BaseSettings):
             values = json.loads(config_file.read_text())
         values.update(overrides)
         return cls(**values)
+
+
+def _web(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("OMERO.web addresses must start with http:// or https://")
+    return value.rstrip("/")

@@ -41,7 +41,12 @@ CREATE TABLE claims (
 CREATE INDEX claims_by_holder ON claims (holder);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+_V2 = """
+ALTER TABLE locations ADD COLUMN digest TEXT;
+"""
+"""Each backend's verified digest next to its location (issue 13; SQLite's v3)."""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK = 0x7462_6C65_6467_6572  # "tbledger": one advisory lock for migrations
 

@@ -64,8 +64,9 @@ _SQL: dict[type[Any], str] = {
         "WHERE device = %s AND image_id = %s"
     ),
     BackendStored: (
-        "INSERT INTO locations VALUES (%s, %s, %s, %s) ON CONFLICT (device, image_id, backend) "
-        "DO UPDATE SET location = excluded.location"
+        "INSERT INTO locations VALUES (%s, %s, %s, %s, %s) ON CONFLICT "
+        "(device, image_id, backend) DO UPDATE SET location = excluded.location, "
+        "digest = excluded.digest"
     ),
     DeadLettered: (
         "INSERT INTO dead_letters (at, device, topic, reason, detail, payload, payload_bytes) "
@@ -87,7 +88,7 @@ def _params(r: Record) -> tuple[Any, ...]:
     if isinstance(r, PhaseSet):
         return (r.phase.value, r.reason.value if r.reason else None, r.detail, r.at, *r.key)
     if isinstance(r, BackendStored):
-        return (*r.key, r.backend, r.location)
+        return (*r.key, r.backend, r.location, r.digest)
     return (r.at, r.device, r.topic, r.reason.value, r.detail, r.payload, r.payload_bytes)
 
 
@@ -213,12 +214,15 @@ class PostgresLedger(Ledger):
             keys = ([r[0] for r in rows], [r[1] for r in rows])
             pick = "FROM unnest(%s::text[], %s::uuid[]) AS k(device, image_id)"
             located: dict[tuple[str, UUID], dict[str, str]] = {}
-            for device, image_id, backend, location in db.execute(
-                f"SELECT l.device, l.image_id, l.backend, l.location {pick} "
+            verified: dict[tuple[str, UUID], dict[str, str]] = {}
+            for device, image_id, backend, location, digest in db.execute(
+                f"SELECT l.device, l.image_id, l.backend, l.location, l.digest {pick} "
                 "JOIN locations l USING (device, image_id)",
                 keys,
             ):
                 located.setdefault((device, image_id), {})[backend] = location
+                if digest is not None:
+                    verified.setdefault((device, image_id), {})[backend] = digest
             digests: dict[tuple[str, UUID], dict[TileKey, bytes]] = {}
             holding = [r for r in rows if ImagePhase(r[2]) in HOLDS_STAGED_TILES]
             if tiles and holding:
@@ -230,7 +234,12 @@ class PostgresLedger(Ledger):
                 ):
                     digests.setdefault((device, image_id), {})[TileKey(i, z, c, t)] = bytes(digest)
         return [
-            _stored(row, located.get((row[0], row[1]), {}), digests.get((row[0], row[1]), {}))
+            _stored(
+                row,
+                located.get((row[0], row[1]), {}),
+                digests.get((row[0], row[1]), {}),
+                verified.get((row[0], row[1]), {}),
+            )
             for row in rows
         ]
 
@@ -251,7 +260,10 @@ def _runs(records: Sequence[Record]) -> Iterator[tuple[type[Any], list[tuple[Any
 
 
 def _stored(
-    row: tuple[Any, ...], locations: dict[str, str], tiles: dict[TileKey, bytes]
+    row: tuple[Any, ...],
+    locations: dict[str, str],
+    tiles: dict[TileKey, bytes],
+    verified: dict[str, str],
 ) -> StoredImage:
     device, image_id, phase, manifest, close, reason, detail, updated = row
     return StoredImage(
@@ -264,6 +276,7 @@ def _stored(
         updated,
         locations,
         tiles,
+        verified,
     )
 
 

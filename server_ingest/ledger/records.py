@@ -75,6 +75,8 @@ class BackendStored:
     key: ImageKey
     backend: str
     location: str
+    digest: str | None = None
+    """What the backend was verified to hold (see `ImageAck.digests`); None: not verified."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,8 @@ class StoredImage:
     locations: Mapping[str, str] = field(default_factory=dict)
     tiles: Mapping[TileKey, bytes] = field(default_factory=dict)
     """Digests of the staged tiles; filled only for images whose tiles are still staged."""
+    digests: Mapping[str, str] = field(default_factory=dict)
+    """Backend -> verified digest, for the backends that recorded one."""
 
 
 @dataclass(frozen=True)

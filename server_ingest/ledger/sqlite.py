@@ -119,7 +119,12 @@ def _to_v2(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE tiles_v1")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2)
+def _to_v3(db: sqlite3.Connection) -> None:
+    """Each backend's verified digest next to its location (issue 13)."""
+    db.execute("ALTER TABLE locations ADD COLUMN digest TEXT")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2, _to_v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _IMAGE_COLUMNS = "device, image_id, phase, manifest, close, reason, detail, updated"
@@ -207,8 +212,8 @@ class SqliteLedger(Ledger):
             )
         elif isinstance(r, BackendStored):
             x(
-                "INSERT OR REPLACE INTO locations VALUES (?, ?, ?, ?)",
-                (*_key(r.key), r.backend, r.location),
+                "INSERT OR REPLACE INTO locations VALUES (?, ?, ?, ?, ?)",
+                (*_key(r.key), r.backend, r.location, r.digest),
             )
         else:
             x(
@@ -284,12 +289,12 @@ class SqliteLedger(Ledger):
         device, image_id, phase, manifest, close, reason, detail, updated = row
         key = ImageKey(device, UUID(image_id))
         phase = ImagePhase(phase)
-        locations = dict(
-            self._rows(
-                "SELECT backend, location FROM locations WHERE device = ? AND image_id = ?",
-                _key(key),
-            )
+        stored = self._rows(
+            "SELECT backend, location, digest FROM locations WHERE device = ? AND image_id = ?",
+            _key(key),
         )
+        locations = {backend: location for backend, location, _ in stored}
+        verified = {backend: digest for backend, _, digest in stored if digest is not None}
         digests: dict[TileKey, bytes] = {}
         if tiles and phase in HOLDS_STAGED_TILES:
             digests = {
@@ -309,6 +314,7 @@ class SqliteLedger(Ledger):
             updated,
             locations,
             digests,
+            verified,
         )
 
 

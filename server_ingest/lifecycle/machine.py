@@ -78,8 +78,12 @@ def step(image: Image | None, key: ImageKey, event: Event, policy: Policy) -> St
             *[kv for kv in image.locations if kv[0] != event.backend],
             (event.backend, event.location),
         )
-        record = BackendStored(key, event.backend, event.location)
-        return Step(replace(image, locations=locations), (Persist((record,)),))
+        digests = tuple(kv for kv in image.digests if kv[0] != event.backend)
+        if event.digest is not None:
+            digests += ((event.backend, event.digest),)
+        record = BackendStored(key, event.backend, event.location, event.digest)
+        stored = replace(image, locations=locations, digests=digests)
+        return Step(stored, (Persist((record,)),))
     if isinstance(event, StoreDone):
         return _store_done(image, event, policy)
     if isinstance(event, StoreDelayed):
@@ -151,7 +155,16 @@ def _opened(image: Image, event: Opened) -> Step:
         persist = Persist((ImageOpened(key, event.manifest, event.at),), (accepted, Publish(True)))
         return Step(revived, (persist, StoreBegin()))
     if image.phase is Phase.DISCARDED:
-        return Step(image, (_refuse_open(key, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL),))
+        detail = image.detail or DISCARDED_DETAIL
+        return Step(image, (_refuse_open(key, ReasonCode.NOT_PERMITTED, detail),))
+    if same and image.phase is Phase.FAILED and image.reason in RESEND_RETRIES:
+        # The device sends the image again after a server-side failure (an admin re-sent
+        # its `rejected/` tiles, say): that is a retry, from the tiles already staged.
+        retried = _retry(image, Retry(event.at))
+        accepted = Send(OpenAck(image_id=key.image_id, state=ManifestState.ACCEPTED))
+        first, *rest = retried.effects
+        assert isinstance(first, Persist)
+        return Step(retried.image, (replace(first, then=(accepted, *first.then)), *rest))
     if not same:
         detail = "this image id is already open with another manifest"
         return Step(image, (_refuse_open(key, ReasonCode.CONFLICT, detail),))
@@ -282,21 +295,18 @@ def _discard(image: Image, event: Discard) -> Step:
     if image.phase in (Phase.COMPLETE, Phase.REJECTED):
         return Step(image)
     key = image.key
+    detail = clip(event.detail) or DISCARDED_DETAIL
     image = replace(
-        image,
-        phase=Phase.DISCARDED,
-        reason=ReasonCode.NOT_PERMITTED,
-        detail=DISCARDED_DETAIL,
-        delayed=None,
+        image, phase=Phase.DISCARDED, reason=ReasonCode.NOT_PERMITTED, detail=detail, delayed=None
     )
-    record = PhaseSet(key, Phase.DISCARDED, event.at, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL)
+    record = PhaseSet(key, Phase.DISCARDED, event.at, ReasonCode.NOT_PERMITTED, detail)
     # Rejecting the open tells the device to set the whole image aside, whatever it holds.
     refusal = Send(
         OpenAck(
             image_id=key.image_id,
             state=ManifestState.REJECTED,
             reason=ReasonCode.NOT_PERMITTED,
-            detail=DISCARDED_DETAIL,
+            detail=detail,
         )
     )
     then = (refusal, Publish(True), RemoveStaging(), Forget())
@@ -305,7 +315,8 @@ def _discard(image: Image, event: Discard) -> Step:
 
 def _discarded(image: Image, event: Event) -> Step:
     if isinstance(event, Closed):
-        return Step(image, (_refuse_open(image.key, ReasonCode.NOT_PERMITTED, DISCARDED_DETAIL),))
+        detail = image.detail or DISCARDED_DETAIL
+        return Step(image, (_refuse_open(image.key, ReasonCode.NOT_PERMITTED, detail),))
     return Step(image)
 
 
@@ -316,7 +327,10 @@ def _final_ack(image: Image) -> tuple[Effect, ...]:
         return (
             Send(
                 ImageAck(
-                    image_id=image_id, state=ImageState.COMPLETE, locations=dict(image.locations)
+                    image_id=image_id,
+                    state=ImageState.COMPLETE,
+                    locations=dict(image.locations),
+                    digests=dict(image.digests),
                 )
             ),
         )
@@ -350,6 +364,10 @@ def _error(key: ImageKey, reason: ReasonCode, detail: str) -> ErrorAck:
         topic=device_topic(key.device, DeviceTopic.CLOSE),
     )
 
+
+RESEND_RETRIES = frozenset({ReasonCode.STORAGE_FAILED, ReasonCode.VERIFY_FAILED})
+"""Failures a resent open retries: the backend's, not the device's (a `conflict` between the
+close and the staged tiles stays failed until an administrator decides)."""
 
 MAX_DETAIL = 900
 """Reasons quote the input; keep them within an ack's 1024-character `detail`."""

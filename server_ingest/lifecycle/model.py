@@ -42,6 +42,8 @@ class Image:
     delayed: str | None = None
     """Why storing waits (a backend unreachable); None while all is well."""
     last_seen: float = 0.0
+    digests: tuple[tuple[str, str], ...] = ()
+    """Backend -> digest of the pixels it verified holding (read back after writing)."""
 
     @property
     def all_in(self) -> bool:
@@ -87,10 +89,11 @@ class Closed:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """One backend finished the image."""
+    """One backend finished the image (and, with `digest`, verified what it holds)."""
 
     backend: str
     location: str
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +122,18 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Admin: try a failed image again (issue 13 adds the command)."""
+    """Admin (`server-ingest images retry`): store a failed image again from staging."""
 
     at: float
 
 
 @dataclass(frozen=True, slots=True)
 class Discard:
-    """Admin: drop the image and its staged tiles (issue 13 adds the command)."""
+    """Admin (`server-ingest images discard`) or the retention policy: drop the image and its
+    staged tiles; `detail` says who and why (the device is told it)."""
 
     at: float
+    detail: str = DISCARDED_DETAIL
 
 
 Event = (

@@ -120,3 +120,35 @@ def test_compose_dockerfile_installs_the_ingest_extra() -> None:
     assert "\nUSER tilebridge\n" in dockerfile
     example = json.loads((DEPLOY / "compose" / "ingest.json").read_text())
     assert "password" not in json.dumps(example["broker"])
+
+
+def test_the_compose_image_holds_every_package_the_programs_import(tmp_path: Path) -> None:
+    """Issue 13: the image lacked tilebridge_runtime. Lay out exactly what the Dockerfile
+    copies and import both programs from it alone."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    repo = DEPLOY.parent
+    dockerfile = (DEPLOY / "compose" / "ingest.Dockerfile").read_text()
+    copied = [
+        name
+        for line in re.findall(r"^COPY (.+) /src/?\S*$", dockerfile, flags=re.M)
+        for name in line.split()
+    ]
+    for name in copied:
+        source = repo / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    assert "README.md" in copied  # pyproject's readme: the build fails without it
+    result = subprocess.run(
+        [sys.executable, "-I", "-c",
+         # The venv's editable install of this checkout would find anything: drop it.
+         "import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+         "if 'editable' not in getattr(f, '__module__', '')]; "
+         "sys.path[:0] = [sys.argv[1]]; "
+         "import server_ingest.__main__, server_ingest.app, server_ingest.dashboard.server",
+         str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr

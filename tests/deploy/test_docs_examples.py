@@ -18,8 +18,11 @@ def _json_blocks(doc: str) -> list[dict[str, Any]]:
 
 
 def test_the_omero_configuration_in_the_docs_loads(tmp_path: Path) -> None:
-    (block,) = _json_blocks("omero.md")
-    settings = IngestSettings(data_dir=tmp_path, **block)
+    one_server, several = _json_blocks("omero.md")
+    settings = IngestSettings(data_dir=tmp_path, **one_server)
     assert settings.backends == ("archive", "omero")
     assert settings.omero is not None
     assert settings.omero.devices["scope-1"].projects == ("Lab A *",)
+    settings = IngestSettings(data_dir=tmp_path, **several)
+    assert set(settings.omero_targets) == {"facility", "lab-b"}
+    assert [r.target for r in settings.routes] == ["lab-b", "lab-b", "facility"]

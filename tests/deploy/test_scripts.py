@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-SCRIPTS = [DEPLOY / "install-edge.sh", DEPLOY / "install-server.sh"]
+SCRIPTS = [
+    DEPLOY / "install-edge.sh",
+    DEPLOY / "install-server.sh",
+    DEPLOY / "install-broker-config.sh",
+]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="apt-get install shellcheck")
@@ -106,3 +110,54 @@ def test_credential_paths_agree_between_script_and_units() -> None:
             f"/etc/tilebridge/credentials/{credential}" in (DEPLOY / "systemd" / unit).read_text()
         )
         assert f'"$ETC/credentials/{credential}"' in script
+
+
+def test_both_venvs_come_from_the_system_interpreter(tmp_path: Path) -> None:
+    for script in ("install-edge.sh", "install-server.sh"):
+        assert "/usr/bin/python3 -m venv /opt/tilebridge/venv" in plan(script, str(tmp_path))
+
+
+def test_the_server_install_makes_the_archive_folder_for_the_service(tmp_path: Path) -> None:
+    steps = plan("install-server.sh", str(tmp_path))
+    assert f"install -d -m 0750 -o {PLAN_USER} -g {PLAN_USER} /srv/tilebridge" in steps
+
+
+def broker_config(etc: Path) -> list[str]:
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "install-broker-config.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MOSQUITTO_ETC": str(etc), "BROKER_GROUP": "root", "DRY_RUN": "0"},
+    )
+    return result.stdout.splitlines()
+
+
+def test_the_broker_config_twice_keeps_an_edited_listener_file_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    etc = tmp_path / "mosquitto"
+    listeners = etc / "conf.d" / "tilebridge-listeners.conf"
+    traffic = etc / "conf.d" / "tilebridge.conf"
+    first = broker_config(etc)
+    assert sorted(first) == sorted(
+        f"changed: {p}"
+        for p in (traffic, listeners, etc / "tilebridge" / "acl", etc / "tilebridge" / "passwd")
+    )
+    assert broker_config(etc) == []  # run again: nothing changed, nothing to restart
+
+    edited = listeners.read_text().replace("listener 8883", "listener 8884")
+    listeners.write_text(edited)
+    (etc / "tilebridge" / "acl").write_text("# the site's ACL\n")
+    traffic.write_text("# an old release's limits\n")
+    again = broker_config(etc)
+    assert listeners.read_text() == edited  # the admin's edit stays
+    assert (etc / "conf.d" / "tilebridge-listeners.conf.dist").read_text() == (
+        DEPLOY.parent / "mosquitto" / "mosquitto.conf"
+    ).read_text()
+    assert (etc / "tilebridge" / "acl").read_text() == "# the site's ACL\n"
+    assert traffic.read_text() == (DEPLOY.parent / "mosquitto" / "tilebridge.conf").read_text()
+    assert again == [
+        f"changed: {traffic}",
+        f"kept: {listeners} (edited here; the repository's version is {listeners}.dist)",
+    ]

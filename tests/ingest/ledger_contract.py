@@ -46,6 +46,7 @@ class LedgerContract(ABC):
                 TileStaged(mine, tile, b"d" * 16, 6144),  # a retried batch changes nothing
                 CloseReceived(mine, close_for(m, tiles_for(m))),
                 BackendStored(mine, "archive", "/a.ome.tif"),
+                BackendStored(mine, "omero", "omero:Image:4 dataset:1", "sha1:" + "ab" * 20),
                 PhaseSet(mine, ImagePhase.FAILED, 2.0, ReasonCode.STORAGE_FAILED, "omero: no"),
                 ImageRefused(theirs, ReasonCode.INVALID_MANIFEST, "junk", 3.0),
                 *(_letter(n) for n in range(3)),
@@ -57,7 +58,11 @@ class LedgerContract(ABC):
         assert found[mine].close == close_for(m, tiles_for(m))
         assert (found[mine].reason, found[mine].detail) == (ReasonCode.STORAGE_FAILED, "omero: no")
         assert found[mine].tiles == {tile: b"d" * 16}
-        assert found[mine].locations == {"archive": "/a.ome.tif"}
+        assert found[mine].locations == {
+            "archive": "/a.ome.tif",
+            "omero": "omero:Image:4 dataset:1",
+        }
+        assert found[mine].digests == {"omero": "sha1:" + "ab" * 20}  # the archive's: unverified
         assert found[theirs].phase is ImagePhase.REJECTED and found[theirs].manifest is None
         assert [i.key for i in ledger.recover()] == [mine]  # its tiles are still staged
         letters = ledger.dead_letters()

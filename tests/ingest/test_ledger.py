@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import pytest
 
-from server_ingest.ledger.records import ImageKey
+from server_ingest.ledger.records import BackendStored, ImageKey
 from server_ingest.ledger.sqlite import _V1, SCHEMA_VERSION, SqliteLedger
 from tests.ingest.ledger_contract import LedgerContract
 from tilebridge_protocol.keys import TileKey
@@ -59,3 +59,31 @@ def test_a_ledger_from_before_versioning_is_migrated(tmp_path: Path) -> None:
     )
     ledger.close()
     assert SqliteLedger(path).schema_version == SCHEMA_VERSION  # opens again, no migration
+
+
+def test_a_version_2_ledger_gains_the_digest_column(tmp_path: Path) -> None:
+    """Issue 13 added each backend's verified digest: a ledger of issue 12 opens with its
+    locations kept and no digest recorded for them."""
+    from server_ingest.ledger.sqlite import MIGRATIONS
+
+    path = tmp_path / "ledger.sqlite"
+    m = make_manifest()
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for migration in MIGRATIONS[:2]:
+            migration(db)
+        db.execute("PRAGMA user_version = 2")
+        db.execute(
+            "INSERT INTO images VALUES ('scope-1', ?, 'complete', ?, NULL, NULL, NULL, 1, 1)",
+            (str(m.image_id), m.model_dump_json()),
+        )
+        db.execute(
+            "INSERT INTO locations VALUES ('scope-1', ?, 'archive', '/x')", (str(m.image_id),)
+        )
+    ledger = SqliteLedger(path)
+    key = ImageKey("scope-1", m.image_id)
+    assert ledger.schema_version == SCHEMA_VERSION == 3
+    found = ledger.lookup([key])[key]
+    assert (found.locations, found.digests) == ({"archive": "/x"}, {})
+    ledger.write([BackendStored(key, "archive", "/x", "sha1:" + "00" * 20)])
+    assert ledger.lookup([key])[key].digests == {"archive": "sha1:" + "00" * 20}
+    ledger.close()

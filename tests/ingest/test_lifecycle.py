@@ -148,8 +148,9 @@ EXPECTED: dict[str, str] = {
     "receiving, closed, one tile missing": "RRRSRRRRRRFRERD",
     "storing": "SSSSSSSSCSFSSSD",
     "complete": "CCCCCCCCCCCCCCC",
-    "failed, tiles missing": "FFFFFFFFFFFFFRD",
-    "failed, all in": "FFFFFFFFFFFFFSD",
+    # A resent open after a backend's failure is a retry (issue 13).
+    "failed, tiles missing": "RFFFFFFFFFFFFRD",
+    "failed, all in": "SFFFFFFFFFFFFSD",
     "rejected, unreadable open": "RRXXXXXXXXXXXXX",
     "rejected, this manifest": "RXXXXXXXXXXXXXX",
     "expired, nothing staged": "REEEEEEEEEEEEED",
@@ -241,6 +242,53 @@ def test_a_store_delay_only_shows_on_the_status() -> None:
     assert result.image is not None and result.image.phase is Phase.STORING
     assert result.image.delayed == "omero: unreachable"
     assert result.effects == (Publish(True),)
+
+
+def test_a_resent_open_after_a_backend_failure_stores_the_staged_tiles_again() -> None:
+    """Issue 13: a microscope re-sending an image that failed on the server is a retry."""
+    result = run("failed, all in", "open")
+    assert result.image is not None and result.image.phase is Phase.STORING
+    assert result.image.reason is None and result.image.detail is None
+    effects = [e for e, _ in flatten(result.effects)]
+    assert StoreBegin() in effects and StoreFinish() in effects
+    accepted = [e for e, durable in flatten(result.effects) if lets_go(e)]
+    assert len(accepted) == 1 and isinstance(accepted[0], Send)
+    assert isinstance(accepted[0].ack, OpenAck) and accepted[0].ack.state is ManifestState.ACCEPTED
+    records = [r for e in effects if isinstance(e, Persist) for r in e.records]
+    assert PhaseSet(KEY, Phase.RECEIVING, LATER) in records
+
+
+def test_a_resent_open_does_not_retry_a_conflict() -> None:
+    conflict = replace(STATES["failed, all in"], reason=ReasonCode.CONFLICT, detail="2 differ")
+    result = step(conflict, KEY, Opened(LATER, MANIFEST), POLICY)
+    assert result.image is not None and result.image.phase is Phase.FAILED
+    acks = [e.ack for e, _ in flatten(result.effects) if isinstance(e, Send)]
+    assert [type(a).__name__ for a in acks] == ["OpenAck", "ImageAck"]
+    assert isinstance(acks[1], ImageAck) and acks[1].reason is ReasonCode.CONFLICT
+
+
+def test_verified_digests_reach_the_complete_ack() -> None:
+    image = STATES["storing"]
+    for event in (Stored("omero", "omero:Image:3 dataset:1", "sha1:" + "ab" * 20),
+                  Stored("archive", "/a", "sha1:" + "cd" * 20)):  # fmt: skip
+        result = step(image, KEY, event, POLICY)
+        assert result.image is not None
+        image = result.image
+    done = step(image, KEY, StoreDone(LATER), POLICY)
+    [ack] = [e.ack for e, _ in flatten(done.effects) if isinstance(e, Send)]
+    assert isinstance(ack, ImageAck) and ack.state is ImageState.COMPLETE
+    assert ack.digests == {"omero": "sha1:" + "ab" * 20, "archive": "sha1:" + "cd" * 20}
+    assert b'"digests"' in ack.to_bytes()
+    failed = ImageAck(image_id=KEY.image_id, state=ImageState.FAILED)
+    assert b"digests" not in failed.to_bytes()  # what an older device reads unchanged
+
+
+def test_a_discard_by_the_retention_policy_says_so() -> None:
+    detail = "removed by the staging retention policy (failed 30 days ago)"
+    result = step(STATES["failed, all in"], KEY, Discard(LATER, detail), POLICY)
+    assert result.image is not None and result.image.detail == detail
+    acks = [e.ack for e, _ in flatten(result.effects) if isinstance(e, Send)]
+    assert [a.detail for a in acks if isinstance(a, OpenAck)] == [detail]
 
 
 def test_a_whole_image_completes_in_order() -> None:

@@ -71,7 +71,9 @@ def test_a_simulated_scan_flows_from_the_edge_into_omero(
     everything = b"".join(payload for _, payload, _ in watcher.messages)
     assert secret.encode() not in everything
     image_status = [
-        json.loads(p) for t, p, _ in watcher.messages if t.startswith("tilebridge/v1/image/") and p
+        json.loads(p)
+        for t, p, _ in watcher.messages
+        if t.startswith("tilebridge/v1/image/") and t.endswith("/status") and p
     ]
     assert image_status[-1]["phase"] == "complete"
     assert image_status[-1]["locations"]["omero"] == location

@@ -33,6 +33,7 @@ class PixelBuffer:
         self.state = PyramidState.EMPTY
         self.writer: object | None = None  # the store that owns the pass in progress
         self.tiles_done = 0
+        self.corrupted = False  # a flip_byte fault hit this buffer already
         self.tiles_total = rules.pyramid_tile_count(geometry) if self.pyramid else 0
         self._next_tiles = rules.pyramid_tiles(geometry) if self.pyramid else iter(())
 

@@ -13,12 +13,24 @@ from typing import Any
 import numpy as np
 import omero
 import omero.api
+from omero.rtypes import rstring
 
 from .amd import servant
 from .pixel_buffers import MISSING_PYRAMID, PixelBuffer
 from .rules import NON_TILE_WRITE, Tile, check_bounds, decode, encode, misuse, unsupported
 from .services.base import Service
 from .services.pixels import PIX_DESCRIPTION
+
+
+def digest(pixels: PixelBuffer) -> bytes:
+    """SHA-1 of the pixels as OMERO.server 5.6 computes it (RawPixelsStore.
+    calculateMessageDigest), read in ome/omero-romio: `RomioPixelBuffer` digests
+    getPlane(z, c, t) for t, c, z (z fastest) of its big-endian file; a pyramid's
+    `BfPyramidPixelBuffer` delegates to `BfPixelsWrapper.getMessageDigest`, which digests the
+    pyramid TIFF timepoint by timepoint, one plane each in the same XYZCT order
+    (`getRasterizedT`), written big-endian. Both: the planes in XYZCT order, rows top to
+    bottom, big-endian samples, which is `data` (T, C, Z, Y, X) in C order, encoded."""
+    return hashlib.sha1(encode(pixels.geometry, pixels.data)).digest()
 
 
 @servant
@@ -52,7 +64,11 @@ class RawPixelsStore(omero.api.RawPixelsStore, Service):
 
     def save(self, current: Any = None) -> Any:
         self._end_writing()
-        pixels = self.server.store.get("Pixels", self._buf().pixels_id)
+        buf = self._buf()
+        pixels = self.server.store.get("Pixels", buf.pixels_id)
+        if pixels is not None and buf.readable():
+            # RawPixelsBean.save (ome/omero-server) stores the buffer's digest as Pixels.sha1.
+            pixels.setSha1(rstring(digest(buf).hex()))
         return self.server.store.copy_out(pixels, PIX_DESCRIPTION) if pixels else None
 
     def close(self, current: Any = None) -> None:
@@ -151,6 +167,7 @@ class RawPixelsStore(omero.api.RawPixelsStore, Service):
         else:
             pixels.rules.check_romio_tile(pixels.geometry, tile)
             pixels.write_region(tile, values)
+        self._maybe_corrupt(pixels, tile)
         self.server.count_set_tile()
 
     def setRow(self, buf: bytes, y: int, z: int, c: int, t: int, current: Any = None) -> None:
@@ -227,8 +244,19 @@ class RawPixelsStore(omero.api.RawPixelsStore, Service):
         return encode(pixels.geometry, pixels.data[t])
 
     def calculateMessageDigest(self, current: Any = None) -> bytes:
-        pixels = self._readable()
-        return hashlib.sha1(encode(pixels.geometry, pixels.data)).digest()
+        return digest(self._readable())
+
+    def _maybe_corrupt(self, pixels: PixelBuffer, tile: Tile) -> None:
+        faults = self.server.faults
+        if faults.flip_byte == 0 or pixels.corrupted:
+            return
+        if faults.flip_byte > 0:
+            faults.flip_byte -= 1
+        pixels.corrupted = True
+        region = pixels.data[
+            tile.t, tile.c, tile.z, tile.y : tile.y + tile.h, tile.x : tile.x + tile.w
+        ]
+        region.view(np.uint8)[0, 0] ^= 0x01  # a view: reshape(-1) could copy
 
     # -- guards --------------------------------------------------------------------------
     def _buf(self) -> PixelBuffer:

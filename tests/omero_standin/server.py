@@ -49,6 +49,9 @@ class Faults:
     forbid_create: set[str] = field(default_factory=set)
     # after this many accepted setTile calls the server dies (one shot)
     stop_after_set_tiles: int | None = None
+    # the next this many Pixels written get one byte flipped in their first setTile, as a
+    # disk or a bug could: what read-back verification must catch (-1: every one)
+    flip_byte: int = 0
 
 
 class Link(NamedTuple):

@@ -159,7 +159,9 @@ class Env:
             for name in filenames:
                 path = here / name
                 if here == self.data:
-                    assert re.fullmatch(r"ledger\.sqlite(-wal|-shm|-journal)?", name), path
+                    assert re.fullmatch(
+                        r"ledger\.sqlite(-wal|-shm|-journal)?|ingest\.lock|control\.sock", name
+                    ), path
                     continue
                 rel = path.relative_to(staging).parts
                 assert len(rel) == 3, path

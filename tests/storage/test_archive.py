@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import tifffile
 from ome_types import from_xml
 
@@ -11,6 +13,7 @@ from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.archive import ArchiveBackend
 from tilebridge_storage.base import StorageBackend, StoredImage
 from tilebridge_storage.testing.contract import StorageContract, Tiles, ome_key_values
+from tilebridge_storage.testing.manifests import make_manifest, make_tiles
 
 
 class TestArchive(StorageContract):
@@ -76,3 +79,59 @@ def test_staged_tiles_cost_no_file_descriptors_until_written(tmp_path: Path) -> 
     with tifffile.TiffFile(stored.location) as tif:
         data = tif.series[7].asarray().reshape(1, 2, 2, 8, 8)
     np.testing.assert_array_equal(data[0, 1, 0], expected[TileKey(7, 0, 1, 0)])
+
+
+def _corrupting(times: list[int]) -> Any:
+    """atomic_write, but the file on disk differs from what was written in one byte (a disk
+    or a bug could do that) the first `times[0]` times."""
+    from tilebridge_runtime import durable
+
+    def write(path: Path, produce: Any) -> None:
+        def corrupt(tmp: Path) -> None:
+            produce(tmp)
+            if times[0]:
+                times[0] -= 1
+                with tifffile.TiffFile(tmp) as tif:
+                    offset = tif.pages[0].dataoffsets[0]  # type: ignore[union-attr]
+                with tmp.open("r+b") as f:  # the first pixel's first byte
+                    f.seek(offset)
+                    first = f.read(1)
+                    f.seek(offset)
+                    f.write(bytes([first[0] ^ 1]))
+
+        durable.atomic_write(path, corrupt)
+
+    return write
+
+
+def test_the_archive_reads_back_what_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from tilebridge_storage import archive
+    from tilebridge_storage.base import DigestMismatchError
+
+    manifest = make_manifest()
+    tiles = make_tiles(manifest)
+    monkeypatch.setattr(archive, "atomic_write", _corrupting([1]))
+    backend = archive.ArchiveBackend(tmp_path)
+    writer = backend.open_image("scope-1", manifest)
+    for key, pixels in tiles.items():
+        writer.write_tile(key, pixels)
+    with pytest.raises(DigestMismatchError, match="read back other pixels"):
+        writer.finish()
+    assert not list(tmp_path.rglob("*.ome.tif"))  # the bad file is gone
+    writer = backend.open_image("scope-1", manifest)
+    for key, pixels in tiles.items():
+        writer.write_tile(key, pixels)
+    stored = writer.finish()
+    sha1 = hashlib.sha1()
+    m = manifest
+    for p in m.positions:
+        for t in range(m.size_t):
+            for c in range(m.size_c):
+                for z in range(m.size_z):
+                    tile = tiles[TileKey(p.index, z, c, t)]
+                    sha1.update(np.ascontiguousarray(tile, dtype=m.dtype.numpy).tobytes())
+    assert stored.digest == f"sha1:{sha1.hexdigest()}"

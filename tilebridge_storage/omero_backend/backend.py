@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,15 +19,25 @@ import numpy as np
 from tilebridge_protocol.errors import PermanentError, TilebridgeError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import Layout, OpenManifest
-from tilebridge_storage.base import Holdings, ImageWriter, StorageBackend, StoredImage
+from tilebridge_storage.base import (
+    DigestMismatchError,
+    Holdings,
+    ImageWriter,
+    StorageBackend,
+    StoredImage,
+)
 from tilebridge_storage.omero_backend.errors import omero_errors
 from tilebridge_storage.omero_backend.images import (
     create_images,
     describe_holdings,
     describe_planes,
 )
-from tilebridge_storage.omero_backend.pixels import PixelSink
-from tilebridge_storage.omero_backend.provenance import delete_images, find_images
+from tilebridge_storage.omero_backend.pixels import PixelSink, read_digest
+from tilebridge_storage.omero_backend.provenance import (
+    delete_images,
+    find_images,
+    record_digest,
+)
 from tilebridge_storage.omero_backend.session import OmeroSession, SessionPool
 from tilebridge_storage.omero_backend.settings import OmeroSettings
 from tilebridge_storage.omero_backend.targets import Target, ensure_target
@@ -67,8 +79,9 @@ class OmeroBackend(StorageBackend):
             "image %s: writing to OMERO Image:%s in Dataset:%d",
             manifest.image_id, ",".join(str(i.image_id) for i in images), target.dataset_id,
         )  # fmt: skip
-        writer = _OmeroWriter(device, manifest, self.name, session, target)
+        writer = _OmeroWriter(device, manifest, self.name, session, target, self.settings)
         for image in images:
+            writer.provenance.append(image.provenance_id)
             writer.add_sink(
                 image.image_id,
                 PixelSink(
@@ -77,6 +90,10 @@ class OmeroBackend(StorageBackend):
                 ),
             )  # fmt: skip
         return writer
+
+    def check(self) -> None:
+        """A login with the server-wide account (a dead session is replaced)."""
+        self.pool.session(self.settings.credentials)
 
     def close(self) -> None:
         self.pool.close()
@@ -90,12 +107,17 @@ class _OmeroWriter(ImageWriter):
         backend: str,
         session: OmeroSession,
         target: Target,
+        settings: OmeroSettings,
     ) -> None:
         super().__init__(device, manifest, backend)
         self.session = session
         self.target = target
+        self.settings = settings
         self.tiles: dict[TileKey, np.ndarray[Any, Any]] = {}
         """Tiles not yet written (references to the caller's arrays, dropped per plane)."""
+        self.sources: dict[TileKey, _Kept] = {}
+        """Where every tile came from, to digest small images at the end (see `pixels`)."""
+        self.provenance: list[int] = []
         self.received: set[TileKey] = set()
         self.image_ids: list[int] = []
         self.sinks: list[PixelSink] = []
@@ -124,6 +146,7 @@ class _OmeroWriter(ImageWriter):
             return
         self.received.add(key)
         self.tiles[key] = pixels
+        self.sources[key] = _Kept.of(pixels)
         sink = self._sink_of[key.index]
         try:
             with omero_errors(f"writing image {self.manifest.image_id}"):
@@ -176,6 +199,7 @@ class _OmeroWriter(ImageWriter):
                             self.session, image_id, sink, self.manifest, self.holdings
                         )
                     self.holdings_saved = True
+                digests = self._verify() if self.settings.verify else None
         except Exception as exc:
             self.failed = _as_tilebridge(exc)
             raise
@@ -192,10 +216,35 @@ class _OmeroWriter(ImageWriter):
             backend=self.backend_name,
             location=f"omero:Image:{images} dataset:{self.target.dataset_id}",
             ids=ids,
+            digest=f"sha1:{','.join(digests)}" if digests else None,
         )
         self.tiles.clear()
+        self.sources.clear()
         log.info("image %s stored in OMERO as %s", self.manifest.image_id, self.stored.location)
         return self.stored
+
+    def _verify(self) -> list[str]:
+        """Each OMERO image's digest as OMERO computes it, equal to what was written, or
+        DigestMismatchError (the images are deleted by the abort that follows)."""
+        digests = []
+        for image_id, sink, annotation in zip(
+            self.image_ids, self.sinks, self.provenance, strict=True
+        ):
+            meant = sink.digest(lambda key: s.load() if (s := self.sources.get(key)) else None)
+            held = read_digest(self.session, sink.pixels_id, self.settings.verify_wait_s)
+            if held != meant:
+                log.error(
+                    "image %s: OMERO Image:%d holds other pixels than written (sha1 %s, "
+                    "written %s); it is deleted and written again",
+                    self.manifest.image_id, image_id, held, meant,
+                )  # fmt: skip
+                raise DigestMismatchError(
+                    f"OMERO Image:{image_id} holds other pixels than written "
+                    f"(its sha1 {held[:12]}…, written {meant[:12]}…)"
+                )
+            record_digest(self.session, annotation, f"sha1:{held}")
+            digests.append(held)
+        return digests
 
     def abort(self) -> None:
         if self.aborted or self.stored is not None:
@@ -204,6 +253,7 @@ class _OmeroWriter(ImageWriter):
         for sink in self.sinks:
             sink.close()
         self.tiles.clear()
+        self.sources.clear()
         _discard(self.session, self.image_ids)
 
     def _check_failed(self) -> None:
@@ -216,6 +266,30 @@ class _OmeroWriter(ImageWriter):
             raise PermanentError(f"image {self.manifest.image_id} is already finished")
         if self.aborted:
             raise PermanentError(f"this attempt at image {self.manifest.image_id} was aborted")
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A tile as handed in: a staged file's memory map is kept by name (mapped again when
+    needed, so thousands of tiles hold no file descriptors), anything else by reference."""
+
+    path: Path | None
+    array: np.ndarray[Any, Any] | None
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, pixels: np.ndarray[Any, Any]) -> _Kept:
+        filename = getattr(pixels, "filename", None)
+        if isinstance(pixels, np.memmap) and filename and pixels.offset == 0:
+            return cls(Path(filename), None, pixels.dtype, pixels.shape)
+        return cls(None, pixels, pixels.dtype, pixels.shape)
+
+    def load(self) -> np.ndarray[Any, Any]:
+        if self.array is not None:
+            return self.array
+        assert self.path is not None
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
 
 
 def _as_tilebridge(exc: Exception) -> TilebridgeError:

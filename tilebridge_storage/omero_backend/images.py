@@ -58,6 +58,8 @@ class Created:
     source: Source
     indices: list[int]
     """The stage positions this image is made of."""
+    provenance_id: int
+    """Its provenance MapAnnotation (the verified digest is added to it at the end)."""
 
 
 def create_images(
@@ -99,16 +101,17 @@ def create_images(
             pixels_type, name, image_description(m.image_id),
         ).getValue()  # fmt: skip
         created(image_id)
-        session.update.saveArray(
+        saved = session.update.saveAndReturnArray(
             [
-                dataset_link(target.dataset_id, image_id),
                 annotation_link(image_id, provenance_annotation(device, m, index)),
+                dataset_link(target.dataset_id, image_id),
                 annotation_link(image_id, metadata_annotation(device, m, index, layout)),
                 *[annotation_link(image_id, tag) for tag in tags],
             ]
         )
+        provenance_id: int = saved[0].getChild().getId().getValue()
         pixels_id = describe(session, image_id, m, position)
-        out.append(Created(image_id, pixels_id, source, indices))
+        out.append(Created(image_id, pixels_id, source, indices, provenance_id))
     return out
 
 

@@ -17,21 +17,36 @@ once the sink is told what is held (`held`), its area of a band stays 0 and `adv
 writes every band that was waiting only for it, still in the one pass.
 
 Per-channel min/max is tracked over what is written and set after `save()`.
+
+Verification (`digest`, `read_digest`): OMERO's `RawPixelsStore.calculateMessageDigest` is a
+SHA-1 over the image's planes in XYZCT order (z fastest, then c, then t), each plane's rows
+top to bottom, big-endian samples: ome/omero-romio's `RomioPixelBuffer` digests
+`getPlane(z, c, t)` in that order from its big-endian file, and a pyramid's
+`BfPyramidPixelBuffer` hands the digest to a `BfPixelBuffer` over its TIFF, whose
+`BfPixelsWrapper.getMessageDigest` digests every timepoint of it; that TIFF holds one plane
+per "timepoint" in the same order (`getRasterizedT`: t * C * Z + c * Z + z) and is written
+big-endian (`setPixelsBigEndian`, the buffer's default byte order). The sink computes the
+same SHA-1 of what it means to write: a pyramid's bands go out in exactly that order, so it
+is digested while writing; a small image's bands go out in any order, so its digest is made
+at the end from the tiles it was given (`load`), composed again band by band.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_protocol.keys import TileKey
 from tilebridge_protocol.messages import OpenManifest
 from tilebridge_storage.mosaic import Piece, Rect
+from tilebridge_storage.omero_backend._omero import omero
 from tilebridge_storage.omero_backend.session import OmeroSession
 
 log = logging.getLogger(__name__)
@@ -102,6 +117,8 @@ class PixelSink:
         """Pyramids: the next band in write order, as plane * len(bands) + band."""
         self.ranges: dict[int, tuple[float, float]] = {}
         self.saved = False
+        self._sha1 = hashlib.sha1()
+        """Pyramids: the digest of every band written so far, in OMERO's order."""
         self.held: Callable[[TileKey], bool] = lambda key: True
         """Whether the image holds a tile (set by the writer's `expect`)."""
 
@@ -189,19 +206,41 @@ class PixelSink:
         keys = (TileKey(i, z, c, t) for i in self.needs[band])
         return all(key in self.tiles or not self.held(key) for key in keys)
 
+    def _compose(
+        self, plane: int, band: int, tile_of: Callable[[TileKey], np.ndarray[Any, Any] | None]
+    ) -> np.ndarray[Any, Any]:
+        z, c, t = self.planes[plane]
+        y0, y1 = self.bands[band]
+        pixels = np.zeros((y1 - y0, self.source.width), self.dtype)
+        for piece in self.pieces[band]:
+            r = piece.canvas
+            tile = tile_of(TileKey(piece.index, z, c, t))
+            if tile is None:  # a tile the image does not hold: its area stays 0
+                continue
+            pixels[r.y0 - y0 : r.y1 - y0, r.x0 : r.x1] = tile[piece.tile.slices]
+        return pixels
+
+    def digest(self, load: Callable[[TileKey], np.ndarray[Any, Any] | None]) -> str:
+        """SHA-1 (hex) of the pixels meant for OMERO, as `calculateMessageDigest` makes it."""
+        if self.pyramid:
+            return self._sha1.hexdigest()
+        sha1 = hashlib.sha1()
+        wire = self.dtype.newbyteorder(">")
+        for plane in range(len(self.planes)):
+            for band in range(len(self.bands)):
+                pixels = self._compose(plane, band, load)
+                sha1.update(np.ascontiguousarray(pixels, dtype=wire).tobytes())
+        return sha1.hexdigest()
+
     def _write(self, plane: int, band: int) -> None:
         z, c, t = self.planes[plane]
         y0, y1 = self.bands[band]
         width = self.source.width
-        pixels = np.zeros((y1 - y0, width), self.dtype)
-        for piece in self.pieces[band]:
-            r = piece.canvas
-            tile = self.tiles.get(TileKey(piece.index, z, c, t))
-            if tile is None:  # a tile the image does not hold: its area stays 0
-                continue
-            pixels[r.y0 - y0 : r.y1 - y0, r.x0 : r.x1] = tile[piece.tile.slices]
+        pixels = self._compose(plane, band, self.tiles.get)
         self._track(c, pixels)
         wire = self.dtype.newbyteorder(">")
+        if self.pyramid:
+            self._sha1.update(np.ascontiguousarray(pixels, dtype=wire).tobytes())
         for x in range(0, width, self.tile_width):
             w = min(self.tile_width, width - x)
             buf = np.ascontiguousarray(pixels[:, x : x + w], dtype=wire).tobytes()
@@ -221,3 +260,28 @@ class PixelSink:
             old_low, old_high = self.ranges[c]
             low, high = min(low, old_low), max(high, old_high)
         self.ranges[c] = (low, high)
+
+
+def read_digest(session: OmeroSession, pixels_id: int, wait_s: float) -> str:
+    """OMERO's SHA-1 (hex) of what Pixels:`pixels_id` holds, from a fresh RawPixelsStore. A
+    pyramid still being built answers MissingPyramidException: wait for it, up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        rps = session.raw_pixels_store()
+        try:
+            rps.setPixelsId(pixels_id, True)
+            digest = rps.calculateMessageDigest()
+            if not digest:
+                raise PermanentError(f"OMERO computes no digest for Pixels:{pixels_id}")
+            return bytes(digest).hex()
+        except omero.MissingPyramidException:
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"OMERO did not finish the pyramid of Pixels:{pixels_id} in {wait_s:.0f} s"
+                ) from None
+        finally:
+            try:
+                rps.close()
+            except Exception as exc:  # a store that cannot close is gone anyway
+                log.debug("closing a RawPixelsStore failed: %s", type(exc).__name__)
+        time.sleep(1.0)

@@ -56,6 +56,15 @@ def provenance_annotation(device: str, manifest: OpenManifest, position: int | N
     return ann
 
 
+def record_digest(session: OmeroSession, annotation_id: int, digest: str) -> None:
+    """Add the verified pixel digest (`sha1:<hex>`, as OMERO computes it) to the image's
+    provenance annotation: what tilebridge wrote can be checked against the image later."""
+    ann = session.query.get("MapAnnotation", annotation_id)
+    pairs = [nv for nv in ann.getMapValue() or [] if nv.name != "pixels_digest"]
+    ann.setMapValue([*pairs, omero.model.NamedValue("pixels_digest", digest)])
+    session.update.saveObject(ann)
+
+
 def find_images(session: OmeroSession, image_id: UUID) -> list[int]:
     """Ids of every OMERO image made for `image_id` (by any earlier attempt)."""
     params = omero.sys.ParametersI()

@@ -5,6 +5,11 @@ waiting for tiles far longer; so every session pings the server (`sf.keepAlive`)
 own thread every `keepalive_s`. A session that died anyway (server restart, network cut) is
 noticed by the pool at the next `open_image` and replaced by a new login; a writer that was
 using it fails with TransientError, and its retry rewrites from staging.
+
+The pool holds its lock only to read and change its dictionaries, never across a call to the
+server: checking a session, logging in and closing one all wait on OMERO, and a stalled
+server must not hold every storer worker (closing a session of a stalled server waits for
+Ice's own destroy timeout, about a minute, so it runs on a thread of its own).
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from functools import cached_property
 from typing import Any
 
-from tilebridge_protocol.errors import PermanentError
+from tilebridge_protocol.errors import PermanentError, TransientError
 from tilebridge_storage.omero_backend._omero import omero
 from tilebridge_storage.omero_backend.errors import omero_errors
 from tilebridge_storage.omero_backend.settings import Credentials, OmeroSettings
@@ -84,7 +91,10 @@ class OmeroSession:
     # -- services: stateless proxies, fetched once, shared by every writer of the session -
     @property
     def sf(self) -> Any:
-        return self._client.getSession()
+        client = self._client
+        if client is None:  # the pool closed it as lost while a writer still held it
+            raise TransientError(f"the OMERO session of {self.username} was closed")
+        return client.getSession()
 
     @cached_property
     def query(self) -> Any:
@@ -108,7 +118,10 @@ class OmeroSession:
     def submit(self, request: Any) -> Any:
         """Run a command (Delete2) and wait for it; raises omero.CmdError on ERR."""
         loops = max(1, math.ceil(self.settings.delete_timeout_s * 1000 / _DELETE_POLL_MS))
-        callback = self._client.submit(request, loops=loops, ms=_DELETE_POLL_MS)
+        client = self._client
+        if client is None:
+            raise TransientError(f"the OMERO session of {self.username} was closed")
+        callback = client.submit(request, loops=loops, ms=_DELETE_POLL_MS)
         try:
             return callback.getResponse()
         finally:
@@ -152,26 +165,71 @@ class OmeroSession:
             log.debug("closing the OMERO session of %s: %s", self.username, type(exc).__name__)
 
 
-class SessionPool:
-    """One live session per account; a dead one is replaced by a new login on demand."""
+Account = tuple[str, str | None]
 
-    def __init__(self, settings: OmeroSettings) -> None:
+
+class SessionPool:
+    """One live session per account; a dead one is replaced by a new login on demand.
+
+    Several workers asking at once for an account without a session wait for one login (the
+    first one's), not one login each."""
+
+    def __init__(
+        self,
+        settings: OmeroSettings,
+        login: Callable[[OmeroSettings, Credentials], OmeroSession] = OmeroSession,
+    ) -> None:
         self.settings = settings
+        self._login = login
         self._lock = threading.Lock()
-        self._sessions: dict[tuple[str, str | None], OmeroSession] = {}
+        self._sessions: dict[Account, OmeroSession] = {}
+        self._logins: dict[Account, Future[OmeroSession]] = {}
 
     def session(self, credentials: Credentials) -> OmeroSession:
+        account = credentials.account
         with self._lock:
-            current = self._sessions.pop(credentials.account, None)
-            if current is not None:
-                if current.alive():
-                    self._sessions[credentials.account] = current
-                    return current
-                log.info("OMERO session of %s was lost; logging in again", current.username)
-                current.close(end_session=False)
-            fresh = OmeroSession(self.settings, credentials)
-            self._sessions[credentials.account] = fresh
-            return fresh
+            current = self._sessions.get(account)
+        if current is not None:
+            if current.alive():  # one round trip, without the lock
+                return current
+            self._drop(account, current)
+        return self._shared_login(credentials)
+
+    def _drop(self, account: Account, lost: OmeroSession) -> None:
+        with self._lock:
+            if self._sessions.get(account) is not lost:
+                return  # another worker dropped it already
+            del self._sessions[account]
+        log.info("OMERO session of %s was lost; logging in again", lost.username)
+        threading.Thread(
+            target=lost.close, kwargs={"end_session": False},
+            name=f"omero-close-{lost.username}", daemon=True,
+        ).start()  # fmt: skip
+
+    def _shared_login(self, credentials: Credentials) -> OmeroSession:
+        account = credentials.account
+        with self._lock:
+            current = self._sessions.get(account)
+            if current is not None:  # another worker logged in meanwhile
+                return current
+            pending = self._logins.get(account)
+            ours = pending is None
+            if pending is None:
+                pending = self._logins[account] = Future()
+        if not ours:
+            return pending.result()  # the login's own error if it failed
+        try:
+            fresh = self._login(self.settings, credentials)
+        except BaseException as exc:
+            with self._lock:
+                del self._logins[account]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._logins[account]
+            self._sessions[account] = fresh
+        pending.set_result(fresh)
+        return fresh
 
     def close(self) -> None:
         with self._lock:

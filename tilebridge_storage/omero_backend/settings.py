@@ -138,6 +138,11 @@ class OmeroSettings(BaseModel):
     """Longest wait for OMERO to delete an earlier partial image."""
     max_call_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=32 * 1024 * 1024)
     """Largest pixel buffer sent in one call (OMERO refuses messages above 64 MB)."""
+    verify: bool = True
+    """Before `complete`: compare OMERO's digest of each image (calculateMessageDigest) with
+    the digest of the pixels written; a mismatch deletes and rewrites the image."""
+    verify_wait_s: float = Field(default=300.0, gt=0)
+    """Longest wait for OMERO to finish a pyramid before its digest can be read."""
 
     @model_validator(mode="after")
     def _password(self) -> OmeroSettings:

@@ -9,9 +9,11 @@ const RUNNING = new Set(["receiving", "storing"]);
 const PROBLEM = new Set(["failed", "rejected"]);
 
 const state = {
-  entries: new Map(), // "kind|key" -> {kind, key, status, links}
+  entries: new Map(), // "kind|key" -> {kind, key, status, links, stale?, history?}
+  previews: new Map(), // "device/image_id" -> version of its latest preview PNG
   monitor: { connected: false, last_error: null },
   stream: "connecting", // connecting | live | lost
+  staleS: 60,
 };
 
 // -- data ------------------------------------------------------------------------------------
@@ -19,7 +21,9 @@ const state = {
 function applySnapshot(snapshot) {
   state.entries.clear();
   for (const entry of snapshot.entries) state.entries.set(`${entry.kind}|${entry.key}`, entry);
+  state.previews = new Map(Object.entries(snapshot.previews || {}));
   state.monitor = snapshot.monitor;
+  if (snapshot.stale_s) state.staleS = snapshot.stale_s;
   schedule();
 }
 
@@ -30,6 +34,9 @@ function applyEvent(event) {
     state.entries.delete(`${event.kind}|${event.key}`);
   } else if (event.type === "monitor") {
     state.monitor = event.monitor;
+  } else if (event.type === "preview") {
+    if (event.version === null) state.previews.delete(event.key);
+    else state.previews.set(event.key, event.version);
   }
   schedule();
 }
@@ -43,7 +50,7 @@ function connect() {
   source.addEventListener("open", () => { state.stream = "live"; schedule(); });
   source.addEventListener("error", () => { state.stream = "lost"; schedule(); });
   source.addEventListener("snapshot", (e) => applySnapshot(JSON.parse(e.data)));
-  for (const type of ["status", "remove", "monitor"]) {
+  for (const type of ["status", "remove", "monitor", "preview"]) {
     source.addEventListener(type, (e) => applyEvent(JSON.parse(e.data)));
   }
 }
@@ -135,22 +142,45 @@ function replace(container, children, emptyText) {
 
 // -- views -----------------------------------------------------------------------------------
 
+const SVG = "http://www.w3.org/2000/svg";
+
+// Upload rate over the last status messages, as an SVG line (no inline styles: the CSP).
+function throughputChart(history) {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "throughput");
+  svg.setAttribute("viewBox", "0 0 120 30");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  const peak = Math.max(...history, 1);
+  svg.setAttribute("aria-label", `upload rate, peak ${bytes(peak)}/s`);
+  svg.dataset.peak = String(peak);
+  const step = history.length > 1 ? 120 / (history.length - 1) : 0;
+  const points = history.map((v, i) => `${(i * step).toFixed(1)},${(29 - (28 * v) / peak).toFixed(1)}`);
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", points.join(" "));
+  svg.append(line);
+  return h("div", { class: "chart", title: `upload rate, last ${history.length} reports (peak ${bytes(peak)}/s)` },
+    svg, h("span", { class: "chart-label" }, `peak ${bytes(peak)}/s`));
+}
+
 function deviceCard(entry) {
   const s = entry.status;
-  const online = s.state === "online";
+  const online = s.state === "online" && !entry.stale;
   const cls = ["card", "device", online ? "online" : "offline", s.last_error ? "has-error" : ""];
   const backends = Object.entries(s.backends || {}).map(([name, b]) =>
     h("div", { class: `edge-backend ${b.state === "failed" ? "has-error" : ""}` },
       bar(`edge-${name}`, name, b.frames_written, b.frames_total),
       b.error ? h("p", { class: "error" }, b.error) : null));
-  return h("article", { class: cls.join(" "), "data-device": s.device },
+  return h("article", { class: cls.join(" "), "data-device": s.device, "data-stale": entry.stale ? "" : null },
     h("header", {},
       h("h3", {}, s.device),
       badge(online ? "online" : "offline", online ? "ok" : "off")),
     h("p", { class: "meta" },
       s.current_experiment ? `experiment ${s.current_experiment} · ` : "",
       since(s.at, "updated "),
+      entry.stale ? ` · silent for over ${duration(state.staleS)}: revoked, cut off or switched off` : "",
       online && !s.broker_connected ? " · broker unreachable" : ""),
+    entry.history && entry.history.length > 1 ? throughputChart(entry.history) : null,
     h("dl", { class: "facts" },
       fact("Waiting to upload", `${tiles(s.buffered_tiles)} · ${bytes(s.buffered_bytes)}`,
            s.buffered_tiles > 0 ? "busy" : ""),
@@ -176,13 +206,36 @@ function ingestCard(entry) {
     h("dl", { class: "facts" },
       fact("Images in progress", s.images_in_progress),
       fact("Staged on disk", bytes(s.staging_bytes)),
+      fact("Staging disk free", bytes(s.staging_free_bytes),
+           s.disk_pressure && s.disk_pressure !== "none" ? "bad" : ""),
+      fact("Failed, still staged", s.images_failed || 0, s.images_failed ? "bad" : ""),
       fact("Tiles committed", s.tiles_committed),
-      fact("Chunks refused", s.chunks_rejected, s.chunks_rejected > 0 ? "bad" : ""),
-      fact("Storage", Object.keys(s.backends || {}).length
-        ? Object.entries(s.backends).map(([k, v]) => `${k}: ${v === "ok" ? "ok" : "failing"}`).join(", ")
-        : "–", failing.length ? "bad" : "")),
-    failing.map(([k, v]) => h("p", { class: "error" }, `${k}: ${v}`)),
+      fact("Chunks refused", s.chunks_rejected, s.chunks_rejected > 0 ? "bad" : "")),
+    h("ul", { class: "targets" }, Object.entries(s.backends || {}).map(([name, v]) => {
+      const waiting = (s.images_waiting || {})[name] || 0;
+      return h("li", { class: v === "ok" ? "ok" : "bad", "data-target": name },
+        h("strong", {}, name), " ", badge(v === "ok" ? "ok" : "failing", v === "ok" ? "ok" : "bad"),
+        waiting ? ` · ${waiting} image${waiting === 1 ? "" : "s"} waiting` : "",
+        v === "ok" ? null : h("span", { class: "detail" }, v));
+    })),
+    s.disk_pressure && s.disk_pressure !== "none"
+      ? h("p", { class: "error", "data-pressure": s.disk_pressure },
+          s.disk_pressure === "tiles_refused" ? "Staging disk nearly full: tiles are refused until space is freed"
+            : "Staging disk low: new images are refused; images already receiving go on")
+      : null,
     s.last_error ? h("p", { class: "error", "data-error": "" }, s.last_error) : null);
+}
+
+// Images the ingest keeps staged for an administrator, with the command that resolves them.
+function attentionRow(item, instance) {
+  return h("tr", { "data-held": item.image_id, class: "has-error" },
+    h("td", { title: item.image_id }, item.image_name),
+    h("td", {}, item.device),
+    h("td", {}, item.phase === "failed" ? "failed" : "abandoned"),
+    h("td", {}, item.reason ? `${item.reason}: ${item.detail || ""}` : item.detail || ""),
+    h("td", {}, bytes(item.staged_bytes)),
+    h("td", {}, item.command ? h("code", { class: "command" }, item.command) : "–"),
+    h("td", {}, instance));
 }
 
 const PHASE_TEXT = {
@@ -200,6 +253,19 @@ function omeroLink(entry) {
     : null;
 }
 
+function preview(s) {
+  const key = `${s.device}/${s.image_id}`;
+  const version = state.previews.get(key);
+  if (version === undefined) return null;
+  const src = `/api/preview/${encodeURIComponent(s.device)}/${encodeURIComponent(s.image_id)}.png?v=${version}`;
+  return h("img", { class: "preview", src, alt: `mosaic preview of ${s.image_name}`, "data-version": version });
+}
+
+function where(s) {
+  const archive = (s.locations || {}).archive;
+  return archive ? h("p", { class: "where" }, "archive: ", h("code", { "data-archive": "" }, archive)) : null;
+}
+
 function imageCard(entry) {
   const s = entry.status;
   const problem = PROBLEM.has(s.phase) || s.error;
@@ -211,10 +277,13 @@ function imageCard(entry) {
       badge(PHASE_TEXT[s.phase] || s.phase, PROBLEM.has(s.phase) ? "bad" : s.phase === "complete" ? "ok" : "busy"),
       h("span", { class: "meta" }, `${s.device} · ${s.experiment} · `, since(s.at, "updated ")),
       omeroLink(entry)),
-    h("div", { class: "bars", title: `${done} %` },
-      bar("received", "Received", s.tiles_received, s.tiles_total),
-      bar("committed", "Committed", s.tiles_committed, s.tiles_total),
-      bar("stored", "Stored", s.tiles_stored, s.tiles_total)),
+    h("div", { class: "image-body" },
+      preview(s),
+      h("div", { class: "bars", title: `${done} %` },
+        bar("received", "Received", s.tiles_received, s.tiles_total),
+        bar("committed", "Committed", s.tiles_committed, s.tiles_total),
+        bar("stored", "Stored", s.tiles_stored, s.tiles_total),
+        where(s))),
     s.error ? h("p", { class: "error", "data-error": "" }, s.error) : null);
 }
 
@@ -238,13 +307,20 @@ function alertsOf(devices, ingests, images) {
   for (const s of images.filter((e) => RUNNING.has(e.status.phase) && e.status.error).map((e) => e.status)) {
     alerts.push([`Image ${s.image_name || s.image_id} from ${s.device} is delayed`, s.error]);
   }
-  for (const s of devices.map((e) => e.status)) {
-    if (s.state !== "online") alerts.push([`Microscope ${s.device} is offline`, s.buffered_tiles ? `${tiles(s.buffered_tiles)} still waiting on it` : null]);
+  for (const e of devices) {
+    const s = e.status;
+    if (e.stale && s.state === "online") alerts.push([`Microscope ${s.device} is offline`, `no status for over ${duration(state.staleS)} (revoked, cut off or switched off)`]);
+    else if (s.state !== "online") alerts.push([`Microscope ${s.device} is offline`, s.buffered_tiles ? `${tiles(s.buffered_tiles)} still waiting on it` : null]);
     else if (s.last_error) alerts.push([`Microscope ${s.device}`, s.last_error]);
   }
-  for (const s of ingests.map((e) => e.status)) {
-    if (s.state !== "online") alerts.push([`Ingest ${s.instance} is offline`, null]);
+  for (const e of ingests) {
+    const s = e.status;
+    if (s.state !== "online" || e.stale) alerts.push([`Ingest ${s.instance} is offline`, e.stale ? "no status for a while" : null]);
     else if (s.last_error) alerts.push([`Ingest ${s.instance}`, s.last_error]);
+    if (s.disk_pressure && s.disk_pressure !== "none") alerts.push([`Ingest ${s.instance}: staging disk low`, `${bytes(s.staging_free_bytes)} free`]);
+    for (const [name, v] of Object.entries(s.backends || {})) {
+      if (v !== "ok") alerts.push([`Storage ${name} on ${s.instance} is failing`, v]);
+    }
   }
   return alerts;
 }
@@ -284,6 +360,10 @@ function render() {
   replace(document.getElementById("recent"), recent.map(imageCard), "No image has finished yet.");
   document.querySelector("#finished tbody").replaceChildren(...earlier.map(finishedRow));
   document.getElementById("earlier").hidden = earlier.length === 0;
+
+  const held = ingests.flatMap((e) => (e.status.attention || []).map((item) => attentionRow(item, e.status.instance)));
+  document.querySelector("#held tbody").replaceChildren(...held);
+  document.getElementById("staged").hidden = held.length === 0;
 
   const alerts = alertsOf(devices, ingests, images);
   document.getElementById("attention").hidden = alerts.length === 0;
