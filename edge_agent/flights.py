@@ -69,6 +69,9 @@ class Flight:
     deadline: float = float("inf")
     resend_now: bool = False
     sent_at: float = 0.0
+    awaits_open: bool = False
+    """The ingest did not know its image: sent again once the open is accepted (or at its
+    deadline), not at once, so a refused open cannot start a resend storm of pixels."""
 
 
 @dataclass

@@ -83,6 +83,7 @@ class Publisher:
         self._budget = Budget(min(settings.inflight_bytes, settings.initial_window_bytes))
         self._cursor = 0
         self._ingest_online: dict[str, bool] = {}
+        self._open_resent: dict[UUID, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-publisher", daemon=True)
 
@@ -227,7 +228,9 @@ class Publisher:
             flight.deadline = time.monotonic() + self._timeout(flight)
 
     def _timeout(self, flight: Flight) -> float:
-        base = self.settings.commit_timeout_s * 2.0 ** max(0, flight.attempts - 1)
+        # The exponent is capped: after ~1000 sends 2.0 ** n overflows a float.
+        doublings = min(max(0, flight.attempts - 1), 32)
+        base = self.settings.commit_timeout_s * 2.0**doublings
         return float(min(self.settings.max_commit_timeout_s, base))
 
     def _ingest_is_online(self) -> bool:
@@ -309,8 +312,15 @@ class Publisher:
             log.info("ingest asks for tile %s of %s again: %s", tuple(ack.tile), ack.image_id,
                      ack.reason)  # fmt: skip
             if ack.reason is ReasonCode.UNKNOWN_IMAGE:
+                # Its open first; the tile follows the open's acceptance (or its own
+                # deadline, should that answer be lost), so an open the ingest refuses for
+                # now (a low staging disk) does not bounce every tile back and forth.
                 self._resend_open(ack.image_id)
-            flight.resend_now = True
+                flight.awaits_open = True
+                if not flight.pending_mids:
+                    flight.deadline = time.monotonic() + self._timeout(flight)
+            else:
+                flight.resend_now = True
         else:
             reason = f"{ack.reason}: {ack.detail}"
             self.spool.tile_rejected(flight.item, reason)
@@ -328,6 +338,9 @@ class Publisher:
             if flight is not None:
                 self.spool.drop(flight.item)
                 self._finish(key)
+            for (_, image_id, _), waiting in self._flights.items():
+                if image_id == ack.image_id and waiting.awaits_open:
+                    waiting.awaits_open, waiting.resend_now = False, True
             self.problems.clear(("open", ack.image_id))
             return
         # Nothing of this image will ever be accepted: set all of it aside, stop sending.
@@ -384,11 +397,17 @@ class Publisher:
                 close.resend_now = True
 
     def _answered(self, image_id: UUID) -> None:
+        self._open_resent.pop(image_id, None)
         if self._on_image_done is not None:
             self._on_image_done(image_id)
 
     def _resend_open(self, image_id: UUID) -> None:
-        """The ingest lost or never got the manifest: send it again ahead of the tiles."""
+        """The ingest lost or never got the manifest: send it again ahead of the tiles, at
+        most once per `commit_timeout_s` however many tiles asked."""
+        now = time.monotonic()
+        if now - self._open_resent.get(image_id, -float("inf")) < self.settings.commit_timeout_s:
+            return
+        self._open_resent[image_id] = now
         flight = self._flights.get(("open", image_id, None))
         if flight is not None:
             flight.resend_now = True

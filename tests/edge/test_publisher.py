@@ -250,3 +250,34 @@ def test_the_servers_window_bounds_what_is_in_flight(tmp_path: Path) -> None:
     finally:
         publisher.stop()
         buffer.close()
+
+
+def test_tiles_of_an_image_the_ingest_does_not_know_wait_for_its_open(rig: Any) -> None:
+    """Chaos run on a low staging disk: the ingest refused the open for now (`unavailable`)
+    and asked for every tile again (`unknown_image`). Sending each tile again at once, and
+    the open with it, bounced the pixels back and forth until the backoff overflowed."""
+    publisher, connection, _buffer, manifest = rig
+    wait_for(lambda: "close" in connection.kinds(), 10, "the close manifest")
+    image = manifest.image_id
+    tiles_before, opens_before = len(connection.tiles_sent()), connection.kinds().count("open")
+    for _ in range(50):
+        for key in manifest.tile_keys():
+            _ack(publisher, TileAck(image_id=image, tile=key, state=TileState.RETRANSMIT,
+                                    reason=ReasonCode.UNKNOWN_IMAGE))  # fmt: skip
+        _ack(publisher, ErrorAck(image_id=image, reason=ReasonCode.UNAVAILABLE,
+                                 detail="the staging disk is low", topic="x/open"))  # fmt: skip
+    wait_for(lambda: publisher.counters.retransmits == 50 * manifest.tile_count, 10, "the acks")
+    # One open again (not one per ack), and no pixels until the open is accepted.
+    wait_for(lambda: connection.kinds().count("open") == opens_before + 1, 10, "the open")
+    assert len(connection.tiles_sent()) == tiles_before
+    _ack(publisher, OpenAck(image_id=image, state=ManifestState.ACCEPTED))
+    for key in manifest.tile_keys():
+        wait_for(lambda k=key: connection.tiles_sent().count((k, 0)) == 2, 10, f"{key} again")
+
+
+def test_the_backoff_stays_bounded_after_any_number_of_sends(tmp_path: Path) -> None:
+    with make_rig(tmp_path, timeout_s=0.5, max_timeout_s=7.0) as (publisher, *_):
+        from edge_agent.flights import Flight
+
+        flight = Flight(item=None, attempts=5000)  # type: ignore[arg-type]
+        assert publisher._timeout(flight) == 7.0
