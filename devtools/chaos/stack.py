@@ -241,6 +241,14 @@ class ChaosStack:
             "status_interval_s": 1.0,
             "store_retry_s": 1.0,
             "store_retry_max_s": 5.0,
+            # The defaults (refuse new images below 4 GiB free, chunks below 1 GiB) are
+            # for a real staging disk; on this small one the same policy, scaled down, so
+            # the disk-full faults meet it (`unavailable`) and raw ENOSPC alike.
+            "retention": {
+                "reserve_bytes": max(2 * MiB, self.ingest_disk_bytes // 16),
+                "floor_bytes": max(MiB, self.ingest_disk_bytes // 64),
+                "check_interval_s": 1.0,
+            },
         }
 
     def _agent_config(self, device: str) -> dict[str, Any]:
