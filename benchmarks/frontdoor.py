@@ -88,6 +88,7 @@ class Completions:
 
     def __init__(self, broker: Mosquitto) -> None:
         self.done: dict[str, float] = {}
+        self.last_commit: dict[str, float] = {}
         self._cond = threading.Condition()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._message
@@ -97,6 +98,9 @@ class Completions:
 
     def _message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         ack = json.loads(msg.payload)
+        if ack.get("kind") == "tile" and ack.get("state") == "committed":
+            with self._cond:
+                self.last_commit[ack["image_id"]] = time.perf_counter()
         if ack.get("kind") == "image" and ack.get("state") == "complete":
             with self._cond:
                 self.done.setdefault(ack["image_id"], time.perf_counter())
@@ -121,6 +125,11 @@ def make_spec(frames: int, name: str) -> tuple[ExperimentSpec, list[TileKey]]:
     return spec, manifest.tile_keys()
 
 
+PHASES: dict[str, list[tuple[float, float, float]]] = {}
+"""Per path: seconds from the first write_frame to finalize returning (every frame durable
+on the Pi), to the last tile `committed`, to `complete`."""
+
+
 def run_path(path: str, door: Any, http: EdgeClient | None, done: Completions,
              frames: int, pool: list[np.ndarray[Any, Any]]) -> float:  # fmt: skip
     spec, keys = make_spec(frames, f"bench-{path}")
@@ -141,7 +150,11 @@ def run_path(path: str, door: Any, http: EdgeClient | None, done: Completions,
         http.finalize(image_id)
     else:
         door.finalize(image_id)
-    return done.wait(image_id) - start
+    acquired = time.perf_counter() - start
+    complete = done.wait(image_id) - start
+    committed = done.last_commit.get(str(image_id), start) - start
+    PHASES.setdefault(path, []).append((acquired, committed, complete))
+    return complete
 
 
 def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, Any]]) -> None:
@@ -187,6 +200,11 @@ def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, 
     for path, values in ratios.items():
         print(f"{path:6} min {min(values):.2f}  median {statistics.median(values):.2f}  "
               f"max {max(values):.2f}")  # fmt: skip
+    print("\n== where the time goes (medians, s from the first write_frame) ==")
+    for path, phases in PHASES.items():
+        acquired, committed, complete = (statistics.median(p) for p in zip(*phases, strict=True))
+        print(f"{path:6} every frame durable on the Pi {acquired:.2f}  last tile committed "
+              f"{committed:.2f}  complete {complete:.2f}")  # fmt: skip
 
 
 def latency(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, Any]]) -> None:
