@@ -250,10 +250,15 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=500, help="write_frame latency samples")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--workdir", type=Path, default=None,
+        help="where the spools, staging and archive go (e.g. /dev/shm: the software's cost "
+        "without this machine's one disk, which every part shares here)",
+    )  # fmt: skip
     args = parser.parse_args()
     scan = SyntheticScan(columns=2, rows=2, tile_size=TILE, seed=7)
     pool = [scan.frame(TileKey(i)) for i in range(4)]
-    with tempfile.TemporaryDirectory(prefix="tb-frontdoor-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tb-frontdoor-", dir=args.workdir) as tmp:
         if not args.skip_throughput:
             throughput(args, Path(tmp) / "tp", pool)
         if not args.skip_latency:
