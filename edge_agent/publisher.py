@@ -33,7 +33,7 @@ from edge_agent.problems import Problems
 from edge_agent.ratelimit import throttle
 from edge_agent.settings import AgentSettings
 from edge_agent.spool import Item, Spool
-from tilebridge_protocol.errors import ProtocolError
+from tilebridge_protocol.errors import ProtocolError, TransientError
 from tilebridge_protocol.framing import encode_tile
 from tilebridge_protocol.messages import (
     AnyAck,
@@ -139,6 +139,10 @@ class Publisher:
                 if not self._fill():
                     self._mailbox.wait(0.05)
                 self.problems.clear("publisher")
+            except TransientError as exc:  # e.g. a full spool disk while recording an ack
+                self.problems.set("publisher", f"publisher: {exc}")
+                log.warning("publisher: %s; tried again (an unrecorded ack comes again)", exc)
+                self._stop.wait(1.0)
             except Exception as exc:  # the loop must outlive any single bad item
                 self.problems.set("publisher", f"publisher: {exc!r}")
                 log.exception("publisher loop")

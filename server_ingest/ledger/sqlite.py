@@ -335,7 +335,10 @@ class _Transaction:
                 self._db.execute("COMMIT")
                 return
             except sqlite3.Error:
-                self._db.execute("ROLLBACK")
+                # A full disk may make SQLite roll back by itself: rolling back again would
+                # raise "no transaction is active" instead of the reason.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
