@@ -3,7 +3,7 @@
 A close manifest lists every tile's digest and, since `PlaneMeta`, what was measured when it
 was taken: about 200 bytes of JSON a tile, so plain JSON passes `MAX_JSON_BYTES` near 20k
 tiles. Such a message is sent as one zstd frame instead (level 3: about 67 bytes a tile, the
-digests being random hex; about 60k tiles fit). A receiver tells the two apart by the first
+digests being random hex; about 60k tiles fit), with zstd's content checksum. A receiver tells the two apart by the first
 bytes (a zstd frame starts with its magic number, JSON with `{`) and decodes with a hard cap,
 so a small frame can never make it allocate more than `MAX_DECODED_JSON_BYTES`.
 """
@@ -25,7 +25,10 @@ MAX_DECODED_JSON_BYTES = 64 * 1024 * 1024
 def maybe_compress(raw: bytes) -> bytes:
     if len(raw) <= COMPRESS_ABOVE:
         return raw
-    return zstandard.ZstdCompressor(level=3, write_content_size=True).compress(raw)
+    # The frame's own checksum: a flipped byte in random hex digests can decode to other,
+    # equally valid hex, which only the checksum tells apart.
+    compressor = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=True)
+    return compressor.compress(raw)
 
 
 def is_compressed(payload: bytes) -> bool:
