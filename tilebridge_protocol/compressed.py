@@ -3,9 +3,10 @@
 A close manifest lists every tile's digest and, since `PlaneMeta`, what was measured when it
 was taken: about 200 bytes of JSON a tile, so plain JSON passes `MAX_JSON_BYTES` near 20k
 tiles. Such a message is sent as one zstd frame instead (level 3: about 67 bytes a tile, the
-digests being random hex; about 60k tiles fit), with zstd's content checksum. A receiver tells the two apart by the first
-bytes (a zstd frame starts with its magic number, JSON with `{`) and decodes with a hard cap,
-so a small frame can never make it allocate more than `MAX_DECODED_JSON_BYTES`.
+digests being random hex; about 60k tiles fit), with zstd's content checksum. A receiver
+tells the two apart by the first bytes (a zstd frame starts with its magic number, JSON with
+`{`) and decodes with a hard cap, so a small frame can never make it allocate more than
+`MAX_DECODED_JSON_BYTES`.
 """
 
 from __future__ import annotations
