@@ -83,7 +83,11 @@ class PreviewLevel:
                 grey = np.where(shown, np.clip(scaled, 0, 255), 0).astype(np.uint8)
         alpha = np.where(shown, 255, 0).astype(np.uint8)
         out = io.BytesIO()
-        PngImage.fromarray(np.dstack([grey, alpha]), mode="LA").save(out, format="PNG")
+        # zlib level 1, not Pillow's 6: for a noisy 512 x 512 camera preview 16 ms instead of
+        # 130 ms of the ingest's CPU, for a PNG 7 % larger.
+        PngImage.fromarray(np.dstack([grey, alpha]), mode="LA").save(
+            out, format="PNG", compress_level=1
+        )
         return out.getvalue()
 
 
