@@ -10,6 +10,8 @@ its image with a marker beside it, and an output of another image is never repla
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from uuid import UUID
 
@@ -62,8 +64,27 @@ def _marker(output: Path) -> Path:
 
 
 def _inside(root: Path, path: Path) -> Path:
-    if root.resolve() not in path.resolve().parents:
+    """`path`, if it lies under `root` without a `..` and without a symbolic link below the
+    root. Checked with `lstat` of each existing component, never by resolving names: a root
+    that is a directory's /proc/self/fd path (edge_agent/confine.py) is walked by the kernel
+    from the opened directory itself, while `Path.resolve()` would read its link as a name
+    and follow whatever that name is now (a checked folder renamed and replaced by a symlink
+    made resolve() leave the root)."""
+    try:
+        relative = path.relative_to(root)
+    except ValueError:  # an absolute part replaced the root
+        raise PermanentError(f"refusing to write outside {root}: {path}") from None
+    if ".." in relative.parts:
         raise PermanentError(f"refusing to write outside {root}: {path}")
+    here = root
+    for part in relative.parts:
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            break  # created later, by the backend, as a real folder or file
+        if stat.S_ISLNK(mode):
+            raise PermanentError(f"refusing to write through the symbolic link {here}: {path}")
     return path
 
 
