@@ -125,13 +125,13 @@ def make_spec(frames: int, name: str) -> tuple[ExperimentSpec, list[TileKey]]:
     return spec, manifest.tile_keys()
 
 
-PHASES: dict[str, list[tuple[float, float, float]]] = {}
-"""Per path: seconds from the first write_frame to finalize returning (every frame durable
-on the Pi), to the last tile `committed`, to `complete`."""
+Phases = tuple[float, float, float]
+"""Seconds from the first write_frame to finalize returning (every frame durable on the
+Pi), to the last tile `committed`, to `complete`."""
 
 
 def run_path(path: str, door: Any, http: EdgeClient | None, done: Completions,
-             frames: int, pool: list[np.ndarray[Any, Any]]) -> float:  # fmt: skip
+             frames: int, pool: list[np.ndarray[Any, Any]]) -> Phases:  # fmt: skip
     spec, keys = make_spec(frames, f"bench-{path}")
     image_id = spec.image_id
     assert image_id is not None
@@ -153,8 +153,7 @@ def run_path(path: str, door: Any, http: EdgeClient | None, done: Completions,
     acquired = time.perf_counter() - start
     complete = done.wait(image_id) - start
     committed = done.last_commit.get(str(image_id), start) - start
-    PHASES.setdefault(path, []).append((acquired, committed, complete))
-    return complete
+    return acquired, committed, complete
 
 
 def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, Any]]) -> None:
@@ -177,6 +176,7 @@ def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, 
             fast_path=False, local_output_root=work,
         )  # fmt: skip
         ratios: dict[str, list[float]] = {"fast": [], "http": [], "python": []}
+        phases: dict[str, list[Phases]] = {path: [] for path in ratios}
         try:
             with FastPathClient(socket_path) as fast, EdgeClient(
                 f"http://127.0.0.1:{http_port}", timeout=120
@@ -185,8 +185,10 @@ def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, 
                     for path, values in ratios.items():
                         a = raw_seconds(broker, total)
                         door = {"fast": fast, "http": None, "python": app.acquisition}[path]
-                        b = run_path(path, door, http if path == "http" else None, done,
-                                     args.frames, pool)  # fmt: skip
+                        timings = run_path(path, door, http if path == "http" else None,
+                                           done, args.frames, pool)  # fmt: skip
+                        phases[path].append(timings)
+                        b = timings[-1]
                         values.append(a / b)
                         print(f"rep {rep} {path:6} raw {total / a / 1e6:6.0f} MB/s  "
                               f"tilebridge {total / b / 1e6:6.0f} MB/s  ratio {a / b:.2f}",
@@ -201,8 +203,8 @@ def throughput(args: argparse.Namespace, work: Path, pool: list[np.ndarray[Any, 
         print(f"{path:6} min {min(values):.2f}  median {statistics.median(values):.2f}  "
               f"max {max(values):.2f}")  # fmt: skip
     print("\n== where the time goes (medians, s from the first write_frame) ==")
-    for path, phases in PHASES.items():
-        acquired, committed, complete = (statistics.median(p) for p in zip(*phases, strict=True))
+    for path, runs in phases.items():
+        acquired, committed, complete = (statistics.median(p) for p in zip(*runs, strict=True))
         print(f"{path:6} every frame durable on the Pi {acquired:.2f}  last tile committed "
               f"{committed:.2f}  complete {complete:.2f}")  # fmt: skip
 

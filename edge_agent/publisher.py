@@ -139,13 +139,13 @@ class Publisher:
                 if not self._fill():
                     self._mailbox.wait(0.05)
                 self.problems.clear("publisher")
-            except TransientError as exc:  # e.g. a full spool disk while recording an ack
-                self.problems.set("publisher", f"publisher: {exc}")
-                log.warning("publisher: %s; tried again (an unrecorded ack comes again)", exc)
-                self._stop.wait(1.0)
             except Exception as exc:  # the loop must outlive any single bad item
-                self.problems.set("publisher", f"publisher: {exc!r}")
-                log.exception("publisher loop")
+                expected = isinstance(exc, TransientError)  # e.g. a full spool disk
+                self.problems.set("publisher", f"publisher: {exc if expected else repr(exc)}")
+                if expected:
+                    log.warning("publisher: %s; tried again (an unrecorded ack comes again)", exc)
+                else:
+                    log.exception("publisher loop")
                 self._stop.wait(1.0)
 
     def _apply(self, kind: str, value: Any) -> None:

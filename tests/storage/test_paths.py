@@ -25,7 +25,8 @@ def test_a_root_given_by_its_open_directory_follows_a_rename(tmp_path: Path) -> 
         os.rename(folder, tmp_path / "scans.moved")
         folder.symlink_to(tmp_path)  # the old name now points elsewhere
         assert image_path(root, "scope-1", manifest, ".ome.tif") == before
-        assert named_path(root, manifest, "{name}", "stitched.ome.tif").parent.name
+        stitched = named_path(root, manifest, "{name}", "stitched.ome.tif")
+        assert stitched == root / manifest.image_name / "stitched.ome.tif"
     finally:
         os.close(fd)
 

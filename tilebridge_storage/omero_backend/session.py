@@ -212,10 +212,8 @@ class SessionPool:
             current = self._sessions.get(account)
             if current is not None:  # another worker logged in meanwhile
                 return current
-            pending = self._logins.get(account)
-            ours = pending is None
-            if pending is None:
-                pending = self._logins[account] = Future()
+            ours = account not in self._logins
+            pending = self._logins.setdefault(account, Future())
         if not ours:
             return pending.result()  # the login's own error if it failed
         try:
