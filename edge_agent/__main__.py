@@ -158,8 +158,7 @@ def _acquire(
             door.start(spec)
             for key in keys:
                 pos = manifest.positions[key.index]
-                info = FrameInfo(tile_index=key.index, z_index=key.z, channel_index=key.c,
-                                 time_index=key.t, x_um=pos.x_um, y_um=pos.y_um)  # fmt: skip
+                info = FrameInfo.at(key, x_um=pos.x_um, y_um=pos.y_um)
                 door.write_frame(manifest.image_id, scan.frame(key), info)
                 progress.advance(acquired)
                 if args.frame_delay:

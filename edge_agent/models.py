@@ -317,6 +317,13 @@ class FrameInfo(BaseModel):
             base = dict(metadata or {})
         return cls.model_validate(base | fields)
 
+    @classmethod
+    def at(cls, key: TileKey, **fields: Any) -> FrameInfo:
+        """The frame of tile `key` (its position index and planes), with `fields` on top."""
+        return cls(
+            tile_index=key.index, z_index=key.z, channel_index=key.c, time_index=key.t, **fields
+        )
+
     def plane(self, acquired_at: datetime) -> PlaneMeta | None:
         """What was measured, as the close manifest carries it (None: nothing was)."""
         delta = None if self.timestamp is None else (self.timestamp - acquired_at).total_seconds()

@@ -59,11 +59,8 @@ class FrontDoorEdge:
     ) -> Written:
         with self._lock:
             acquired = self._acquired.get(image_id)
-        info = FrameInfo(
-            tile_index=key.index,
-            z_index=key.z,
-            channel_index=key.c,
-            time_index=key.t,
+        info = FrameInfo.at(
+            key,
             x_um=meta.x_um,
             y_um=meta.y_um,
             z_um=meta.z_um,

@@ -82,8 +82,7 @@ def acquire(
     front.start(ExperimentSpec.from_manifest(manifest, **({"targets": []} | spec)))
     for key in manifest.tile_keys():
         position = manifest.positions[key.index]
-        info = FrameInfo(tile_index=key.index, z_index=key.z, channel_index=key.c,
-                         time_index=key.t, x_um=position.x_um, y_um=position.y_um)  # fmt: skip
+        info = FrameInfo.at(key, x_um=position.x_um, y_um=position.y_um)
         front.write_frame(manifest.image_id, frames(key), info)
     if finalize:
         front.finalize(manifest.image_id)
